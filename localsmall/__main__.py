@@ -1,0 +1,5 @@
+"""`python -m localsmall` entry point."""
+
+from localsmall.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""One thin module per CLI command: validate flags, call the library, render."""

@@ -1,0 +1,174 @@
+"""A conversation: messages with text and images, and its file format for /save and /load.
+
+Saved conversations are JSON. Images are stored by reference (their path and content
+hash) or embedded (PNG, base64) so a chat can move to another machine. Writing goes
+through a temporary file, so a crash or a full disk never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from localsmall.errors import ConversationFileError, ImageError
+from localsmall.fileio import atomic_write_bytes
+from localsmall.images import PreparedImage, prepare_image, prepare_image_bytes
+
+FILE_FORMAT = "localsmall-chat"
+FILE_VERSION = 1
+
+Role = Literal["system", "user", "assistant"]
+Part = str | PreparedImage
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message. `parts` holds text and images in order. For assistant messages,
+    `token_ids` are the tokens the model generated (reused verbatim in later prompts,
+    so the KV cache matches); `interrupted` marks a reply stopped by the user."""
+
+    role: Role
+    parts: tuple[Part, ...]
+    token_ids: tuple[int, ...] | None = None
+    interrupted: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(p for p in self.parts if isinstance(p, str))
+
+    @property
+    def images(self) -> tuple[PreparedImage, ...]:
+        return tuple(p for p in self.parts if isinstance(p, PreparedImage))
+
+    @classmethod
+    def user(cls, text: str, images: tuple[PreparedImage, ...] = ()) -> Message:
+        parts: tuple[Part, ...] = (*images, text) if text else tuple(images)
+        return cls("user", parts)
+
+    @classmethod
+    def system(cls, text: str) -> Message:
+        return cls("system", (text,))
+
+    @classmethod
+    def assistant(cls, text: str, token_ids: tuple[int, ...] | None = None,
+                  interrupted: bool = False) -> Message:
+        return cls("assistant", (text,), token_ids, interrupted)
+
+
+@dataclass
+class Conversation:
+    """The system prompt and the turns of a chat."""
+
+    system: str
+    messages: list[Message] = field(default_factory=list)
+
+    def with_system(self) -> list[Message]:
+        """Messages as the model sees them: the system prompt first."""
+        head = [Message.system(self.system)] if self.system else []
+        return head + self.messages
+
+    def turns(self) -> list[tuple[int, int]]:
+        """(start, end) message index ranges of each exchange: a user message and the
+        replies after it."""
+        starts = [i for i, m in enumerate(self.messages) if m.role == "user"]
+        return [(s, starts[k + 1] if k + 1 < len(starts) else len(self.messages))
+                for k, s in enumerate(starts)]
+
+
+# --- file format ---------------------------------------------------------------------
+
+
+def _image_to_json(image: PreparedImage, embed: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"type": "image", "source": image.source, "sha256": image.key}
+    if embed:
+        entry["png_base64"] = base64.b64encode(image.to_png()).decode()
+    else:
+        entry["path"] = str(Path(image.source).expanduser().resolve())
+    return entry
+
+
+def to_json(conversation: Conversation, *, embed_images: bool = False) -> dict[str, Any]:
+    """A JSON-ready dict of the conversation."""
+    messages = []
+    for m in conversation.messages:
+        parts = [{"type": "text", "text": p} if isinstance(p, str)
+                 else _image_to_json(p, embed_images) for p in m.parts]
+        entry: dict[str, Any] = {"role": m.role, "content": parts}
+        if m.token_ids is not None:
+            entry["token_ids"] = list(m.token_ids)
+        if m.interrupted:
+            entry["interrupted"] = True
+        messages.append(entry)
+    return {"format": FILE_FORMAT, "version": FILE_VERSION,
+            "system": conversation.system, "messages": messages}
+
+
+def save_conversation(conversation: Conversation, path: Path, *,
+                      embed_images: bool = False) -> Path:
+    """Write the conversation to `path` atomically."""
+    data = json.dumps(to_json(conversation, embed_images=embed_images), ensure_ascii=False,
+                      indent=1).encode("utf-8")
+    atomic_write_bytes(Path(path).expanduser(), data)
+    return Path(path).expanduser()
+
+
+def _image_from_json(entry: dict[str, Any], where: str) -> PreparedImage:
+    try:
+        if "png_base64" in entry:
+            data = base64.b64decode(entry["png_base64"], validate=True)
+            image = prepare_image_bytes(data, str(entry.get("source", "embedded image")))
+        else:
+            image = prepare_image(entry["path"])
+    except (KeyError, binascii.Error) as exc:
+        raise ConversationFileError(f"{where}: image entry is malformed ({exc})") from None
+    except ImageError as exc:
+        raise ConversationFileError(f"{where}: {exc}") from None
+    if image.key != entry.get("sha256", image.key):
+        raise ConversationFileError(f"{where}: the image {image.source} has changed since the "
+                                    "chat was saved")
+    return image
+
+
+def from_json(data: Any, where: str = "conversation") -> Conversation:
+    """Parse a saved conversation, validating as it goes."""
+    if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+        raise ConversationFileError(f"{where} is not a localsmall chat file")
+    if data.get("version") != FILE_VERSION:
+        raise ConversationFileError(f"{where} has unsupported version {data.get('version')}")
+    messages = []
+    try:
+        for i, entry in enumerate(data["messages"]):
+            role = entry["role"]
+            if role not in ("user", "assistant"):
+                raise ConversationFileError(f"{where}: message {i} has unknown role {role!r}")
+            parts: list[Part] = []
+            for part in entry["content"]:
+                if part["type"] == "text":
+                    parts.append(str(part["text"]))
+                elif part["type"] == "image":
+                    parts.append(_image_from_json(part, f"{where}: message {i}"))
+                else:
+                    raise ConversationFileError(f"{where}: unknown part type {part['type']!r}")
+            ids = entry.get("token_ids")
+            messages.append(Message(role, tuple(parts),
+                                    tuple(int(t) for t in ids) if ids is not None else None,
+                                    bool(entry.get("interrupted", False))))
+        return Conversation(system=str(data.get("system", "")), messages=messages)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConversationFileError(f"{where} is damaged ({exc!r})") from None
+
+
+def load_conversation(path: Path) -> Conversation:
+    """Read a conversation saved with `save_conversation`."""
+    file = Path(path).expanduser()
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConversationFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversationFileError(f"{path} could not be read ({exc})") from None
+    return from_json(data, str(path))

@@ -1,0 +1,83 @@
+"""The one place llama.cpp (llama-cpp-python) is imported, lazily.
+
+Importing llama_cpp loads several shared libraries; doing it on first use keeps
+`localsmall --help` and the pure-Python modules instant. This module also owns the
+process-wide llama.cpp settings: backend initialisation and where its logs go.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections import deque
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger("localsmall.llama")
+
+_verbose = False
+_log_callback: Any = None  # kept alive: llama.cpp holds a pointer to it
+_recent_errors: deque[str] = deque(maxlen=4)
+GGML_LOG_LEVEL_ERROR = 4
+
+
+@cache
+def llama() -> ModuleType:
+    """The llama_cpp low-level module, with the backend initialised and logs routed."""
+    import llama_cpp
+
+    _install_log_callback(llama_cpp)
+    llama_cpp.llama_backend_init()
+    return llama_cpp
+
+
+@cache
+def mtmd() -> ModuleType:
+    """llama_cpp.mtmd_cpp (libmtmd bindings), with its logs routed like llama's."""
+    llama()
+    import llama_cpp.mtmd_cpp as mtmd_cpp
+
+    mtmd_cpp.mtmd_log_set(_log_callback, None)
+    mtmd_cpp.mtmd_helper_log_set(_log_callback, None)
+    return mtmd_cpp
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show llama.cpp and mtmd logs on stderr (`--verbose`), or drop them."""
+    global _verbose
+    _verbose = verbose
+
+
+def _install_log_callback(llama_cpp: ModuleType) -> None:
+    global _log_callback
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        if not text:
+            return
+        if level == GGML_LOG_LEVEL_ERROR:
+            _recent_errors.append(text.decode(errors="replace").strip())
+        if _verbose:
+            os.write(2, text)
+
+    _log_callback = forward
+    llama_cpp.llama_log_set(forward, None)
+
+
+def last_error_suffix() -> str:
+    """llama.cpp's most recent error log line, as ' (reason)', or ''; cleared on read."""
+    if not _recent_errors:
+        return ""
+    reason = _recent_errors[-1]
+    _recent_errors.clear()
+    return f" (llama.cpp: {reason})"
+
+
+@cache
+def lib_dir() -> str:
+    """The folder holding libllama, libggml and friends."""
+    spec_origin = llama().__file__
+    assert spec_origin is not None
+    return os.path.join(os.path.dirname(spec_origin), "lib")

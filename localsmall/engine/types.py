@@ -1,0 +1,140 @@
+"""What goes into and comes out of the engine. Pure data: importing this module does not
+load llama.cpp, so the CLI, the chat session and the tests can use these types freely."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from localsmall.images import PreparedImage
+
+KV_TYPES = ("f16", "q8_0", "q4_0", "f32", "bf16")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to load a model. `n_gpu_layers=-1` offloads every layer."""
+
+    model_path: Path
+    mmproj_path: Path | None = None
+    n_ctx: int = 8192
+    n_batch: int = 512
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    kv_type: str = "f16"
+    flash_attn: bool | None = None  # None: let llama.cpp decide
+    verbose: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Token sampling. temperature 0 means greedy (deterministic)."""
+
+    temperature: float = 0.15
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenRun:
+    """A run of text tokens in a prompt."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """An image in a prompt. The engine encodes it with the projector; `grid` is its size
+    in merged patches (columns, rows), known once the image is prepared."""
+
+    image: PreparedImage
+
+
+PromptPiece = TokenRun | ImageSlot
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Progress of long work inside a turn, for progress bars."""
+
+    stage: Literal["load", "image", "prompt"]
+    done: int
+    total: int
+    label: str = ""
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    """What one generation cost."""
+
+    prompt_tokens: int = 0          # positions the whole prompt occupies
+    reused_tokens: int = 0          # of those, already in the KV cache
+    evaluated_tokens: int = 0       # of those, evaluated this turn
+    images_encoded: int = 0         # images run through the vision encoder this turn
+    generated_tokens: int = 0
+    image_encode_s: float = 0.0
+    prompt_eval_s: float = 0.0      # evaluation of the prompt, images included
+    time_to_first_token_s: float = 0.0
+    generation_s: float = 0.0
+    stop_reason: Literal["eos", "length", "context", "interrupted", ""] = ""
+    context_used: int = 0           # positions in the KV cache after the turn
+    context_size: int = 0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.evaluated_tokens / self.prompt_eval_s if self.prompt_eval_s > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        # The first token comes from the prompt's logits: rate the ones that needed a decode.
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.generation_s if self.generation_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token: its id and the text it completes (may be empty while a
+    multi-byte character is still incomplete)."""
+
+    id: int
+    text: str
+
+
+@dataclass
+class TurnResult:
+    """Filled in as a turn streams; complete once the stream ends."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stats: TurnStats = field(default_factory=TurnStats)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a loaded model."""
+
+    path: Path
+    description: str
+    size_bytes: int
+    n_params: int
+    n_ctx_train: int
+    n_ctx: int
+    n_vocab: int
+    n_layers: int
+    n_embd: int
+    chat_template: str | None
+    has_vision: bool
+    gpu_offload: bool
+    n_gpu_layers: int
+    weight_buffers: str
+    metadata: dict[str, str] = field(default_factory=dict)

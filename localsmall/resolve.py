@@ -1,0 +1,86 @@
+"""Which files to run: a catalog model and quant, or explicit paths, resolved to files on
+disk (the Hugging Face cache, or paths the user gave)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from localsmall.catalog import Catalog, Model, RemoteFile, parse_model_ref
+from localsmall.errors import ModelNotFoundError, UsageError
+
+
+@dataclass(frozen=True)
+class LocalBuild:
+    """Files for one run. `model` is the catalog entry when known."""
+
+    model_path: Path
+    mmproj_path: Path | None
+    model: Model | None
+    quant: str | None
+    label: str
+    notice: str = ""
+
+
+def cached_file(remote: RemoteFile) -> Path | None:
+    """The file's path in the Hugging Face cache, or None. Never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id=remote.repo, filename=remote.file)
+    if isinstance(found, str) and Path(found).is_file():
+        return Path(found)
+    return None
+
+
+def _projector(model: Model) -> Path | None:
+    for projector in model.projectors:
+        path = cached_file(projector.remote)
+        if path is not None:
+            return path
+    return None
+
+
+def resolve_build(catalog: Catalog, *, ref: str | None = None, quant: str | None = None,
+                  model_path: Path | None = None, mmproj_path: Path | None = None,
+                  vision: bool = True) -> LocalBuild:
+    """Files for `MODEL[:QUANT]` (or explicit paths). Raises ModelNotFoundError saying
+    what to pull when the files are not on disk."""
+    if model_path is not None:
+        if ref:
+            raise UsageError("give either a MODEL name or --model PATH, not both")
+        path = Path(model_path).expanduser()
+        if not path.is_file():
+            raise ModelNotFoundError(f"model file not found: {model_path}")
+        mmproj = Path(mmproj_path).expanduser() if mmproj_path and vision else None
+        if mmproj is not None and not mmproj.is_file():
+            raise ModelNotFoundError(f"projector file not found: {mmproj_path}")
+        notice = "" if mmproj or not vision else "No --mmproj given: images are disabled."
+        return LocalBuild(path, mmproj, None, None, path.name, notice)
+
+    name, ref_quant = parse_model_ref(ref)
+    if quant and ref_quant and quant.lower() != ref_quant.lower():
+        raise UsageError(f"conflicting quants: {ref_quant} in the name and --quant {quant}")
+    model = catalog.get(name) if name else catalog.default
+    wanted = quant or ref_quant
+    candidates = [model.quant(wanted)] if wanted else sorted(
+        model.quants, key=lambda q: q.quality, reverse=True)
+    for candidate in candidates:
+        path = cached_file(candidate.remote)
+        if path is None:
+            continue
+        mmproj = None
+        notice = ""
+        if mmproj_path is not None and vision:
+            mmproj = Path(mmproj_path).expanduser()
+            if not mmproj.is_file():
+                raise ModelNotFoundError(f"projector file not found: {mmproj_path}")
+        elif vision:
+            mmproj = _projector(model)
+            if mmproj is None:
+                notice = ("The vision projector is not downloaded, so images are disabled; "
+                          f"run `localsmall pull {model.id}` to get it.")
+        return LocalBuild(path, mmproj, model, candidate.quant,
+                          f"{model.name} {candidate.quant}", notice)
+    what = f"{model.name} {wanted}" if wanted else f"No build of {model.name}"
+    target = f"{model.id}:{wanted}" if wanted else model.id
+    raise ModelNotFoundError(f"{what} is not downloaded yet; run `localsmall pull {target}`")

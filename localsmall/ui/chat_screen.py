@@ -1,0 +1,279 @@
+"""The interactive chat: prompt_toolkit for input, Rich for the conversation.
+
+Enter sends; Alt-Enter (or Esc then Enter, or a trailing backslash) starts a new line.
+Tab completes slash commands and file paths. Ctrl-C stops a reply and keeps the chat;
+at the prompt, Ctrl-C twice or Ctrl-D leaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import HTML
+from prompt_toolkit.history import FileHistory, InMemoryHistory
+from prompt_toolkit.key_binding import KeyBindings
+from rich.markdown import Markdown
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from localsmall.chat import ChatSession, CommandResult, Reply, SessionStats, command_names
+from localsmall.conversation import Conversation
+from localsmall.engine.types import TurnStats
+from localsmall.errors import LocalsmallError
+from localsmall.ui.console import err, error, muted, notice, out
+from localsmall.ui.markdown_stream import MarkdownStream
+from localsmall.ui.progress import WorkProgress
+
+PATH_COMMANDS = ("/image ", "/img ", "/load ", "/save ")
+
+
+@dataclass(frozen=True)
+class ChatHeader:
+    """What the banner says about the session."""
+
+    title: str
+    details: list[str]
+    notices: list[str]
+
+
+class ChatCompleter(Completer):
+    """Slash commands, then file paths (for /image, /load, /save and dropped paths)."""
+
+    def __init__(self) -> None:
+        self._paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document: Document, complete_event: Any) -> Any:
+        text = document.text_before_cursor
+        if text.startswith("/") and " " not in text:
+            for name in command_names():
+                if name.startswith(text[1:]):
+                    yield Completion("/" + name, start_position=-len(text))
+            return
+        word = document.get_word_before_cursor(WORD=True)
+        if text.startswith(PATH_COMMANDS) or word.startswith(("/", "~", "./", "../")):
+            sub = Document(word, len(word))
+            yield from self._paths.get_completions(sub, complete_event)
+
+
+def _key_bindings() -> KeyBindings:
+    kb = KeyBindings()
+
+    @kb.add("escape", "enter")
+    @kb.add("c-j")
+    def _newline(event: Any) -> None:
+        event.current_buffer.insert_text("\n")
+
+    @kb.add("enter")
+    def _submit(event: Any) -> None:
+        buffer = event.current_buffer
+        if buffer.text.endswith("\\"):
+            buffer.delete_before_cursor(1)
+            buffer.insert_text("\n")
+        else:
+            buffer.validate_and_handle()
+
+    return kb
+
+
+def _history(path: Path | None) -> Any:
+    if path is None:
+        return InMemoryHistory()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileHistory(str(path))
+    except OSError:
+        return InMemoryHistory()
+
+
+def status_line(stats: TurnStats) -> str:
+    """One line about the last reply: speed, first-token time, context, cache reuse."""
+    used = stats.context_used
+    share = 100 * used / stats.context_size if stats.context_size else 0
+    parts = [f"{stats.generated_tokens} tokens", f"{stats.generation_tps:.1f} tok/s",
+             f"first token {stats.time_to_first_token_s:.2f}s",
+             f"context {used:,}/{stats.context_size:,} ({share:.0f}%)",
+             f"prompt: {stats.reused_tokens:,} reused, {stats.evaluated_tokens:,} read"]
+    if stats.evaluated_tokens and stats.prompt_eval_s > 0:
+        parts[-1] += f" at {stats.prompt_tps:.0f} tok/s"
+    if stats.images_encoded:
+        parts.append(f"{stats.images_encoded} image(s) encoded in {stats.image_encode_s:.1f}s")
+    if stats.stop_reason == "length":
+        parts.append("stopped at --max-tokens")
+    elif stats.stop_reason == "context":
+        parts.append("stopped: context full")
+    return " · ".join(parts)
+
+
+def _stats_table(stats: SessionStats) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="muted")
+    table.add_column()
+    table.add_row("model", stats.model)
+    table.add_row("turns", f"{stats.turns} ({stats.messages} messages, {stats.images} images)")
+    share = 100 * stats.context_used / stats.context_size if stats.context_size else 0
+    table.add_row("context", f"{stats.context_used:,} / {stats.context_size:,} tokens "
+                             f"({share:.0f}%)")
+    table.add_row("prompt tokens", f"{stats.total_prompt_evaluated:,} read, "
+                                   f"{stats.total_prompt_reused:,} reused from the cache")
+    table.add_row("generated", f"{stats.total_generated:,} tokens")
+    if stats.dropped_turns:
+        table.add_row("dropped", f"{stats.dropped_turns} old turns (context full)")
+    if stats.last is not None:
+        last = stats.last
+        table.add_row("last reply", status_line(last))
+        table.add_row("prompt speed", f"{last.prompt_tps:.1f} tok/s")
+    return table
+
+
+def _help_table(specs: list[Any]) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(style="muted")
+    table.add_column()
+    for spec in specs:
+        table.add_row("/" + spec.name, spec.args, spec.help)
+    table.add_row("", "", "")
+    table.add_row("Alt-Enter", "", "new line (or end a line with \\)")
+    table.add_row("Ctrl-C", "", "stop a reply; twice at the prompt to leave")
+    return table
+
+
+class ChatScreen:
+    """Runs the read-reply loop for a session."""
+
+    def __init__(self, session: ChatSession, *, history_path: Path | None = None) -> None:
+        self.session = session
+        self.console = out()
+        self.prompt: PromptSession[str] = PromptSession(
+            history=_history(history_path), completer=ChatCompleter(),
+            complete_while_typing=False, key_bindings=_key_bindings(), multiline=True,
+            bottom_toolbar=self._toolbar, enable_history_search=False)
+
+    def _toolbar(self) -> Any:
+        s = self.session
+        used, size = s.engine.cached_positions, s.engine.n_ctx
+        bits = [f"context {used:,}/{size:,}"]
+        if s.pending_images:
+            names = ", ".join(Path(i.source).name for i in s.pending_images)
+            bits.append(f"attached: {escape(names)}")
+        bits.append("/help · Alt-Enter new line · Ctrl-D exit")
+        return HTML(" " + " · ".join(bits))
+
+    def banner(self, header: ChatHeader) -> None:
+        body = "\n".join(escape(d) for d in header.details)
+        self.console.print(Panel(body, title=f"[bold]{escape(header.title)}[/]",
+                                 title_align="left", border_style="cyan", expand=False))
+        for message in header.notices:
+            notice(message)
+
+    def run(self) -> None:
+        """Loop until /exit, Ctrl-D or two Ctrl-C in a row."""
+        interrupts = 0
+        while True:
+            try:
+                default = self.session.restored_input
+                self.session.restored_input = ""
+                line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "),
+                                          default=default)
+                interrupts = 0
+            except KeyboardInterrupt:
+                interrupts += 1
+                if interrupts >= 2:
+                    break
+                muted("(Ctrl-C again or Ctrl-D to leave)")
+                continue
+            except EOFError:
+                break
+            try:
+                result = self.session.handle(line)
+            except LocalsmallError as exc:
+                error(str(exc))
+                continue
+            except KeyboardInterrupt:
+                muted("(interrupted)")
+                continue
+            if result is None:
+                continue
+            if isinstance(result, Reply):
+                self.stream(result)
+            elif self.show(result):
+                break
+
+    def stream(self, reply: Reply) -> None:
+        """Show a reply as it arrives: progress while the prompt is read, then Markdown."""
+        for message in reply.notices:
+            notice(message)
+        progress = WorkProgress(err())
+        self.session.on_progress = progress
+        markdown = MarkdownStream(self.console)
+        started = False
+        tokens = iter(reply)
+        try:
+            for _ in tokens:
+                if not started:
+                    progress.stop()
+                    self.console.print("[bold cyan]mistral ›[/]")
+                    started = True
+                markdown.update(reply.text)
+        except KeyboardInterrupt:
+            reply.close()
+            progress.stop()
+            markdown.finish()
+            if started:
+                muted("(stopped)")
+            else:
+                muted("(stopped before the answer began; your message is back in the input)")
+            return
+        except LocalsmallError as exc:
+            progress.stop()
+            markdown.finish()
+            error(str(exc))
+            return
+        finally:
+            self.session.on_progress = None
+        progress.stop()
+        if not started:
+            self.console.print("[bold cyan]mistral ›[/]")
+        markdown.finish()
+        muted(status_line(reply.stats))
+
+    def show(self, result: CommandResult) -> bool:
+        """Render a command's result; True means leave the chat."""
+        if result.kind == "exit":
+            return True
+        if result.kind == "help":
+            self.console.print(_help_table(result.data))
+        elif result.kind == "stats":
+            self.console.print(_stats_table(result.data))
+        elif result.kind == "reply":
+            notice(result.message)
+            self.replay(result.data)
+        elif result.kind == "notice":
+            notice(result.message)
+        else:
+            self.console.print(f"[notice]{escape(result.message)}[/]")
+        return False
+
+    def replay(self, conversation: Conversation) -> None:
+        """Show a loaded conversation."""
+        for message in conversation.messages:
+            if message.role == "user":
+                images = "".join(f" [muted][image {escape(Path(i.source).name)}][/]"
+                                 for i in message.images)
+                self.console.print(f"[user]you ›[/] {escape(message.text)}{images}")
+            else:
+                self.console.print("[bold cyan]mistral ›[/]")
+                self.console.print(Markdown(message.text))
+
+
+def run_chat(session: ChatSession, header: ChatHeader, *, history_path: Path | None) -> None:
+    """The interactive chat, until the user leaves."""
+    screen = ChatScreen(session, history_path=history_path)
+    screen.banner(header)
+    screen.run()

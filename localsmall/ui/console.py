@@ -1,0 +1,59 @@
+"""The two consoles (results on stdout; progress, notices and errors on stderr) and the
+one-line message styles every command uses."""
+
+from __future__ import annotations
+
+import sys
+from functools import cache
+
+from rich.console import Console
+from rich.markup import escape
+from rich.theme import Theme
+
+THEME = Theme({
+    "error": "bold red",
+    "warn": "yellow",
+    "notice": "cyan",
+    "muted": "grey50",
+    "user": "bold green",
+    "ok": "green",
+})
+
+
+@cache
+def out() -> Console:
+    """Results: replies, tables, JSON."""
+    return Console(theme=THEME, highlight=False, soft_wrap=False)
+
+
+@cache
+def err() -> Console:
+    """Progress bars, notices and errors."""
+    return Console(theme=THEME, stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """A clean one-line error on stderr."""
+    err().print(f"[error]error:[/] {escape(message)}")
+
+
+def warn(message: str) -> None:
+    err().print(f"[warn]{escape(message)}[/]")
+
+
+def notice(message: str) -> None:
+    err().print(f"[notice]{escape(message)}[/]")
+
+
+def muted(message: str) -> None:
+    err().print(f"[muted]{escape(message)}[/]")
+
+
+def stdout_write(text: str) -> None:
+    """Raw text to stdout (streamed replies of `localsmall run`), flushed at once."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def stderr_is_terminal() -> bool:
+    return err().is_terminal
