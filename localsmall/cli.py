@@ -7,7 +7,6 @@ import errno
 import os
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -25,7 +24,7 @@ class LocalsmallGroup(TyperGroup):
     """Maps exceptions to messages once, for every command (and for tests, which invoke
     the app directly)."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         from localsmall.ui.console import error
 
         try:

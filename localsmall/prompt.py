@@ -88,7 +88,7 @@ class ChatTemplate:
             slots.append(_Text(text, token_ids))
             return f"\ue000{len(slots) - 1}\ue001"
 
-        out = []
+        out: list[dict[str, Any]] = []
         for m in messages:
             if m.role == "assistant":
                 out.append({"role": "assistant", "content": slot(m.text, m.token_ids)})

@@ -3,11 +3,13 @@ disk (the Hugging Face cache, or paths the user gave)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from localsmall.catalog import Catalog, Model, RemoteFile, parse_model_ref
 from localsmall.errors import ModelNotFoundError, UsageError
+from localsmall.registry import list_registered
 
 
 @dataclass(frozen=True)
@@ -62,12 +64,7 @@ def resolve_build(catalog: Catalog, *, ref: str | None = None, quant: str | None
         raise UsageError(f"conflicting quants: {ref_quant} in the name and --quant {quant}")
     model = catalog.get(name) if name else catalog.default
     wanted = quant or ref_quant
-    candidates = [model.quant(wanted)] if wanted else sorted(
-        model.quants, key=lambda q: q.quality, reverse=True)
-    for candidate in candidates:
-        path = cached_file(candidate.remote)
-        if path is None:
-            continue
+    for candidate, path, registered_mmproj in _local_candidates(model, wanted):
         mmproj = None
         notice = ""
         if mmproj_path is not None and vision:
@@ -75,12 +72,36 @@ def resolve_build(catalog: Catalog, *, ref: str | None = None, quant: str | None
             if not mmproj.is_file():
                 raise ModelNotFoundError(f"projector file not found: {mmproj_path}")
         elif vision:
-            mmproj = _projector(model)
+            mmproj = registered_mmproj or _projector(model)
             if mmproj is None:
                 notice = ("The vision projector is not downloaded, so images are disabled; "
                           f"run `localsmall pull {model.id}` to get it.")
-        return LocalBuild(path, mmproj, model, candidate.quant,
-                          f"{model.name} {candidate.quant}", notice)
+        return LocalBuild(path, mmproj, model, candidate, f"{model.name} {candidate}", notice)
     what = f"{model.name} {wanted}" if wanted else f"No build of {model.name}"
     target = f"{model.id}:{wanted}" if wanted else model.id
     raise ModelNotFoundError(f"{what} is not downloaded yet; run `localsmall pull {target}`")
+
+
+def _local_candidates(model: Model, wanted: str | None
+                      ) -> Iterator[tuple[str, Path, Path | None]]:
+    """(quant, model file, registered projector) for builds on disk, best first:
+    registered builds (e.g. converted ones), then the Hugging Face cache."""
+    registered = {b.quant.lower(): b for b in list_registered() if b.model_id == model.id}
+    if wanted:
+        names = [wanted]
+    else:
+        catalog_order = [q.quant for q in sorted(model.quants, key=lambda q: q.quality,
+                                                 reverse=True)]
+        names = catalog_order + [b.quant for b in registered.values()
+                                 if b.quant.lower() not in {n.lower() for n in catalog_order}]
+    for name in names:
+        entry = registered.get(name.lower())
+        if entry is not None:
+            mmproj = Path(entry.mmproj_path) if entry.mmproj_path else None
+            usable = mmproj if mmproj is not None and mmproj.is_file() else None
+            yield entry.quant, Path(entry.model_path), usable
+            continue
+        quant = model.quant(name)  # unknown names raise CatalogError listing the known ones
+        path = cached_file(quant.remote)
+        if path is not None:
+            yield quant.quant, path, None

@@ -9,7 +9,7 @@ the fixtures exercise the same metadata code the converter uses.
 
 from __future__ import annotations
 
-import base64
+import io
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from PIL import Image
 
 from localsmall.convert.gguf_files import (
     FileInfo,
@@ -143,11 +144,6 @@ def vision_tensors(vp: VisionHParams, img_break_row: np.ndarray,
     return tensors
 
 
-def _is_norm(name: str) -> bool:
-    return name.endswith("norm.weight") or "ln" in name.split(".")[-2] or name.endswith(
-        "img_break") or name == "v.pre_ln.weight"
-
-
 @dataclass(frozen=True)
 class TinyBuild:
     """Paths of one built tiny model."""
@@ -192,5 +188,20 @@ def write_mmproj(path: Path, text_model_tensors: dict[str, np.ndarray] | None = 
     return path
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+def quantize(source: Path, dest: Path, quant: str) -> Path:
+    """Quantize with llama.cpp's own quantizer (through localsmall's engine)."""
+    from localsmall.engine.quantize import quantize_gguf
+
+    quantize_gguf(source, dest, quant)
+    return dest
+
+
+def image_bytes(width: int, height: int, *, fmt: str = "PNG", seed: int = 0,
+                mode: str = "RGB") -> bytes:
+    """A random-noise image file in memory."""
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    pixels = np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode=mode).save(buffer, fmt)
+    return buffer.getvalue()

@@ -18,7 +18,6 @@ from localsmall.commands.options import (
     KvTypeOpt,
     MaxTokensOpt,
     MmprojOpt,
-    ModelArg,
     ModelPathOpt,
     NoSystemOpt,
     NoVisionOpt,

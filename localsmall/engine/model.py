@@ -12,7 +12,7 @@ import codecs
 import ctypes
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from localsmall.engine.types import (
     ProgressCallback,
     PromptPiece,
     SamplingSettings,
+    StopReason,
     TokenEvent,
     TokenRun,
     TurnResult,
@@ -420,7 +421,8 @@ class Engine:
         return Generation(self, prompt, sampling, on_progress)
 
     def _stream(self, prompt: Sequence[PromptPiece], sampling: SamplingSettings,
-                on_progress: ProgressCallback | None, result: TurnResult) -> Iterator[TokenEvent]:
+                on_progress: ProgressCallback | None,
+                result: TurnResult) -> Generator[TokenEvent, None, None]:
         llama = self._llama
         turn_start = time.perf_counter()
         items = self.layout(prompt)
@@ -428,14 +430,11 @@ class Engine:
         result.stats = stats
         sampler = self._sampler(sampling)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stop = ""
+        stop: StopReason = ""
         first_token_at = 0.0
         gen_start = time.perf_counter()
         try:
             while True:
-                if sampling.max_tokens is not None and len(result.token_ids) >= sampling.max_tokens:
-                    stop = "length"
-                    break
                 token = llama.llama_sampler_sample(sampler, self.ctx, -1)
                 if not result.token_ids:
                     first_token_at = time.perf_counter()
@@ -447,6 +446,9 @@ class Engine:
                 result.token_ids.append(token)
                 result.text += text
                 yield TokenEvent(token, text)
+                if sampling.max_tokens is not None and len(result.token_ids) >= sampling.max_tokens:
+                    stop = "length"
+                    break
                 if self._n_past + 1 >= self.n_ctx:
                     stop = "context"
                     break

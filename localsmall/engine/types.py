@@ -73,6 +73,9 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+StopReason = Literal["eos", "length", "context", "interrupted", ""]
+
+
 @dataclass(frozen=True)
 class TurnStats:
     """What one generation cost."""
@@ -86,7 +89,7 @@ class TurnStats:
     prompt_eval_s: float = 0.0      # evaluation of the prompt, images included
     time_to_first_token_s: float = 0.0
     generation_s: float = 0.0
-    stop_reason: Literal["eos", "length", "context", "interrupted", ""] = ""
+    stop_reason: StopReason = ""
     context_used: int = 0           # positions in the KV cache after the turn
     context_size: int = 0
 

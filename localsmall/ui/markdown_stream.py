@@ -33,8 +33,8 @@ class MarkdownStream:
     def _render_lines(self, text: str) -> list[str]:
         buffer = io.StringIO()
         scratch = Console(file=buffer, width=self.console.width, force_terminal=True,
-                          color_system=self.console.color_system or "standard",
-                          theme=None, highlight=False)
+                          color_system="truecolor" if self.console.color_system else None,
+                          highlight=False)
         scratch.print(Markdown(text, code_theme="monokai"))
         return buffer.getvalue().splitlines()
 

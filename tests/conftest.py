@@ -1,0 +1,81 @@
+"""Shared fixtures: an isolated user environment for every test, and tiny models built
+once per test session (real llama.cpp, random weights, the real tekken vocabulary)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import tinymodels as tm
+from tests.tinymodels import image_bytes
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory,
+                  monkeypatch: pytest.MonkeyPatch) -> Path:
+    """User directories and the Hugging Face cache in a temporary folder, and the Hub
+    unreachable unless a test points HF_ENDPOINT at its own local server."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("LOCALSMALL_HOME", str(home / "localsmall"))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hf" / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("LOCALSMALL_DEBUG", raising=False)
+    return home
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """The tiny models of this test session."""
+
+    f16: Path          # text model, F16 matrices, with the built-in chat template
+    f32: Path          # same weights in F32
+    q4_k_m: Path       # quantized with llama.cpp's quantizer
+    no_template: Path  # F16 without tokenizer.chat_template
+    mmproj: Path       # Pixtral projector matched to the text model
+    tekken: Path       # a v11 tekken.json (for mistral-common)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    root = tmp_path_factory.mktemp("tiny-models")
+    tensors = tm.text_tensors(tm.TINY_TEXT)
+    template = tm.builtin_template()
+    f16 = tm.write_text_model(root / "tiny-F16.gguf", chat_template=template, tensors=tensors)
+    f32 = tm.write_text_model(root / "tiny-F32.gguf", chat_template=template, tensors=tensors,
+                              dtype="f32")
+    bare = tm.write_text_model(root / "tiny-notemplate-F16.gguf", tensors=tensors)
+    mmproj = tm.write_mmproj(root / "mmproj-tiny-F32.gguf", tensors)
+    q4 = tm.quantize(f16, root / "tiny-Q4_K_M.gguf", "Q4_K_M")
+    tekken = tm.write_v11_tekken(root / "tekken.json")
+    return TinyModels(f16=f16, f32=f32, q4_k_m=q4, no_template=bare, mmproj=mmproj,
+                      tekken=tekken)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny: TinyModels) -> Iterator[object]:
+    """A loaded tiny model with its projector (shared: tests reset it as they need)."""
+    from localsmall.engine.model import Engine
+    from localsmall.engine.types import EngineSettings
+
+    with Engine(EngineSettings(model_path=tiny.f16, mmproj_path=tiny.mmproj, n_ctx=4096,
+                               n_threads=2)) as loaded:
+        yield loaded
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., Path]:
+    """Write a test image: make_image("a.png", 112, 84, fmt="PNG")."""
+
+    def make(name: str, width: int = 112, height: int = 84, **kwargs: object) -> Path:
+        path = tmp_path / name
+        path.write_bytes(image_bytes(width, height, **kwargs))  # type: ignore[arg-type]
+        return path
+
+    return make

@@ -1,0 +1,82 @@
+"""The engine on the real llama.cpp: loading, streaming, images, the KV prefix cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from localsmall.engine.model import Engine
+from localsmall.engine.types import EngineSettings, ImageSlot, SamplingSettings, TokenRun
+from localsmall.errors import ContextFullError, ModelLoadError, ModelNotFoundError
+from localsmall.images import prepare_image_bytes
+from tests.tinymodels import image_bytes
+
+GREEDY = SamplingSettings(temperature=0, max_tokens=12)
+
+
+def _prompt(engine: Engine, text: str) -> list:
+    return [TokenRun(tuple(engine.tokenize(f"<s>[INST]{text}[/INST]", special=True)))]
+
+
+def test_streams_tokens_and_reports_stats(engine: Engine) -> None:
+    engine.reset()
+    generation = engine.generate(_prompt(engine, "Hello there"), GREEDY)
+    events = list(generation)
+    result = generation.result
+    assert len(events) == 12 == result.stats.generated_tokens
+    assert "".join(e.text for e in events) == result.text
+    assert result.stats.stop_reason == "length"
+    assert result.stats.prompt_tokens == len(_prompt(engine, "Hello there")[0].ids)
+    assert result.stats.time_to_first_token_s > 0
+    assert result.stats.context_used == result.stats.prompt_tokens + 11
+
+
+def test_greedy_is_deterministic(engine: Engine) -> None:
+    engine.reset()
+    first = engine.generate(_prompt(engine, "Tell me a story"), GREEDY).run()
+    engine.reset()
+    second = engine.generate(_prompt(engine, "Tell me a story"), GREEDY).run()
+    assert first.token_ids == second.token_ids
+
+
+def test_quantized_model_runs_a_multi_token_prompt(tiny) -> None:
+    # Batched decode of a K-quant model: the path that crashes on AMX CPUs unless the
+    # engine keeps weights out of the AMX buffer.
+    settings = EngineSettings(model_path=tiny.q4_k_m, n_ctx=1024, n_threads=2)
+    with Engine(settings) as q4:
+        prompt = _prompt(q4, "A longer prompt with many tokens " * 8)
+        result = q4.generate(prompt, GREEDY).run()
+    assert result.stats.evaluated_tokens > 50
+    assert result.stats.generated_tokens == 12
+
+
+def test_image_tokens_reach_the_model(engine: Engine) -> None:
+    image = prepare_image_bytes(image_bytes(112, 84), "a.png")
+    other = prepare_image_bytes(image_bytes(112, 84, seed=7), "b.png")
+    def run(img):
+        engine.reset()
+        head = engine.tokenize("<s>[INST]", special=True)
+        tail = engine.tokenize("What is this?[/INST]", special=True)
+        prompt = [TokenRun(tuple(head)), ImageSlot(img), TokenRun(tuple(tail))]
+        return engine.generate(prompt, GREEDY).run()
+    a, b = run(image), run(other)
+    assert a.stats.images_encoded == 1
+    assert a.stats.prompt_tokens == 2 + image.n_tokens + 1 + len(
+        engine.tokenize("What is this?[/INST]", special=True))
+    assert a.token_ids != b.token_ids  # the pixels change the answer
+
+
+def test_prompt_larger_than_context_is_refused(tiny) -> None:
+    settings = EngineSettings(model_path=tiny.f16, n_ctx=256, n_threads=2)
+    with Engine(settings) as small, pytest.raises(ContextFullError, match="larger --ctx"):
+        small.generate(_prompt(small, "word " * 400), GREEDY).run()
+
+
+def test_missing_and_corrupt_model_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError):
+        Engine(EngineSettings(model_path=tmp_path / "nope.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(ModelLoadError, match="could not load"):
+        Engine(EngineSettings(model_path=bad))
