@@ -161,14 +161,19 @@ class ChatSession:
         images: list[PreparedImage] = []
 
         def take(match: re.Match[str]) -> str:
-            raw = match.group("sq") or match.group("dq") or match.group("bare") or ""
+            raw = match.group("sq") or match.group("dq") or ""
+            trailing = ""
+            if match.group("bare"):
+                # Punctuation after a bare path belongs to the sentence: "see ~/a.png?"
+                raw = match.group("bare").rstrip(".,;:!?)]}>")
+                trailing = match.group("bare")[len(raw):]
             candidate = raw.replace("\\ ", " ").removeprefix("file://")
             if not candidate.lower().endswith(IMAGE_SUFFIXES):
                 return match.group(0)
             if "/" not in candidate and not candidate.startswith("~"):
                 return match.group(0)
             images.append(prepare_image(candidate))
-            return ""
+            return trailing
 
         cleaned = _DROPPED_PATH.sub(take, text)
         return (re.sub(r"[ \t]{2,}", " ", cleaned).strip() if images else text), images
