@@ -29,7 +29,6 @@ test: install
 
 lint: install
 	$(BIN)/ruff check localsmall tests benchmarks
-	$(BIN)/ruff format --check localsmall tests benchmarks
 	$(BIN)/mypy
 
 bench: install
