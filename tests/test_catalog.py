@@ -37,7 +37,7 @@ def test_unknown_model_and_quant() -> None:
     catalog = load_catalog()
     with pytest.raises(CatalogError, match="unknown model 'llama'"):
         catalog.get("llama")
-    with pytest.raises(CatalogError, match="no quant 'Q1'.*Q4_K_M"):
+    with pytest.raises(CatalogError, match=r"no quant 'Q1'.*Q4_K_M"):
         catalog.default.quant("Q1")
 
 

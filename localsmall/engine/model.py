@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import os
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 from localsmall.engine import native
 from localsmall.engine.devices import cpu_has_amx_repack
+from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
 from localsmall.engine.types import (
     KV_TYPES,
     EngineSettings,
@@ -49,6 +51,19 @@ class ImageSpan:
 
 
 CacheItem = int | ImageSpan  # a text token id, or an image
+
+
+def _items_from_json(raw: list[Any]) -> list[CacheItem] | None:
+    items: list[CacheItem] = []
+    for entry in raw:
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            items.append(entry)
+        elif isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(
+                entry.get("n_pos"), int):
+            items.append(ImageSpan(entry["image"], entry["n_pos"]))
+        else:
+            return None
+    return items
 
 
 def default_threads() -> int:
@@ -290,6 +305,25 @@ class Engine:
         """Empty the KV cache."""
         self._truncate_cache(0)
 
+    def reuse_estimate(self, prompt: Sequence[PromptPiece]) -> tuple[int, int]:
+        """(positions reused from the cache, positions to evaluate) if `prompt` ran now."""
+        items = self.layout(prompt)
+        keep = self._reusable_prefix(items)
+        reused = self.positions(items[:keep])
+        return reused, self.positions(items) - reused
+
+    def rollback(self, prompt: Sequence[PromptPiece]) -> None:
+        """Drop the cached tail that `prompt` does not share (after /undo, for example),
+        keeping the common prefix for the next turn."""
+        items = self.layout(prompt)
+        keep = 0
+        for cached, wanted in zip(self._cache, items, strict=False):
+            if cached != wanted:
+                break
+            keep += 1
+        if keep < len(self._cache):
+            self._truncate_cache(keep)
+
     def _reusable_prefix(self, items: Sequence[CacheItem]) -> int:
         n = 0
         for cached, wanted in zip(self._cache, items, strict=False):
@@ -466,6 +500,70 @@ class Engine:
                 time_to_first_token_s=(first_token_at or now) - turn_start,
                 generation_s=now - gen_start if result.token_ids else 0.0,
                 context_used=self._n_past, context_size=self.n_ctx)
+
+    # --- saved state ---------------------------------------------------------------------
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identity of everything a KV state depends on (model, projector, KV type,
+        llama.cpp build)."""
+        import llama_cpp
+
+        s = self.settings
+        return engine_fingerprint(Path(s.model_path), Path(s.mmproj_path) if s.mmproj_path
+                                  else None, s.kv_type, llama_cpp.__version__)
+
+    def save_state(self, path: Path) -> StateMeta:
+        """Write the KV cache to `path` (atomically) and describe it."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        empty = (self._llama.llama_token * 1)()
+        try:
+            written = self._llama.llama_state_seq_save_file(self.ctx, str(tmp).encode(), 0,
+                                                            empty, 0)
+            if written == 0:
+                raise EngineError(f"llama.cpp could not save the KV cache to {path}")
+            items = [i if isinstance(i, int) else {"image": i.key, "n_pos": i.n_pos}
+                     for i in self._cache]
+            checksum = state_checksum(tmp, items)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return StateMeta(fingerprint=self.fingerprint, items=items, checksum=checksum,
+                         n_pos=self._n_past)
+
+    def load_state(self, path: Path, meta: StateMeta) -> str | None:
+        """Restore a KV cache saved by `save_state`. Returns None when it was restored, or
+        the reason it was refused (the cache is then empty and the chat is re-read)."""
+        reason = self._check_state(Path(path), meta)
+        if reason is not None:
+            return reason
+        items = _items_from_json(meta.items)
+        if items is None or self.positions(items) != meta.n_pos:
+            return "its description is damaged"
+        self.reset()
+        tokens = (self._llama.llama_token * 1)()
+        count = ctypes.c_size_t(0)
+        read = self._llama.llama_state_seq_load_file(self.ctx, str(path).encode(), 0, tokens, 1,
+                                                     ctypes.byref(count))
+        mem = self._llama.llama_get_memory(self.ctx)
+        if read == 0 or self._llama.llama_memory_seq_pos_max(mem, 0) != meta.n_pos - 1:
+            self._llama.llama_memory_clear(mem, True)
+            return "llama.cpp could not read it"
+        self._cache = items
+        self._n_past = meta.n_pos
+        return None
+
+    def _check_state(self, path: Path, meta: StateMeta) -> str | None:
+        if meta.fingerprint != self.fingerprint:
+            return "it was saved with another model, projector, KV cache type or llama.cpp"
+        if not path.is_file():
+            return "the state file is missing"
+        if meta.n_pos >= self.n_ctx:
+            return f"it holds {meta.n_pos} tokens, more than this {self.n_ctx}-token context"
+        if state_checksum(path, meta.items) != meta.checksum:
+            return "the state file or its description is damaged"
+        return None
 
     # --- lifetime ------------------------------------------------------------------------
 
