@@ -32,7 +32,8 @@ lint: install
 	$(BIN)/mypy
 
 bench: install
-	$(BIN)/python benchmarks/run_overhead.py
+	cd benchmarks && for b in run_overhead kv_followup weight_repack; do \
+		echo "== $$b"; ../$(BIN)/python $$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

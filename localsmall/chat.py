@@ -6,6 +6,7 @@ either a `Reply` to stream or a `CommandResult` to show.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -148,6 +149,8 @@ class ChatSession:
         self.model_label = model_label or engine.info.description
         self.on_progress: ProgressCallback | None = None
         self.restored_input = ""       # a message taken back after an interrupted start
+        self._token_memo = functools.lru_cache(maxsize=4096)(
+            lambda text, special: tuple(engine.tokenize(text, special=special)))
 
     # --- input ---------------------------------------------------------------------------
 
@@ -223,9 +226,13 @@ class ChatSession:
         head = [Message.system(self.conversation.system)] if self.conversation.system else []
         return head + self.conversation.messages[self.window_start:]
 
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        # Each turn re-renders the whole conversation; remembering the tokens of the
+        # messages already seen keeps a follow-up's overhead independent of history.
+        return list(self._token_memo(text, special))
+
     def _prompt(self) -> list[PromptPiece]:
-        return build_prompt(self.template, self._messages_for_model(),
-                            tokenize=lambda t, s: self.engine.tokenize(t, special=s),
+        return build_prompt(self.template, self._messages_for_model(), tokenize=self._tokenize,
                             bos=self.engine.bos_token, eos=self.engine.eos_token)
 
     def reply_reserve(self) -> int:

@@ -128,6 +128,8 @@ class Engine:
         params = llama.llama_model_default_params()
         params.n_gpu_layers = self.settings.n_gpu_layers
         placement = os.environ.get("LOCALSMALL_WEIGHT_REPACK", "auto").lower()
+        if placement not in ("auto", "on", "off"):
+            raise EngineError("LOCALSMALL_WEIGHT_REPACK must be auto, on or off")
         if placement == "off" or (placement == "auto" and cpu_has_amx_repack()):
             # Quantized weights in llama.cpp's AMX buffer crash on batched decode
             # (llama.cpp #20824): keep weights in plain CPU buffers on such CPUs.
