@@ -83,6 +83,38 @@ def default_threads() -> int:
     return max(1, available)
 
 
+class _ReadProgress:
+    """Progress of reading a prompt. Whole batches are counted as they finish; inside a
+    batch (a minute or more for the 24B model on a laptop CPU), the share of the compute
+    graph's nodes done so far, counted through llama.cpp's abort callback, moves the bar."""
+
+    def __init__(self, todo: int, on_progress: ProgressCallback | None, graph_nodes: int) -> None:
+        self.todo = todo
+        self.done = 0
+        self._report = on_progress
+        self._graph_nodes = graph_nodes
+        self._batch = 0
+        self._nodes = 0
+
+    def begin_batch(self, n_tokens: int) -> None:
+        self._batch, self._nodes = n_tokens, 0
+
+    def node(self) -> None:
+        self._nodes += 1
+        if self._report is not None and self._graph_nodes and self._nodes % 8 == 0:
+            share = min(self._nodes / self._graph_nodes, 0.99)
+            self._emit(self.done + int(self._batch * share))
+
+    def end_batch(self, n_tokens: int) -> int:
+        self.done += n_tokens
+        self._emit(self.done)
+        return 0
+
+    def _emit(self, done: int) -> None:
+        if self._report is not None:
+            self._report(Progress("prompt", done, self.todo, "reading prompt"))
+
+
 class Engine:
     """A loaded model ready to chat. Call `close()` (or use `with`) to free it."""
 
@@ -104,7 +136,9 @@ class Engine:
         self.ctx: Any = None
         self.projector: Projector | None = None
         try:
+            native.take_graph_nodes()
             self.ctx = self._new_context()
+            self._graph_nodes = native.take_graph_nodes()
             if settings.mmproj_path is not None:
                 self.projector = Projector(
                     Path(settings.mmproj_path), self.model,
@@ -117,6 +151,7 @@ class Engine:
         self._cache: list[CacheItem] = []
         self._n_past = 0
         self._interrupted = False
+        self._reading: _ReadProgress | None = None
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
         self._batch = self._llama.llama_batch_init(max(settings.n_batch, 1), 0, 1)
         self.info = self._model_info()
@@ -287,7 +322,10 @@ class Engine:
     # --- evaluation ----------------------------------------------------------------------
 
     def _should_abort(self, user_data: Any) -> bool:
+        # Called by llama.cpp's CPU backend after each graph node while a prompt is read.
         try:
+            if self._reading is not None:
+                self._reading.node()
             return self._interrupted
         except KeyboardInterrupt:
             self._interrupted = True
@@ -339,11 +377,13 @@ class Engine:
         return max(n, 0)
 
     def _decode_tokens(self, tokens: Sequence[int], logits_last: bool,
-                       on_batch: Any) -> None:
+                       reading: _ReadProgress | None = None) -> None:
         llama, batch = self._llama, self._batch
         n_batch = self.settings.n_batch
         for start in range(0, len(tokens), n_batch):
             part = tokens[start:start + n_batch]
+            if reading is not None:
+                reading.begin_batch(len(part))
             batch.n_tokens = len(part)
             for i, token in enumerate(part):
                 batch.token[i] = token
@@ -360,7 +400,8 @@ class Engine:
                 raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")
             self._cache.extend(part)
             self._n_past += len(part)
-            on_batch(len(part))
+            if reading is not None:
+                reading.end_batch(len(part))
 
     def _evaluate(self, items: Sequence[CacheItem], prompt: Sequence[PromptPiece],
                   on_progress: ProgressCallback | None) -> TurnStats:
@@ -373,50 +414,61 @@ class Engine:
         self._truncate_cache(keep)
         stats = TurnStats(prompt_tokens=total, reused_tokens=self._n_past)
         images = {p.image.key: p.image for p in prompt if isinstance(p, ImageSlot)}
-        todo = total - self._n_past
-        done = 0
+        reading = _ReadProgress(total - self._n_past, on_progress, self._graph_nodes)
         start = time.perf_counter()
-        encode_s = 0.0
-        encoded_count = 0
-
-        def advance(n: int) -> int:
-            nonlocal done
-            done += n
-            if on_progress is not None:
-                on_progress(Progress("prompt", done, todo, "reading prompt"))
-            return 0
-
+        encode_s, encoded_count = 0.0, 0
         self._interrupted = False
+        self._reading = reading
         self._llama.llama_set_abort_callback(self.ctx, self._abort_cb, None)
         try:
             rest = list(items[keep:])
             i = 0
             while i < len(rest):
-                item = rest[i]
-                if isinstance(item, int):
+                if isinstance(rest[i], int):
                     j = i
                     while j < len(rest) and isinstance(rest[j], int):
                         j += 1
                     run = [t for t in rest[i:j] if isinstance(t, int)]
-                    self._decode_tokens(run, logits_last=j == len(rest), on_batch=advance)
+                    self._decode_tokens(run, logits_last=j == len(rest), reading=reading)
                     i = j
                     continue
-                assert self.projector is not None
-                image = images[item.key]
-                fresh = not self.projector.is_encoded(item.key)
-                t0 = time.perf_counter()
-                encoded = self.projector.encode(image, self._image_progress(on_progress, image))
-                if fresh:
-                    encode_s += time.perf_counter() - t0
+                span = rest[i]
+                assert isinstance(span, ImageSpan)
+                seconds = self._read_image(images[span.key], span, reading, on_progress)
+                if seconds is not None:
+                    encode_s += seconds
                     encoded_count += 1
-                self._n_past = self.projector.decode(self.ctx, encoded, self._n_past,
-                                                     self.settings.n_batch, advance)
-                self._cache.append(item)
                 i += 1
         finally:
+            self._reading = None
             self._llama.llama_set_abort_callback(self.ctx, self._abort_cb.__class__(), None)
-        return replace(stats, evaluated_tokens=todo, images_encoded=encoded_count,
+        return replace(stats, evaluated_tokens=reading.todo, images_encoded=encoded_count,
                        image_encode_s=encode_s, prompt_eval_s=time.perf_counter() - start)
+
+    def _read_image(self, image: Any, span: ImageSpan, reading: _ReadProgress,
+                    on_progress: ProgressCallback | None) -> float | None:
+        """Encode (unless its embeddings are cached) and decode one image; returns the
+        seconds spent encoding, or None when the cached embeddings were used."""
+        assert self.projector is not None
+        fresh = not self.projector.is_encoded(span.key)
+        t0 = time.perf_counter()
+        encoded = self.projector.encode(image, self._image_progress(on_progress, image))
+        encode_s = time.perf_counter() - t0
+        n_batch = self.settings.n_batch
+        remaining = encoded.n_tokens
+
+        def after_batch(n_tokens: int) -> int:
+            nonlocal remaining
+            remaining -= n_tokens
+            reading.end_batch(n_tokens)
+            reading.begin_batch(min(n_batch, remaining))
+            return 0
+
+        reading.begin_batch(min(n_batch, remaining))
+        self._n_past = self.projector.decode(self.ctx, encoded, self._n_past, n_batch,
+                                             after_batch)
+        self._cache.append(span)
+        return encode_s if fresh else None
 
     @staticmethod
     def _image_progress(on_progress: ProgressCallback | None, image: Any) -> Any:
@@ -488,7 +540,7 @@ class Engine:
                 if self._n_past + 1 >= self.n_ctx:
                     stop = "context"
                     break
-                self._decode_tokens([token], logits_last=True, on_batch=lambda n: 0)
+                self._decode_tokens([token], logits_last=True)
         except (KeyboardInterrupt, GeneratorExit):
             stop = "interrupted"
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 from collections import deque
 from functools import cache
 from types import ModuleType
@@ -20,6 +21,7 @@ log = logging.getLogger("localsmall.llama")
 _verbose = False
 _log_callback: Any = None  # kept alive: llama.cpp holds a pointer to it
 _recent_errors: deque[str] = deque(maxlen=4)
+_graph_nodes = 0
 GGML_LOG_LEVEL_ERROR = 4
 
 
@@ -59,11 +61,28 @@ def _install_log_callback(llama_cpp: ModuleType) -> None:
             return
         if level == GGML_LOG_LEVEL_ERROR:
             _recent_errors.append(text.decode(errors="replace").strip())
+        elif b"graph: nodes = " in text:
+            _note_graph_size(text)
         if _verbose:
             os.write(2, text)
 
     _log_callback = forward
     llama_cpp.llama_log_set(forward, None)
+
+
+def _note_graph_size(text: bytes) -> None:
+    global _graph_nodes
+    match = re.search(rb"graph: nodes = (\d+)", text)
+    if match:
+        _graph_nodes = max(_graph_nodes, int(match.group(1)))
+
+
+def take_graph_nodes() -> int:
+    """Nodes in the largest compute graph llama.cpp reserved since the last call (it logs
+    this when a context is created); 0 when unknown. Used for progress inside a batch."""
+    global _graph_nodes
+    nodes, _graph_nodes = _graph_nodes, 0
+    return nodes
 
 
 def last_error_suffix() -> str:
