@@ -74,14 +74,20 @@ def engine_settings(build: LocalBuild, options: RunOptions) -> EngineSettings:
         kv_type=options.kv_type, flash_attn=options.flash_attn, verbose=options.verbose)
 
 
+def load_engine(build: LocalBuild, options: RunOptions,
+                on_progress: ProgressCallback | None = None) -> Engine:
+    """Load a resolved build. The caller closes the engine."""
+    from localsmall.engine.model import Engine  # loads llama.cpp: only when needed
+
+    return Engine(engine_settings(build, options), on_progress)
+
+
 def open_engine(options: RunOptions, on_progress: ProgressCallback | None = None
                 ) -> tuple[Engine, LocalBuild]:
     """Resolve and load. The caller closes the engine."""
-    from localsmall.engine.model import Engine  # loads llama.cpp: only when needed
-
     validate_run_options(options)
     build = resolve(options)
-    return Engine(engine_settings(build, options), on_progress), build
+    return load_engine(build, options, on_progress), build
 
 
 def sampling_for(build: LocalBuild, overrides: SamplingOptions) -> SamplingSettings:

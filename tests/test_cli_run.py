@@ -113,3 +113,10 @@ def test_help_is_instant_and_does_not_load_llama_cpp() -> None:
     done = subprocess.run([sys.executable, "-m", "localsmall", "--help"], env=env,
                           capture_output=True, text=True, check=True)
     assert "chat" in done.stdout and "run" in done.stdout
+
+
+def test_image_without_projector_is_refused_before_loading(tiny, make_image) -> None:
+    picture = make_image("pic.png")
+    result = runner.invoke(app, ["run", "x", "--image", str(picture), "--model", str(tiny.f16)])
+    assert result.exit_code == 2
+    assert "needs a vision projector" in result.stderr and "--mmproj" in result.stderr
