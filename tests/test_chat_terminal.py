@@ -90,3 +90,30 @@ def test_errors_keep_the_chat_going(tiny, tmp_path: Path) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_history_across_sessions_and_tab_completion(tiny, make_image) -> None:
+    picture = make_image("holiday-photo.png")
+    first = _spawn(tiny, "-n", "2")
+    first.send("a line worth remembering\r")
+    first.expect("tok/s")
+    first.expect(PROMPT)
+    first.sendcontrol("d")
+    first.expect(pexpect.EOF)
+    first.close()
+
+    second = _spawn(tiny, "-n", "2")
+    second.send("\x1b[A")                     # Up: the previous session's input
+    second.expect("a line worth remembering")
+    second.sendcontrol("u")                   # clear the line
+    second.send("/ima\t")                     # a command name
+    second.expect("/image")
+    second.send(f" {picture.parent}/holiday-\t")  # a path
+    second.expect("photo.png")
+    second.send("\r")
+    second.expect("Attached holiday-photo.png")
+    second.expect(PROMPT)
+    second.sendcontrol("d")
+    second.expect(pexpect.EOF)
+    second.close()
+    assert second.exitstatus == 0

@@ -107,3 +107,11 @@ def test_image_encoding_reports_per_layer_progress(engine: Engine) -> None:
     engine.generate([head, ImageSlot(image), tail], GREEDY, on_progress=seen.append).run()
     layers = [(p.done, p.total) for p in seen if p.stage == "image"]
     assert layers[0] == (1, 2) and layers[-1] == (2, 2)  # the tiny tower has 2 layers
+
+
+def test_ctrl_c_while_loading_stops_cleanly(tiny) -> None:
+    def interrupt(progress) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Engine(EngineSettings(model_path=tiny.f16, n_ctx=512), on_progress=interrupt)

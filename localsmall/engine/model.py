@@ -171,17 +171,24 @@ class Engine:
             params.use_extra_bufts = False
             self.repack_note = "repacking off" + (" (AMX CPU)" if placement == "auto" else "")
 
+        interrupted = False
+
         def report(fraction: float, user_data: Any) -> bool:
-            if on_progress is not None:
-                try:
+            nonlocal interrupted
+            try:
+                if on_progress is not None:
                     on_progress(Progress("load", int(fraction * 1000), 1000, "loading model"))
-                except KeyboardInterrupt:
-                    return False
-            return True
+            except KeyboardInterrupt:
+                interrupted = True
+            return not interrupted  # False makes llama.cpp stop loading
 
         callback = llama.llama_progress_callback(report)
         params.progress_callback = callback
         model = llama.llama_model_load_from_file(str(self.settings.model_path).encode(), params)
+        if interrupted:
+            if model:
+                llama.llama_model_free(model)
+            raise KeyboardInterrupt
         if not model:
             raise ModelLoadError(
                 f"llama.cpp could not load {self.settings.model_path}: not a GGUF model it "
