@@ -309,7 +309,20 @@ def test_interrupted_quantization_leaves_nothing(checkpoint: Path, tmp_path: Pat
 # --- small pieces ---------------------------------------------------------------------------
 
 
+def test_bf16_rounding_matches_the_gguf_package() -> None:
+    from localsmall.convert.gguf_stream import to_bf16
+
+    values = np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 1e3
+    values[:8] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.00390625, 3.4e38, 1e-40]
+    expected = gguf.quants.quantize(values, gguf.GGMLQuantizationType.BF16).view(np.uint16)
+    assert np.array_equal(to_bf16(values), expected)
+
+
 def test_quant_names() -> None:
+    from localsmall.convert.quant_types import QUANT_TYPES
+    from localsmall.engine.quantize import ftype_for
+
+    assert all(ftype_for(name) > 0 for name in QUANT_TYPES)  # each is a llama.cpp type
     assert [q.name for q in parse_quants("q4_k_m, Q5_K ,q4_k_m")] == ["Q4_K_M", "Q5_K_M"]
     assert parse_quants("IQ1_S")[0].needs_imatrix
     with pytest.raises(UsageError, match="unknown quant type"):

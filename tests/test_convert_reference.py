@@ -31,6 +31,7 @@ from localsmall.registry import RegisteredBuild, list_registered
 from tests.reference_model import BASE_NAME, IMAGE_SIZE, Reference, build_reference
 from tests.tinymodels import write_v11_tekken
 
+pytest.importorskip("transformers", reason="needs the `reference` extra (torch, transformers)")
 pytestmark = pytest.mark.slow
 
 IMG, IMG_BREAK, IMG_END = 10, 12, 13
@@ -166,15 +167,31 @@ def test_f32_logits_match_transformers(converted: Converted, f32_engine: Engine)
     assert int(np.argmax(logits)) == int(np.argmax(ref.logits))
 
 
-def test_f16_logits_match_transformers(converted: Converted) -> None:
+def _image_rows(engine: Engine, image: PreparedImage) -> tuple[np.ndarray, list[np.ndarray]]:
+    """mtmd's embeddings of an image, split into patch rows and [IMG_BREAK] rows (llama.cpp
+    inserts the break embedding after each row but the last)."""
+    assert engine.projector is not None
+    encoded = engine.projector.encode(image).embeddings
+    cols, rows = image.grid
+    patches = [encoded[r * (cols + 1): r * (cols + 1) + cols] for r in range(rows)]
+    breaks = [encoded[r * (cols + 1) + cols] for r in range(rows - 1)]
+    return np.concatenate(patches), breaks
+
+
+def test_f16_files_match_transformers(converted: Converted) -> None:
     ref = converted.ref
-    settings = EngineSettings(model_path=converted.file(converted.f16, "F16"), n_ctx=512,
-                              n_threads=2, kv_type="f32", flash_attn=False)
+    settings = EngineSettings(model_path=converted.file(converted.f16, "F16"),
+                              mmproj_path=converted.file(converted.f16, "F16", "mmproj"),
+                              n_ctx=512, n_threads=2, kv_type="f32", flash_attn=False)
     with Engine(settings) as engine:
         logits = engine.logits_for(ref.tokens)
+        patches, _ = _image_rows(engine, _prepared(ref.image_rgb))
     diff = np.abs(logits - ref.logits).max()
-    print(f"F16 logits: max abs diff {diff:.2e} (logit std {ref.logits.std():.2f})")
+    rel = np.abs(patches - ref.image_embeddings).max() / ref.image_embeddings.std()
+    print(f"F16 logits: max abs diff {diff:.2e} (logit std {ref.logits.std():.2f}); "
+          f"F16 image embeddings: max abs diff / std = {rel:.2e}")
     assert diff < 0.02 * ref.logits.std()
+    assert rel < 0.05
 
 
 def _prepared(rgb: bytes) -> PreparedImage:
@@ -187,13 +204,7 @@ def test_projector_matches_transformers(converted: Converted, f32_engine: Engine
     ref = converted.ref
     image = _prepared(ref.image_rgb)
     assert image.grid == (4, 3)  # already on the grid: llama.cpp's resize is a no-op
-    assert f32_engine.projector is not None
-    encoded = f32_engine.projector.encode(image).embeddings
-    cols, rows = image.grid
-    # llama.cpp inserts the [IMG_BREAK] embedding after each row but the last.
-    per_row = [encoded[r * (cols + 1): r * (cols + 1) + cols] for r in range(rows)]
-    breaks = [encoded[r * (cols + 1) + cols] for r in range(rows - 1)]
-    ours = np.concatenate(per_row)
+    ours, breaks = _image_rows(f32_engine, image)
     rel = np.abs(ours - ref.image_embeddings).max() / ref.image_embeddings.std()
     print(f"image embeddings: max abs diff / std = {rel:.2e}")
     assert rel < 1e-2

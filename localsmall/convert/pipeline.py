@@ -222,7 +222,7 @@ def _write(job: _Job, on_progress: ConvertProgressCallback | None) -> list[Outpu
                                             chat_template=job.chat_template,
                                             file_type=FILE_TYPES[job.outtype]),
                    job.text, reader,
-                   _reporter(on_progress, "model", job.model_path.name, job.text))
+                   _reporter(on_progress, "model", f"model {job.outtype.name}", job.text))
         files.append(OutputFile("model", job.outtype.name, job.model_path,
                                 job.model_path.stat().st_size))
         if job.mmproj_path is not None and checkpoint.vision is not None:
@@ -232,7 +232,8 @@ def _write(job: _Job, on_progress: ConvertProgressCallback | None) -> list[Outpu
                        lambda path: mmproj_writer(path, vision, info=job.info,
                                                   file_type=FILE_TYPES[mmproj_type]),
                        job.vision, reader,
-                       _reporter(on_progress, "mmproj", job.mmproj_path.name, job.vision))
+                       _reporter(on_progress, "mmproj", f"projector {mmproj_type.name}",
+                                 job.vision))
             files.append(OutputFile("mmproj", mmproj_type.name, job.mmproj_path,
                                     job.mmproj_path.stat().st_size))
     return files
@@ -246,14 +247,16 @@ def _quantize(job: _Job, request: ConvertRequest,
         dest = job.quant_paths[quant.name]
         expected = estimated_size(quant, n_params)
 
-        def report(size: int, label: str = dest.name, total: int = expected) -> None:
-            if on_progress is not None:
+        def report(size: int, label: str = f"model {quant.name}", total: int = expected) -> None:
+            if on_progress is not None:  # the size is an estimate until the file is done
                 on_progress(ConvertProgress("quantize", label, 0, 0, size, max(total, size)))
 
         run_quantize(job.model_path, dest, quant.name,
                      threads=request.threads or os.cpu_count() or 1,
                      imatrix=request.imatrix, on_size=report)
-        files.append(OutputFile("model", quant.name, dest, dest.stat().st_size))
+        size = dest.stat().st_size
+        report(size, total=size)
+        files.append(OutputFile("model", quant.name, dest, size))
     return files
 
 

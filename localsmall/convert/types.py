@@ -32,7 +32,7 @@ class ConvertProgress:
     """Progress of one output file: tensors and bytes written."""
 
     stage: Stage
-    label: str
+    label: str            # "model BF16", "projector F16", "model Q4_K_M"
     tensors_done: int
     tensors_total: int
     bytes_done: int
