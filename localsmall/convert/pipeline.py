@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import gguf
@@ -68,7 +69,6 @@ class _Job:
     model_path: Path
     mmproj_path: Path | None
     quant_paths: dict[str, Path]
-    imatrix: ImportanceMatrix | None
     notes: tuple[str, ...]
 
 
@@ -142,9 +142,15 @@ def _check_imatrix(matrix: ImportanceMatrix, tensors: list[PlannedTensor]) -> No
                                   "another model")
 
 
-def _plan(request: ConvertRequest, source: Source, checkpoint: Checkpoint) -> _Job:
-    from localsmall.prompt import builtin_template
+def _chat_template(version: str) -> str | None:
+    name = CHAT_TEMPLATES.get(version)
+    if name is None:
+        return None
+    return resources.files("localsmall").joinpath("templates", name).read_text(
+        encoding="utf-8")
 
+
+def _plan(request: ConvertRequest, source: Source, checkpoint: Checkpoint) -> _Job:
     tekken, _ = _tokenizer(checkpoint.tokenizer, checkpoint.text.n_vocab)
     outtype = _outtype(request, checkpoint)
     mapped = map_names(checkpoint)
@@ -152,28 +158,25 @@ def _plan(request: ConvertRequest, source: Source, checkpoint: Checkpoint) -> _J
     with_vision = checkpoint.vision is not None and request.mmproj
     vision = (plan_vision(checkpoint, mapped, MMPROJ_TYPES[outtype],
                           tekken.token_id("[IMG_BREAK]")) if with_vision else [])
+    if request.imatrix:
+        _check_imatrix(read_imatrix(request.imatrix), text)
+    template = _chat_template(tekken.version)
     notes = list(checkpoint.notes)
-    template = None
-    if tekken.version in CHAT_TEMPLATES:
-        template = builtin_template()
-    else:
+    if template is None:
         notes.append(f"no chat template for tekken {tekken.version or 'without a version'}; "
                      "localsmall's built-in template applies at run time")
-    imatrix = read_imatrix(request.imatrix) if request.imatrix else None
-    if imatrix is not None:
-        _check_imatrix(imatrix, text)
     base = source.base_name
     out_dir = Path(request.out_dir or paths.data_dir() / "models" / base).expanduser()
-    mmproj_type = MMPROJ_TYPES[outtype].name
+    mmproj_name = f"mmproj-{base}-{MMPROJ_TYPES[outtype].name}.gguf"
     info = FileInfo(name=base, basename=base, source_repo=source.repo_id,
                     license=readme_license(source.directory) or _catalog_license(source))
     return _Job(
-        source=source, checkpoint=checkpoint, info=info,
-        chat_template=template, outtype=outtype, text=text, vision=vision,
+        source=source, checkpoint=checkpoint, info=info, chat_template=template,
+        outtype=outtype, text=text, vision=vision,
         model_path=out_dir / f"{base}-{outtype.name}.gguf",
-        mmproj_path=out_dir / f"mmproj-{base}-{mmproj_type}.gguf" if vision else None,
+        mmproj_path=out_dir / mmproj_name if vision else None,
         quant_paths={q.name: out_dir / f"{base}-{q.name}.gguf" for q in request.quants},
-        imatrix=imatrix, notes=tuple(notes))
+        notes=tuple(notes))
 
 
 def _outputs(job: _Job) -> list[Path]:
