@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 
 from localsmall import __version__
 from localsmall.commands import chat as chat_cmd
+from localsmall.commands import convert as convert_cmd
 from localsmall.commands import run as run_cmd
 from localsmall.errors import LocalsmallError
 
@@ -77,6 +78,7 @@ def main_callback(
 
 app.command("chat")(chat_cmd.chat)
 app.command("run")(run_cmd.run)
+app.command("convert")(convert_cmd.convert)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import gguf
 
 from localsmall.convert.tekken import GgufVocab
+from localsmall.errors import ConversionError
 
 TEXT_ARCH = "llama"
 PIXTRAL_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -50,6 +51,7 @@ class VisionHParams:
     rms_eps: float = 1e-5
     image_mean: tuple[float, float, float] = PIXTRAL_MEAN
     image_std: tuple[float, float, float] = PIXTRAL_STD
+    activation: str = "silu"     # the encoder's FFN activation: "silu" or "gelu"
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,21 @@ class FileInfo:
     """general.* metadata."""
 
     name: str
-    license: str = "apache-2.0"
-    source_repo: str | None = None
+    license: str | None = "apache-2.0"
+    source_repo: str | None = None    # Hugging Face repo id the weights came from
+    basename: str | None = None       # e.g. Mistral-Small-3.2-24B-Instruct-2506
 
 
 def _general(writer: gguf.GGUFWriter, info: FileInfo, file_type: int) -> None:
     writer.add_name(info.name)
-    writer.add_license(info.license)
+    if info.basename:
+        writer.add_basename(info.basename)
+    if info.license:
+        writer.add_license(info.license)
     if info.source_repo:
-        writer.add_source_repo_url(f"https://huggingface.co/{info.source_repo}")
+        url = f"https://huggingface.co/{info.source_repo}"
+        writer.add_source_url(url)
+        writer.add_source_repo_url(url)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -112,7 +120,13 @@ def mmproj_writer(path: str, vp: VisionHParams, *, info: FileInfo,
     _general(writer, info, file_type)
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type("pixtral")
-    writer.add_vision_use_silu(True)
+    if vp.activation not in ("silu", "gelu"):
+        raise ConversionError(f"vision encoder activation {vp.activation!r} is not supported "
+                              "by llama.cpp's Pixtral encoder")
+    if vp.activation == "silu":
+        writer.add_vision_use_silu(True)
+    else:
+        writer.add_vision_use_gelu(True)
     writer.add_vision_embedding_length(vp.n_embd)
     writer.add_vision_feed_forward_length(vp.n_ff)
     writer.add_vision_block_count(vp.n_layers)

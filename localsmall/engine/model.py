@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from localsmall.engine import native
 from localsmall.engine.devices import cpu_has_amx_repack
 from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
@@ -483,6 +485,17 @@ class Engine:
             return None
         label = f"encoding {Path(image.source).name}"
         return lambda done, total: on_progress(Progress("image", done, total, label))
+
+    def logits_for(self, tokens: Sequence[int]) -> np.ndarray:
+        """The next-token logits after `tokens`, evaluated from an empty cache
+        (float32, one per vocabulary entry). For checking a model against a reference."""
+        if not tokens:
+            raise EngineError("logits_for needs at least one token")
+        self.reset()
+        self._decode_tokens(list(tokens), logits_last=True, on_batch=lambda n: 0)
+        n_vocab = self._llama.llama_vocab_n_tokens(self.vocab)
+        logits = self._llama.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(logits, shape=(n_vocab,)).copy()
 
     # --- generation ----------------------------------------------------------------------
 
