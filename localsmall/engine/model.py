@@ -492,7 +492,7 @@ class Engine:
         if not tokens:
             raise EngineError("logits_for needs at least one token")
         self.reset()
-        self._decode_tokens(list(tokens), logits_last=True, on_batch=lambda n: 0)
+        self._decode_tokens(list(tokens), logits_last=True)
         n_vocab = self._llama.llama_vocab_n_tokens(self.vocab)
         logits = self._llama.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(n_vocab,)).copy()
