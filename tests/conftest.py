@@ -79,3 +79,34 @@ def make_image(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@dataclass
+class LocalHub:
+    """A Hub on 127.0.0.1 that huggingface_hub and localsmall talk to in this test."""
+
+    url: str
+    state: object  # tests.hubserver.HubState
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
+    """Serve the Hub protocol locally and point HF_ENDPOINT at it, online.
+    huggingface_hub reads HF_HUB_OFFLINE once at import, so its constant follows too."""
+    import huggingface_hub.constants as hf_constants
+
+    from tests.hubserver import running_hub
+
+    with running_hub() as (url, state):
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        yield LocalHub(url, state)
+
+
+def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE=1, for localsmall and for huggingface_hub."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)

@@ -29,6 +29,7 @@ from localsmall.commands.options import (
     TopKOpt,
     TopPOpt,
     VerboseOpt,
+    YesOpt,
     run_options,
     sampling_options,
 )
@@ -71,12 +72,14 @@ def run(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text and stats) instead of streaming.")] = False,
     verbose: VerboseOpt = False,
+    yes: YesOpt = False,
 ) -> None:
     """Answer one prompt (with optional images) and exit."""
     from localsmall.chat import ChatSession
-    from localsmall.runtime import open_engine, sampling_for, system_prompt_for
+    from localsmall.runtime import load, prepare, sampling_for, system_prompt_for
     from localsmall.ui.console import notice, stdout_write
-    from localsmall.ui.progress import WorkProgress
+    from localsmall.ui.progress import DownloadProgress, WorkProgress
+    from localsmall.ui.prompts import pull_offer_handler
 
     images = image or []
     if images and no_vision:
@@ -89,8 +92,10 @@ def run(
                           kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose)
     overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  max_tokens=max_tokens)
+    with DownloadProgress() as download:
+        build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
     with WorkProgress() as progress:
-        engine, build = open_engine(options, on_progress=progress)
+        engine = load(build, options, on_progress=progress)
     with engine:
         if build.notice:
             notice(build.notice)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from localsmall.engine import native
+from localsmall.engine.buffers import BufferReport, parse_buffer_lines
 from localsmall.engine.devices import cpu_has_amx_repack
 from localsmall.engine.types import (
     KV_TYPES,
@@ -84,21 +85,24 @@ class Engine:
         native.set_verbose(settings.verbose)
         self.n_threads = settings.n_threads or default_threads()
         self.repack_note = ""
-        self.model = self._load_model(on_progress)
-        self.vocab = self._llama.llama_model_get_vocab(self.model)
         self.ctx: Any = None
         self.projector: Projector | None = None
-        try:
-            self.ctx = self._new_context()
-            if settings.mmproj_path is not None:
-                self.projector = Projector(
-                    Path(settings.mmproj_path), self.model,
-                    n_embd=self._llama.llama_model_n_embd_inp(self.model),
-                    n_threads=self.n_threads, use_gpu=settings.n_gpu_layers != 0,
-                    flash_attn_type=self._flash_attn_type())
-        except BaseException:
-            self.close()
-            raise
+        # llama.cpp reports every buffer it allocates in its log: keep those numbers.
+        with native.capture_log() as log_lines:
+            self.model = self._load_model(on_progress)
+            self.vocab = self._llama.llama_model_get_vocab(self.model)
+            try:
+                self.ctx = self._new_context()
+                if settings.mmproj_path is not None:
+                    self.projector = Projector(
+                        Path(settings.mmproj_path), self.model,
+                        n_embd=self._llama.llama_model_n_embd_inp(self.model),
+                        n_threads=self.n_threads, use_gpu=settings.n_gpu_layers != 0,
+                        flash_attn_type=self._flash_attn_type())
+            except BaseException:
+                self.close()
+                raise
+        self.buffers: tuple[BufferReport, ...] = parse_buffer_lines(log_lines)
         self._cache: list[CacheItem] = []
         self._n_past = 0
         self._interrupted = False
