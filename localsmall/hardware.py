@@ -26,6 +26,8 @@ LLAMA_CPP_VERSION = "0.3.36"
 # llama-cpp-python compiles llama.cpp when installed; these flags pick the GPU backend.
 REBUILD_FLAGS = {"nvidia": "-DGGML_CUDA=on", "amd": "-DGGML_HIP=on", "apple": "-DGGML_METAL=on"}
 _PCI_VENDORS = {"0x10de": "nvidia", "0x1002": "amd"}
+DRM_ROOT = Path("/sys/class/drm")        # display devices (vendor ids, AMD VRAM)
+NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ def _nvidia_smi_gpus() -> list[UnusableGpu]:
 
 def _proc_nvidia_gpus() -> list[UnusableGpu]:
     gpus = []
-    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+    for info in sorted(NVIDIA_PROC.glob("*/information")):
         text = info.read_text(encoding="utf-8", errors="ignore")
         name = m.group(1).strip() if (m := re.search(r"Model:\s*(.+)", text)) else "NVIDIA GPU"
         gpus.append(UnusableGpu("nvidia", name, 0, rebuild_command("nvidia")))
@@ -237,7 +239,7 @@ def _proc_nvidia_gpus() -> list[UnusableGpu]:
 def _drm_gpus() -> list[tuple[str, str, int]]:
     """(vendor, name, VRAM bytes) of display devices in sysfs, NVIDIA and AMD only."""
     found = []
-    for card in sorted(Path("/sys/class/drm").glob("card[0-9]*")):
+    for card in sorted(DRM_ROOT.glob("card[0-9]*")):
         vendor_file = card / "device" / "vendor"
         if "-" in card.name or not vendor_file.is_file():
             continue  # card0-HDMI-A-1 and friends are connectors of the same card
