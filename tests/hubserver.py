@@ -9,7 +9,8 @@ parts of the Hub protocol huggingface_hub 2.4 uses to download files.
 - LFS files on a CDN (optional): resolve answers 302 to http://localhost:{port}/cdn/{sha}
   (another origin than 127.0.0.1, so clients must not send the token there).
 - Errors as the Hub sends them: 401 + X-Error-Code RepoNotFound for unknown repos, 401
-  GatedRepo for gated repos without a token, 404 EntryNotFound for unknown files.
+  GatedRepo for gated repos without a token, 404 EntryNotFound for unknown files, 401
+  "Invalid credentials" for a bad token (any token starting with hf_bad).
 
 Faults for tests: drop the connection after N body bytes, serve corrupted bytes of the
 right size, send slowly, or refuse data requests (503). Every request is recorded.
@@ -103,7 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, code: str, message: str = "") -> None:
         body = json.dumps({"error": message or code}).encode()
         self.send_response(status)
-        self.send_header("X-Error-Code", code)
+        if code:
+            self.send_header("X-Error-Code", code)
         if message:
             self.send_header("X-Error-Message", message)
         self.send_header("Content-Type", "application/json")
@@ -115,6 +117,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, head: bool) -> None:
         self._record()
         path = unquote(urlparse(self.path).path)
+        if (self.headers.get("Authorization") or "").startswith("Bearer hf_bad"):
+            # What the Hub answers to a revoked or mistyped token.
+            self._error(401, "", "Invalid credentials in Authorization header")
+            return
         if path.startswith("/api/models/"):
             self._model_info(path[len("/api/models/"):])
         elif path.startswith("/cdn/"):

@@ -119,6 +119,13 @@ def test_doctor_reports_machine_and_cache(monkeypatch: pytest.MonkeyPatch,
     assert any('CMAKE_ARGS="-DGGML_CUDA=on"' in w for w in detected["warnings"])
 
 
+def test_chat_without_a_terminal_names_the_pull_command() -> None:
+    result = invoke("chat")
+    assert result.exit_code == 2
+    assert "Q4_K_M is not downloaded yet" in result.stderr
+    assert "localsmall pull mistral-small-3.2:Q4_K_M" in result.stderr
+
+
 def test_run_offers_to_pull_then_runs_the_planned_build(hub: LocalHub, tiny) -> None:
     hub.state.add(Q4.repo, Q4.file, Path(tiny.q4_k_m).read_bytes())
     hub.state.add(Q4.repo, PROJECTOR.file, Path(tiny.mmproj).read_bytes())

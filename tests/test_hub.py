@@ -152,6 +152,9 @@ def test_missing_repo_file_and_gated_repo(hub: LocalHub, gguf_bytes: bytes,
         hub_pull(_remote(gguf_bytes, repo="org/gated"))
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     assert hub_pull(_remote(gguf_bytes, repo="org/gated")).files[0].downloaded
+    monkeypatch.setenv("HF_TOKEN", "hf_bad_token")
+    with pytest.raises(HubError, match=r"401 unauthorized\): HF_TOKEN is missing or not valid"):
+        hub_pull(_remote(gguf_bytes))
 
 
 def test_cdn_redirects_get_no_token_and_resume(hub: LocalHub, gguf_bytes: bytes,
