@@ -104,7 +104,10 @@ def _choose(model: Model, quant: str | None, request: PlanRequest, hardware: Har
             return None, ""  # only registered builds unknown to the catalog
         raise WontFitError(f"{plan.reason} See `localsmall plan`.")
     _pull(model, plan.choice, plan.reason, request.vision, offer_pull, on_download)
-    return plan.choice, ""
+    # Now the file is here, its tensor table gives exact sizes: place it again.
+    exact = make_plan(model, dataclasses.replace(request, quants=(plan.choice.quant,)),
+                      hardware)
+    return exact.choice or plan.choice, ""
 
 
 def _pull(model: Model, choice: QuantOption, reason: str, vision: bool,
