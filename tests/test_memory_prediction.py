@@ -106,3 +106,14 @@ def test_process_memory_stays_within_the_prediction(tiny) -> None:
                                                                     max_tokens=2)).run()
         grown = _rss() - before
     assert 0.3 * predicted < grown < predicted + 128 * MIB
+
+
+def test_nested_log_captures_both_see_the_buffers(tiny) -> None:
+    from localsmall.engine import native
+    from localsmall.engine.buffers import parse_buffer_lines
+
+    settings = EngineSettings(model_path=tiny.f16, n_ctx=256, n_threads=2)
+    with native.capture_log() as lines, Engine(settings) as engine:
+        inner = engine.buffers
+    outer = parse_buffer_lines(lines)
+    assert outer == inner and {b.kind for b in outer} == {"model", "output", "kv", "compute"}
