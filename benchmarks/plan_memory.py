@@ -176,6 +176,8 @@ def largest_image_buffer(text_path: Path) -> None:
 
 
 def rss_check(text_path: Path, mmproj: Path) -> None:
+    import gguf  # noqa: F401  (Python's own imports are not llama.cpp's memory)
+
     from localsmall.images import prepare_image_bytes
 
     native.llama()
@@ -185,9 +187,10 @@ def rss_check(text_path: Path, mmproj: Path) -> None:
     vision_max = vision_weights_from_file(mmproj, max_tokens=1024)
     cpu = estimate(text, RunShape(n_ctx=n_ctx), vision=vision_warmup,
                    repack=this_cpu_repacks()).on("CPU")
-    # What llama.cpp holds after loading: the warm-up projector buffer, repacked copies.
-    loaded = (cpu.weights + cpu.repacked + cpu.kv + cpu.compute + vision_warmup.weights
-              + vision_compute_bytes(vision_warmup))
+    # What llama.cpp holds after loading, repacked copies and vocabulary tables included.
+    # (The warm-up projector buffer is reserved but written only by the first encode.)
+    loaded = (cpu.weights + cpu.repacked + cpu.kv + cpu.compute + cpu.tables
+              + vision_warmup.weights)
     logits_rows = text.shape.n_vocab * (RunShape(n_ctx=n_ctx).n_ubatch - 1) * 4
     before = _rss()
     settings = EngineSettings(model_path=text_path, mmproj_path=mmproj, n_ctx=n_ctx,

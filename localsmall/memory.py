@@ -17,6 +17,7 @@ benchmarks/plan_memory.py):
 - Vision: the projector's weights plus its compute buffer for the largest image llama.cpp
   accepts (1024 merged tokens = 4096 patches). llama.cpp warms up with a 256-token image
   only and grows the buffer on the first large image, so it is budgeted here up front.
+- Outside any buffer: the vocabulary's tables in RAM, and an image encode's work memory.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ MIB = 1024 * 1024
 KV_PAD = 256                   # llama.cpp pads n_ctx to a multiple of this
 MAX_UBATCH = 512               # the engine's n_ubatch = min(n_batch, 512)
 METADATA_BYTES_PER_TOKEN = 60  # GGUF header per vocabulary entry (token, type, merges)
+# llama.cpp's vocabulary in memory (token texts, lookup maps, BPE merge ranks): 51-52 MiB
+# measured for the 131K tekken vocabulary, in no buffer it reports.
+VOCAB_HOST_BYTES_PER_TOKEN = 400
 KV_TYPE_SIZES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34),
                  "q4_0": (32, 18)}  # (elements per block, bytes per block)
 
@@ -113,12 +117,13 @@ class DeviceUse:
     compute: int = 0
     projector: int = 0        # projector weights, compute buffer and encoding work memory
     repacked: int = 0         # CPU weights llama.cpp copies into repacked buffers (below)
+    tables: int = 0           # llama.cpp's in-memory vocabulary (tokens, merge ranks)
 
     @property
     def total(self) -> int:
         """Memory needed. Repacked weights are not counted twice: their file pages are
         read once at load and the kernel may drop them afterwards."""
-        return self.weights + self.kv + self.compute + self.projector
+        return self.weights + self.kv + self.compute + self.projector + self.tables
 
 
 @dataclass(frozen=True)
@@ -387,8 +392,9 @@ def estimate(text: TextWeights, run: RunShape, *, n_gpu_layers: int = 0,
         on = 1 if n_gpu_layers != 0 and len(names) > 1 else 0
         projector[on] = (vision.weights + vision_compute_bytes(vision, flash_attn=run.flash_attn)
                          + vision_work_bytes(vision))
+    tables = shape.n_vocab * VOCAB_HOST_BYTES_PER_TOKEN
     used = [DeviceUse(names[i], weights[i], kv[i], compute[i], projector[i],
-                      repacked if i == 0 else 0)
+                      repacked if i == 0 else 0, tables if i == 0 else 0)
             for i in range(len(names)) if i == 0 or weights[i] or projector[i]]
     gpu_layer_count = sum(1 for d in placement[:-1] if d > 0)
     count = 0 if not gpus else (gpu_layer_count + (1 if output_device > 0 else 0))
