@@ -29,11 +29,11 @@ test: install
 
 lint: install
 	$(BIN)/ruff check localsmall tests benchmarks
-	$(BIN)/ruff format --check localsmall tests benchmarks
 	$(BIN)/mypy
 
 bench: install
-	$(BIN)/python benchmarks/run_overhead.py
+	cd benchmarks && for b in run_overhead kv_followup weight_repack; do \
+		echo "== $$b"; ../$(BIN)/python $$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

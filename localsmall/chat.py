@@ -6,6 +6,8 @@ either a `Reply` to stream or a `CommandResult` to show.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shlex
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from localsmall.conversation import (
     save_conversation,
 )
 from localsmall.engine.model import Engine, Generation
+from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
 from localsmall.errors import ContextFullError, UsageError
 from localsmall.images import PreparedImage, prepare_image
@@ -56,6 +59,20 @@ class SessionStats:
     total_generated: int
     dropped_turns: int
     model: str
+
+
+@dataclass(frozen=True)
+class SavedChat:
+    path: Path
+    messages: int
+    state_tokens: int          # positions of KV cache saved beside the chat (0: none)
+
+
+@dataclass(frozen=True)
+class LoadedChat:
+    conversation: Conversation
+    state_tokens: int          # positions restored into the KV cache (0: none)
+    state_ignored: str         # why a saved KV cache was not used ("" when it was)
 
 
 @dataclass
@@ -132,6 +149,8 @@ class ChatSession:
         self.model_label = model_label or engine.info.description
         self.on_progress: ProgressCallback | None = None
         self.restored_input = ""       # a message taken back after an interrupted start
+        self._token_memo = functools.lru_cache(maxsize=4096)(
+            lambda text, special: tuple(engine.tokenize(text, special=special)))
 
     # --- input ---------------------------------------------------------------------------
 
@@ -161,14 +180,19 @@ class ChatSession:
         images: list[PreparedImage] = []
 
         def take(match: re.Match[str]) -> str:
-            raw = match.group("sq") or match.group("dq") or match.group("bare") or ""
+            raw = match.group("sq") or match.group("dq") or ""
+            trailing = ""
+            if match.group("bare"):
+                # Punctuation after a bare path belongs to the sentence: "see ~/a.png?"
+                raw = match.group("bare").rstrip(".,;:!?)]}>")
+                trailing = match.group("bare")[len(raw):]
             candidate = raw.replace("\\ ", " ").removeprefix("file://")
             if not candidate.lower().endswith(IMAGE_SUFFIXES):
                 return match.group(0)
             if "/" not in candidate and not candidate.startswith("~"):
                 return match.group(0)
             images.append(prepare_image(candidate))
-            return ""
+            return trailing
 
         cleaned = _DROPPED_PATH.sub(take, text)
         return (re.sub(r"[ \t]{2,}", " ", cleaned).strip() if images else text), images
@@ -202,9 +226,13 @@ class ChatSession:
         head = [Message.system(self.conversation.system)] if self.conversation.system else []
         return head + self.conversation.messages[self.window_start:]
 
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        # Each turn re-renders the whole conversation; remembering the tokens of the
+        # messages already seen keeps a follow-up's overhead independent of history.
+        return list(self._token_memo(text, special))
+
     def _prompt(self) -> list[PromptPiece]:
-        return build_prompt(self.template, self._messages_for_model(),
-                            tokenize=lambda t, s: self.engine.tokenize(t, special=s),
+        return build_prompt(self.template, self._messages_for_model(), tokenize=self._tokenize,
                             bos=self.engine.bos_token, eos=self.engine.eos_token)
 
     def reply_reserve(self) -> int:
@@ -214,28 +242,41 @@ class ChatSession:
 
     def _fit_context(self) -> tuple[list[PromptPiece], list[str]]:
         """The prompt, after dropping the oldest turns (never the system prompt or the
-        newest message) until it fits with room for the reply."""
+        newest message) until it fits with room for the reply.
+
+        Dropping turns changes the prompt right after the system prompt, so everything
+        after it must be read again (shifting the cached keys instead would be faster
+        but would not give the answers a fresh read gives). To make that rare, a trim
+        frees a quarter of the context more than it strictly needs."""
         budget = self.engine.n_ctx - self.reply_reserve()
+        original_start = self.window_start
+        prompt = self._prompt()
+        needed = self.engine.count_tokens(prompt)
+        if needed <= budget:
+            return prompt, []
+        target = budget - self.engine.n_ctx // 4
         dropped = 0
-        while True:
-            prompt = self._prompt()
-            needed = self.engine.count_tokens(prompt)
-            if needed <= budget:
-                break
+        while needed > target:
             turns = [(s, e) for s, e in self.conversation.turns() if s >= self.window_start]
             if len(turns) <= 1:
+                if needed <= budget:
+                    break
+                self.window_start = original_start
                 raise ContextFullError(
                     f"this message needs {needed} tokens but only {budget} fit in the "
                     f"context ({self.engine.n_ctx}, with {self.reply_reserve()} kept for the "
                     "reply); shorten it, send fewer images, or restart with a larger --ctx")
             self.window_start = turns[1][0]
             dropped += 1
-        notices = []
-        if dropped:
-            self.dropped_turns += dropped
-            notices.append(f"Context full: dropped the {dropped} oldest "
-                           f"turn{'s' if dropped > 1 else ''} (the system prompt stays).")
-        return prompt, notices
+            prompt = self._prompt()
+            needed = self.engine.count_tokens(prompt)
+        self.dropped_turns += dropped
+        reread = self.engine.reuse_estimate(prompt)[1]
+        images = any(m.images for m in self.conversation.messages[self.window_start:])
+        notice = (f"Context full: dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}"
+                  f" (the system prompt stays); re-reading the remaining {reread:,} tokens")
+        notice += " (images are not encoded again)." if images else "."
+        return prompt, [notice]
 
     def _start_reply(self, abandon: Callable[[], None]) -> Reply:
         prompt, notices = self._fit_context()
@@ -279,6 +320,7 @@ class ChatSession:
         removed = messages[start]
         del messages[start:]
         self.window_start = min(self.window_start, len(messages))
+        self.engine.rollback(self._prompt())  # drop the undone tail from the KV cache
         return removed
 
     def clear(self) -> None:
@@ -290,11 +332,28 @@ class ChatSession:
 
     def set_system(self, text: str) -> None:
         self.conversation.system = text
+        self.engine.rollback(self._prompt())
 
-    def save(self, path: Path, *, embed_images: bool = False) -> Path:
-        return save_conversation(self.conversation, path, embed_images=embed_images)
+    def save(self, path: Path, *, embed_images: bool = False) -> SavedChat:
+        """Save the conversation, and the KV cache beside it so /load needs no re-read."""
+        path = Path(path).expanduser()
+        final_state = state_path_for(path)
+        new_state = final_state.with_name(f".{final_state.name}.new")
+        state = self.engine.save_state(new_state) if self.engine.cached_positions else None
+        snapshot = replace(self.conversation, kv_state=state.to_json() if state else None)
+        try:
+            save_conversation(snapshot, path, embed_images=embed_images)
+            if state is not None:
+                os.replace(new_state, final_state)
+            else:
+                final_state.unlink(missing_ok=True)
+        finally:
+            new_state.unlink(missing_ok=True)  # a failed save leaves the old files as they were
+        return SavedChat(path, len(snapshot.messages), state.n_pos if state else 0)
 
-    def load(self, path: Path) -> Conversation:
+    def load(self, path: Path) -> LoadedChat:
+        """Load a saved chat; restore its KV cache when it matches this model exactly."""
+        path = Path(path).expanduser()
         conversation = load_conversation(path)
         # Generated token ids are kept only when they still spell the saved text.
         messages = [m if m.token_ids is None or self.engine.detokenize(m.token_ids) == m.text
@@ -302,7 +361,12 @@ class ChatSession:
         self.conversation = Conversation(system=conversation.system, messages=messages)
         self.window_start = 0
         self.pending_images.clear()
-        return self.conversation
+        meta = StateMeta.from_json(conversation.kv_state)
+        if meta is None:
+            return LoadedChat(self.conversation, 0, "it was saved without one"
+                              if conversation.kv_state is None else "its description is damaged")
+        reason = self.engine.load_state(state_path_for(path), meta)
+        return LoadedChat(self.conversation, 0 if reason else meta.n_pos, reason or "")
 
     def stats(self) -> SessionStats:
         return SessionStats(
@@ -372,10 +436,12 @@ def _cmd_save(session: ChatSession, args: str) -> CommandResult:
     paths = [w for w in words if w != "--embed"]
     if len(paths) != 1:
         raise UsageError("usage: /save [--embed] FILE")
-    path = session.save(Path(paths[0]), embed_images=embed)
+    saved = session.save(Path(paths[0]), embed_images=embed)
     how = "embedded" if embed else "by reference"
-    return CommandResult("info", f"Saved {len(session.conversation.messages)} messages to "
-                                 f"{path} (images {how}).")
+    state = (f"; KV cache of {saved.state_tokens:,} tokens beside it, so /load continues "
+             "at once" if saved.state_tokens else "")
+    return CommandResult("info", f"Saved {saved.messages} messages to {saved.path} "
+                                 f"(images {how}){state}.")
 
 
 def _cmd_load(session: ChatSession, args: str) -> CommandResult:
@@ -385,9 +451,14 @@ def _cmd_load(session: ChatSession, args: str) -> CommandResult:
         raise UsageError(f"/load: {exc}") from None
     if len(words) != 1:
         raise UsageError("usage: /load FILE")
-    conversation = session.load(Path(words[0]))
-    return CommandResult("reply", f"Loaded {len(conversation.messages)} messages from {words[0]}.",
-                         data=conversation)
+    loaded = session.load(Path(words[0]))
+    message = f"Loaded {len(loaded.conversation.messages)} messages from {words[0]}"
+    if loaded.state_tokens:
+        message += (f"; its KV cache is restored ({loaded.state_tokens:,} tokens), nothing to "
+                    "read again.")
+    else:
+        message += f"; no saved KV cache used ({loaded.state_ignored}): it will be read again."
+    return CommandResult("reply", message, data=loaded.conversation)
 
 
 def _cmd_stats(session: ChatSession, args: str) -> CommandResult:

@@ -65,6 +65,7 @@ class Conversation:
 
     system: str
     messages: list[Message] = field(default_factory=list)
+    kv_state: dict[str, Any] | None = None  # description of a saved KV cache, if any
 
     def with_system(self) -> list[Message]:
         """Messages as the model sees them: the system prompt first."""
@@ -103,8 +104,11 @@ def to_json(conversation: Conversation, *, embed_images: bool = False) -> dict[s
         if m.interrupted:
             entry["interrupted"] = True
         messages.append(entry)
-    return {"format": FILE_FORMAT, "version": FILE_VERSION,
+    data = {"format": FILE_FORMAT, "version": FILE_VERSION,
             "system": conversation.system, "messages": messages}
+    if conversation.kv_state is not None:
+        data["kv_state"] = conversation.kv_state
+    return data
 
 
 def save_conversation(conversation: Conversation, path: Path, *,
@@ -157,7 +161,9 @@ def from_json(data: Any, where: str = "conversation") -> Conversation:
             messages.append(Message(role, tuple(parts),
                                     tuple(int(t) for t in ids) if ids is not None else None,
                                     bool(entry.get("interrupted", False))))
-        return Conversation(system=str(data.get("system", "")), messages=messages)
+        kv_state = data.get("kv_state")
+        return Conversation(system=str(data.get("system", "")), messages=messages,
+                            kv_state=kv_state if isinstance(kv_state, dict) else None)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConversationFileError(f"{where} is damaged ({exc!r})") from None
 

@@ -80,9 +80,9 @@ def resolve_build(catalog: Catalog, *, ref: str | None = None, quant: str | None
                 notice = ("The vision projector is not downloaded, so images are disabled; "
                           f"run `localsmall pull {model.id}` to get it.")
         return LocalBuild(path, mmproj, model, candidate, f"{model.name} {candidate}", notice)
-    what = f"{model.name} {wanted}" if wanted else f"No build of {model.name}"
     target = f"{model.id}:{wanted}" if wanted else model.id
-    raise ModelNotFoundError(f"{what} is not downloaded yet; run `localsmall pull {target}`")
+    what = f"{model.name} {wanted} is not" if wanted else f"No build of {model.name} is"
+    raise ModelNotFoundError(f"{what} downloaded yet; run `localsmall pull {target}`")
 
 
 def _local_candidates(model: Model, wanted: str | None

@@ -93,8 +93,8 @@ def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
                       hardware=hardware)
 
 
-def load(build: LocalBuild, options: RunOptions,
-         on_progress: ProgressCallback | None = None) -> Engine:
+def load_engine(build: LocalBuild, options: RunOptions,
+                on_progress: ProgressCallback | None = None) -> Engine:
     """Load a prepared build. The caller closes the engine."""
     from localsmall.engine.model import Engine  # loads llama.cpp: only when needed
 
@@ -106,7 +106,7 @@ def open_engine(options: RunOptions, on_progress: ProgressCallback | None = None
                 ) -> tuple[Engine, LocalBuild]:
     """Plan, pull if accepted, and load. The caller closes the engine."""
     build = prepare(options, offer_pull=offer_pull, on_download=on_download)
-    return load(build, options, on_progress), build
+    return load_engine(build, options, on_progress), build
 
 
 def sampling_for(build: LocalBuild, overrides: SamplingOptions) -> SamplingSettings:

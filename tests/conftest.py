@@ -27,6 +27,12 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("LOCALSMALL_DEBUG", raising=False)
+    # huggingface_hub reads these variables once, at import: mirror them.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HOME", str(home / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return home
 
 

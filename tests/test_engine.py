@@ -80,3 +80,30 @@ def test_missing_and_corrupt_model_files(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(ModelLoadError, match="could not load"):
         Engine(EngineSettings(model_path=bad))
+
+
+def test_prompt_progress_moves_inside_batches(engine: Engine) -> None:
+    engine.reset()
+    seen: list[tuple[str, int, int]] = []
+    prompt = _prompt(engine, "word " * 700)  # two batches of up to 512 tokens
+    engine.generate(prompt, GREEDY, on_progress=lambda p: seen.append(
+        (p.stage, p.done, p.total))).run()
+    done = [d for stage, d, _ in seen if stage == "prompt"]
+    total = seen[-1][2]
+    assert done == sorted(done) and done[-1] == total == len(prompt[0].ids)
+    # More updates than batches: the bar moves while llama.cpp computes a batch.
+    assert len(set(done)) > 4
+    assert any(0 < d < 512 for d in done)
+
+
+def test_image_encoding_reports_per_layer_progress(engine: Engine) -> None:
+    engine.reset()
+    assert engine.projector is not None
+    engine.projector.forget()
+    image = prepare_image_bytes(image_bytes(224, 168, seed=11), "p.png")
+    seen: list = []
+    head = TokenRun(tuple(engine.tokenize("<s>[INST]", special=True)))
+    tail = TokenRun(tuple(engine.tokenize("Hi[/INST]", special=True)))
+    engine.generate([head, ImageSlot(image), tail], GREEDY, on_progress=seen.append).run()
+    layers = [(p.done, p.total) for p in seen if p.stage == "image"]
+    assert layers[0] == (1, 2) and layers[-1] == (2, 2)  # the tiny tower has 2 layers

@@ -26,7 +26,7 @@ from localsmall.convert.gguf_files import (
     mmproj_writer,
     text_writer,
 )
-from localsmall.convert.tekken import TekkenVocab, read_tekken, to_gguf_vocab
+from localsmall.convert.tekken import GgufVocab, TekkenVocab, read_tekken, to_gguf_vocab
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "localsmall" / "templates"
 
@@ -76,6 +76,11 @@ def tiny_vocab() -> TekkenVocab:
         special[rank] = name
     return TekkenVocab(special=tuple(special), ranks=vocab.ranks, pattern=vocab.pattern,
                        version="v11")
+
+
+@cache
+def tiny_gguf_vocab() -> GgufVocab:
+    return to_gguf_vocab(tiny_vocab())
 
 
 def builtin_template() -> str:
@@ -156,7 +161,7 @@ def write_text_model(path: Path, *, hp: TextHParams = TINY_TEXT, seed: int = 0,
                      chat_template: str | None = None, dtype: str = "f16",
                      tensors: dict[str, np.ndarray] | None = None) -> Path:
     """Write a tiny text GGUF (f16 or f32 matrices, f32 norms)."""
-    vocab = to_gguf_vocab(tiny_vocab())
+    vocab = tiny_gguf_vocab()
     file_type = gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32
     writer = text_writer(str(path), hp, vocab, info=FileInfo(name="Tiny Mistral Small 3.2"),
                          chat_template=chat_template, file_type=file_type)

@@ -76,7 +76,7 @@ def chat(
     """Chat with Mistral Small 3.2 about text and images."""
     from localsmall import paths
     from localsmall.chat import ChatSession
-    from localsmall.runtime import load, prepare, sampling_for, system_prompt_for
+    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
     from localsmall.ui.chat_screen import run_chat
     from localsmall.ui.progress import DownloadProgress, WorkProgress
     from localsmall.ui.prompts import pull_offer_handler
@@ -89,7 +89,7 @@ def chat(
     with DownloadProgress() as download:
         build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
     with WorkProgress() as progress:
-        engine = load(build, options, on_progress=progress)
+        engine = load_engine(build, options, on_progress=progress)
     with engine:
         session = ChatSession(engine, system_prompt=system_prompt_for(build, system,
                                                                       disabled=no_system),

@@ -76,8 +76,8 @@ def run(
 ) -> None:
     """Answer one prompt (with optional images) and exit."""
     from localsmall.chat import ChatSession
-    from localsmall.runtime import load, prepare, sampling_for, system_prompt_for
-    from localsmall.ui.console import notice, stdout_write
+    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
+    from localsmall.ui.console import stdout_write
     from localsmall.ui.progress import DownloadProgress, WorkProgress
     from localsmall.ui.prompts import pull_offer_handler
 
@@ -88,17 +88,19 @@ def run(
     if not text.strip() and not images:
         raise UsageError("the prompt is empty")
     options = run_options(model=model, model_path=model_path, mmproj=mmproj, quant=quant,
-                          no_vision=no_vision, ctx=ctx, gpu_layers=gpu_layers, threads=threads,
+                          # The projector is loaded only when there are images to read.
+                          no_vision=no_vision or not images, ctx=ctx, gpu_layers=gpu_layers,
+                          threads=threads,
                           kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose)
     overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  max_tokens=max_tokens)
     with DownloadProgress() as download:
         build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
+    if images and build.mmproj_path is None:
+        raise UsageError(f"--image needs a vision projector. {build.notice}")
     with WorkProgress() as progress:
-        engine = load(build, options, on_progress=progress)
+        engine = load_engine(build, options, on_progress=progress)
     with engine:
-        if build.notice:
-            notice(build.notice)
         session = ChatSession(engine, system_prompt=system_prompt_for(build, system,
                                                                       disabled=no_system),
                               sampling=sampling_for(build, overrides), model_label=build.label)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import os
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 from localsmall.engine import native
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
 from localsmall.engine.devices import cpu_has_amx_repack
+from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
 from localsmall.engine.types import (
     KV_TYPES,
     EngineSettings,
@@ -52,6 +54,19 @@ class ImageSpan:
 CacheItem = int | ImageSpan  # a text token id, or an image
 
 
+def _items_from_json(raw: list[Any]) -> list[CacheItem] | None:
+    items: list[CacheItem] = []
+    for entry in raw:
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            items.append(entry)
+        elif isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(
+                entry.get("n_pos"), int):
+            items.append(ImageSpan(entry["image"], entry["n_pos"]))
+        else:
+            return None
+    return items
+
+
 def default_threads() -> int:
     """Physical cores available to this process (llama.cpp gains nothing from SMT)."""
     try:
@@ -67,6 +82,38 @@ def default_threads() -> int:
     except OSError:
         pass
     return max(1, available)
+
+
+class _ReadProgress:
+    """Progress of reading a prompt. Whole batches are counted as they finish; inside a
+    batch (a minute or more for the 24B model on a laptop CPU), the share of the compute
+    graph's nodes done so far, counted through llama.cpp's abort callback, moves the bar."""
+
+    def __init__(self, todo: int, on_progress: ProgressCallback | None, graph_nodes: int) -> None:
+        self.todo = todo
+        self.done = 0
+        self._report = on_progress
+        self._graph_nodes = graph_nodes
+        self._batch = 0
+        self._nodes = 0
+
+    def begin_batch(self, n_tokens: int) -> None:
+        self._batch, self._nodes = n_tokens, 0
+
+    def node(self) -> None:
+        self._nodes += 1
+        if self._report is not None and self._graph_nodes and self._nodes % 8 == 0:
+            share = min(self._nodes / self._graph_nodes, 0.99)
+            self._emit(self.done + int(self._batch * share))
+
+    def end_batch(self, n_tokens: int) -> int:
+        self.done += n_tokens
+        self._emit(self.done)
+        return 0
+
+    def _emit(self, done: int) -> None:
+        if self._report is not None:
+            self._report(Progress("prompt", done, self.todo, "reading prompt"))
 
 
 class Engine:
@@ -92,7 +139,9 @@ class Engine:
             self.model = self._load_model(on_progress)
             self.vocab = self._llama.llama_model_get_vocab(self.model)
             try:
+                native.take_graph_nodes()
                 self.ctx = self._new_context()
+                self._graph_nodes = native.take_graph_nodes()
                 if settings.mmproj_path is not None:
                     self.projector = Projector(
                         Path(settings.mmproj_path), self.model,
@@ -106,6 +155,7 @@ class Engine:
         self._cache: list[CacheItem] = []
         self._n_past = 0
         self._interrupted = False
+        self._reading: _ReadProgress | None = None
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
         self._batch = self._llama.llama_batch_init(max(settings.n_batch, 1), 0, 1)
         self.info = self._model_info()
@@ -117,6 +167,8 @@ class Engine:
         params = llama.llama_model_default_params()
         params.n_gpu_layers = self.settings.n_gpu_layers
         placement = os.environ.get("LOCALSMALL_WEIGHT_REPACK", "auto").lower()
+        if placement not in ("auto", "on", "off"):
+            raise EngineError("LOCALSMALL_WEIGHT_REPACK must be auto, on or off")
         if placement == "off" or (placement == "auto" and cpu_has_amx_repack()):
             # Quantized weights in llama.cpp's AMX buffer crash on batched decode
             # (llama.cpp #20824): keep weights in plain CPU buffers on such CPUs.
@@ -274,7 +326,10 @@ class Engine:
     # --- evaluation ----------------------------------------------------------------------
 
     def _should_abort(self, user_data: Any) -> bool:
+        # Called by llama.cpp's CPU backend after each graph node while a prompt is read.
         try:
+            if self._reading is not None:
+                self._reading.node()
             return self._interrupted
         except KeyboardInterrupt:
             self._interrupted = True
@@ -294,6 +349,25 @@ class Engine:
         """Empty the KV cache."""
         self._truncate_cache(0)
 
+    def reuse_estimate(self, prompt: Sequence[PromptPiece]) -> tuple[int, int]:
+        """(positions reused from the cache, positions to evaluate) if `prompt` ran now."""
+        items = self.layout(prompt)
+        keep = self._reusable_prefix(items)
+        reused = self.positions(items[:keep])
+        return reused, self.positions(items) - reused
+
+    def rollback(self, prompt: Sequence[PromptPiece]) -> None:
+        """Drop the cached tail that `prompt` does not share (after /undo, for example),
+        keeping the common prefix for the next turn."""
+        items = self.layout(prompt)
+        keep = 0
+        for cached, wanted in zip(self._cache, items, strict=False):
+            if cached != wanted:
+                break
+            keep += 1
+        if keep < len(self._cache):
+            self._truncate_cache(keep)
+
     def _reusable_prefix(self, items: Sequence[CacheItem]) -> int:
         n = 0
         for cached, wanted in zip(self._cache, items, strict=False):
@@ -307,11 +381,13 @@ class Engine:
         return max(n, 0)
 
     def _decode_tokens(self, tokens: Sequence[int], logits_last: bool,
-                       on_batch: Any) -> None:
+                       reading: _ReadProgress | None = None) -> None:
         llama, batch = self._llama, self._batch
         n_batch = self.settings.n_batch
         for start in range(0, len(tokens), n_batch):
             part = tokens[start:start + n_batch]
+            if reading is not None:
+                reading.begin_batch(len(part))
             batch.n_tokens = len(part)
             for i, token in enumerate(part):
                 batch.token[i] = token
@@ -328,7 +404,8 @@ class Engine:
                 raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")
             self._cache.extend(part)
             self._n_past += len(part)
-            on_batch(len(part))
+            if reading is not None:
+                reading.end_batch(len(part))
 
     def _evaluate(self, items: Sequence[CacheItem], prompt: Sequence[PromptPiece],
                   on_progress: ProgressCallback | None) -> TurnStats:
@@ -341,50 +418,61 @@ class Engine:
         self._truncate_cache(keep)
         stats = TurnStats(prompt_tokens=total, reused_tokens=self._n_past)
         images = {p.image.key: p.image for p in prompt if isinstance(p, ImageSlot)}
-        todo = total - self._n_past
-        done = 0
+        reading = _ReadProgress(total - self._n_past, on_progress, self._graph_nodes)
         start = time.perf_counter()
-        encode_s = 0.0
-        encoded_count = 0
-
-        def advance(n: int) -> int:
-            nonlocal done
-            done += n
-            if on_progress is not None:
-                on_progress(Progress("prompt", done, todo, "reading prompt"))
-            return 0
-
+        encode_s, encoded_count = 0.0, 0
         self._interrupted = False
+        self._reading = reading
         self._llama.llama_set_abort_callback(self.ctx, self._abort_cb, None)
         try:
             rest = list(items[keep:])
             i = 0
             while i < len(rest):
-                item = rest[i]
-                if isinstance(item, int):
+                if isinstance(rest[i], int):
                     j = i
                     while j < len(rest) and isinstance(rest[j], int):
                         j += 1
                     run = [t for t in rest[i:j] if isinstance(t, int)]
-                    self._decode_tokens(run, logits_last=j == len(rest), on_batch=advance)
+                    self._decode_tokens(run, logits_last=j == len(rest), reading=reading)
                     i = j
                     continue
-                assert self.projector is not None
-                image = images[item.key]
-                fresh = not self.projector.is_encoded(item.key)
-                t0 = time.perf_counter()
-                encoded = self.projector.encode(image, self._image_progress(on_progress, image))
-                if fresh:
-                    encode_s += time.perf_counter() - t0
+                span = rest[i]
+                assert isinstance(span, ImageSpan)
+                seconds = self._read_image(images[span.key], span, reading, on_progress)
+                if seconds is not None:
+                    encode_s += seconds
                     encoded_count += 1
-                self._n_past = self.projector.decode(self.ctx, encoded, self._n_past,
-                                                     self.settings.n_batch, advance)
-                self._cache.append(item)
                 i += 1
         finally:
+            self._reading = None
             self._llama.llama_set_abort_callback(self.ctx, self._abort_cb.__class__(), None)
-        return replace(stats, evaluated_tokens=todo, images_encoded=encoded_count,
+        return replace(stats, evaluated_tokens=reading.todo, images_encoded=encoded_count,
                        image_encode_s=encode_s, prompt_eval_s=time.perf_counter() - start)
+
+    def _read_image(self, image: Any, span: ImageSpan, reading: _ReadProgress,
+                    on_progress: ProgressCallback | None) -> float | None:
+        """Encode (unless its embeddings are cached) and decode one image; returns the
+        seconds spent encoding, or None when the cached embeddings were used."""
+        assert self.projector is not None
+        fresh = not self.projector.is_encoded(span.key)
+        t0 = time.perf_counter()
+        encoded = self.projector.encode(image, self._image_progress(on_progress, image))
+        encode_s = time.perf_counter() - t0
+        n_batch = self.settings.n_batch
+        remaining = encoded.n_tokens
+
+        def after_batch(n_tokens: int) -> int:
+            nonlocal remaining
+            remaining -= n_tokens
+            reading.end_batch(n_tokens)
+            reading.begin_batch(min(n_batch, remaining))
+            return 0
+
+        reading.begin_batch(min(n_batch, remaining))
+        self._n_past = self.projector.decode(self.ctx, encoded, self._n_past, n_batch,
+                                             after_batch)
+        self._cache.append(span)
+        return encode_s if fresh else None
 
     @staticmethod
     def _image_progress(on_progress: ProgressCallback | None, image: Any) -> Any:
@@ -456,7 +544,7 @@ class Engine:
                 if self._n_past + 1 >= self.n_ctx:
                     stop = "context"
                     break
-                self._decode_tokens([token], logits_last=True, on_batch=lambda n: 0)
+                self._decode_tokens([token], logits_last=True)
         except (KeyboardInterrupt, GeneratorExit):
             stop = "interrupted"
             raise
@@ -470,6 +558,70 @@ class Engine:
                 time_to_first_token_s=(first_token_at or now) - turn_start,
                 generation_s=now - gen_start if result.token_ids else 0.0,
                 context_used=self._n_past, context_size=self.n_ctx)
+
+    # --- saved state ---------------------------------------------------------------------
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identity of everything a KV state depends on (model, projector, KV type,
+        llama.cpp build)."""
+        import llama_cpp
+
+        s = self.settings
+        return engine_fingerprint(Path(s.model_path), Path(s.mmproj_path) if s.mmproj_path
+                                  else None, s.kv_type, llama_cpp.__version__)
+
+    def save_state(self, path: Path) -> StateMeta:
+        """Write the KV cache to `path` (atomically) and describe it."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        empty = (self._llama.llama_token * 1)()
+        try:
+            written = self._llama.llama_state_seq_save_file(self.ctx, str(tmp).encode(), 0,
+                                                            empty, 0)
+            if written == 0:
+                raise EngineError(f"llama.cpp could not save the KV cache to {path}")
+            items = [i if isinstance(i, int) else {"image": i.key, "n_pos": i.n_pos}
+                     for i in self._cache]
+            checksum = state_checksum(tmp, items)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return StateMeta(fingerprint=self.fingerprint, items=items, checksum=checksum,
+                         n_pos=self._n_past)
+
+    def load_state(self, path: Path, meta: StateMeta) -> str | None:
+        """Restore a KV cache saved by `save_state`. Returns None when it was restored, or
+        the reason it was refused (the cache is then empty and the chat is re-read)."""
+        reason = self._check_state(Path(path), meta)
+        if reason is not None:
+            return reason
+        items = _items_from_json(meta.items)
+        if items is None or self.positions(items) != meta.n_pos:
+            return "its description is damaged"
+        self.reset()
+        tokens = (self._llama.llama_token * 1)()
+        count = ctypes.c_size_t(0)
+        read = self._llama.llama_state_seq_load_file(self.ctx, str(path).encode(), 0, tokens, 1,
+                                                     ctypes.byref(count))
+        mem = self._llama.llama_get_memory(self.ctx)
+        if read == 0 or self._llama.llama_memory_seq_pos_max(mem, 0) != meta.n_pos - 1:
+            self._llama.llama_memory_clear(mem, True)
+            return "llama.cpp could not read it"
+        self._cache = items
+        self._n_past = meta.n_pos
+        return None
+
+    def _check_state(self, path: Path, meta: StateMeta) -> str | None:
+        if meta.fingerprint != self.fingerprint:
+            return "it was saved with another model, projector, KV cache type or llama.cpp"
+        if not path.is_file():
+            return "the state file is missing"
+        if meta.n_pos >= self.n_ctx:
+            return f"it holds {meta.n_pos} tokens, more than this {self.n_ctx}-token context"
+        if state_checksum(path, meta.items) != meta.checksum:
+            return "the state file or its description is damaged"
+        return None
 
     # --- lifetime ------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 from collections import deque
 from collections.abc import Iterator
 from functools import cache
@@ -22,6 +23,7 @@ log = logging.getLogger("localsmall.llama")
 _verbose = False
 _log_callback: Any = None  # kept alive: llama.cpp holds a pointer to it
 _recent_errors: deque[str] = deque(maxlen=4)
+_graph_nodes = 0
 _captures: list[list[str]] = []  # open capture_log() blocks, innermost last
 _pending = ""                    # a log line llama.cpp has not finished yet
 GGML_LOG_LEVEL_ERROR = 4
@@ -63,6 +65,8 @@ def _install_log_callback(llama_cpp: ModuleType) -> None:
             return
         if level == GGML_LOG_LEVEL_ERROR:
             _recent_errors.append(text.decode(errors="replace").strip())
+        elif b"graph: nodes = " in text:
+            _note_graph_size(text)
         if _captures:
             _collect(text.decode(errors="replace"))
         if _verbose:
@@ -70,6 +74,21 @@ def _install_log_callback(llama_cpp: ModuleType) -> None:
 
     _log_callback = forward
     llama_cpp.llama_log_set(forward, None)
+
+
+def _note_graph_size(text: bytes) -> None:
+    global _graph_nodes
+    match = re.search(rb"graph: nodes = (\d+)", text)
+    if match:
+        _graph_nodes = max(_graph_nodes, int(match.group(1)))
+
+
+def take_graph_nodes() -> int:
+    """Nodes in the largest compute graph llama.cpp reserved since the last call (it logs
+    this when a context is created); 0 when unknown. Used for progress inside a batch."""
+    global _graph_nodes
+    nodes, _graph_nodes = _graph_nodes, 0
+    return nodes
 
 
 def _collect(text: str) -> None:

@@ -93,18 +93,19 @@ def _history(path: Path | None) -> Any:
 
 def status_line(stats: TurnStats) -> str:
     """One line about the last reply: speed, first-token time, context, cache reuse."""
-    used = stats.context_used
-    share = 100 * used / stats.context_size if stats.context_size else 0
-    parts = [f"{stats.generated_tokens} tokens", f"{stats.generation_tps:.1f} tok/s",
-             f"first token {stats.time_to_first_token_s:.2f}s",
-             f"context {used:,}/{stats.context_size:,} ({share:.0f}%)",
-             f"prompt: {stats.reused_tokens:,} reused, {stats.evaluated_tokens:,} read"]
+    share = 100 * stats.context_used / stats.context_size if stats.context_size else 0
+    prompt = f"prompt {stats.reused_tokens:,} cached + {stats.evaluated_tokens:,} new"
     if stats.evaluated_tokens and stats.prompt_eval_s > 0:
-        parts[-1] += f" at {stats.prompt_tps:.0f} tok/s"
+        prompt += f" ({stats.prompt_tps:.0f} tok/s)"
+    parts = [f"{stats.generated_tokens} tokens · {stats.generation_tps:.1f} tok/s",
+             f"first token {stats.time_to_first_token_s:.2f}s",
+             f"context {stats.context_used:,}/{stats.context_size:,} ({share:.0f}%)", prompt]
     if stats.images_encoded:
-        parts.append(f"{stats.images_encoded} image(s) encoded in {stats.image_encode_s:.1f}s")
+        count = stats.images_encoded
+        parts.append(f"{count} image{'s' if count > 1 else ''} encoded "
+                     f"({stats.image_encode_s:.1f}s)")
     if stats.stop_reason == "length":
-        parts.append("stopped at --max-tokens")
+        parts.append("hit --max-tokens")
     elif stats.stop_reason == "context":
         parts.append("stopped: context full")
     return " · ".join(parts)
@@ -115,7 +116,8 @@ def _stats_table(stats: SessionStats) -> Table:
     table.add_column(style="muted")
     table.add_column()
     table.add_row("model", stats.model)
-    table.add_row("turns", f"{stats.turns} ({stats.messages} messages, {stats.images} images)")
+    images = f"{stats.images} image{'' if stats.images == 1 else 's'}"
+    table.add_row("turns", f"{stats.turns} ({stats.messages} messages, {images})")
     share = 100 * stats.context_used / stats.context_size if stats.context_size else 0
     table.add_row("context", f"{stats.context_used:,} / {stats.context_size:,} tokens "
                              f"({share:.0f}%)")
@@ -175,35 +177,37 @@ class ChatScreen:
     def run(self) -> None:
         """Loop until /exit, Ctrl-D or two Ctrl-C in a row."""
         interrupts = 0
-        while True:
+        while interrupts < 2:
             try:
-                default = self.session.restored_input
-                self.session.restored_input = ""
-                line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "),
-                                          default=default)
+                if self._turn():
+                    break
                 interrupts = 0
             except KeyboardInterrupt:
+                # At the prompt, or in the instant between two prompts.
                 interrupts += 1
-                if interrupts >= 2:
-                    break
-                muted("(Ctrl-C again or Ctrl-D to leave)")
-                continue
+                if interrupts < 2:
+                    muted("(Ctrl-C again or Ctrl-D to leave)")
             except EOFError:
                 break
-            try:
-                result = self.session.handle(line)
-            except LocalsmallError as exc:
-                error(str(exc))
-                continue
-            except KeyboardInterrupt:
-                muted("(interrupted)")
-                continue
-            if result is None:
-                continue
-            if isinstance(result, Reply):
-                self.stream(result)
-            elif self.show(result):
-                break
+
+    def _turn(self) -> bool:
+        """Read one input and act on it; True means leave."""
+        default, self.session.restored_input = self.session.restored_input, ""
+        line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "), default=default)
+        try:
+            result = self.session.handle(line)
+        except LocalsmallError as exc:
+            error(str(exc))
+            return False
+        except KeyboardInterrupt:
+            muted("(interrupted)")
+            return False
+        if result is None:
+            return False
+        if isinstance(result, Reply):
+            self.stream(result)
+            return False
+        return self.show(result)
 
     def stream(self, reply: Reply) -> None:
         """Show a reply as it arrives: progress while the prompt is read, then Markdown."""

@@ -1,0 +1,82 @@
+"""Saving and restoring the KV cache (llama.cpp's sequence state) beside a saved chat.
+
+A state file is only as good as its match with the model that reads it: it is tied to
+a fingerprint of the model and projector files, the KV cache type and the llama.cpp
+build, and to a checksum of its own bytes. Anything that does not match is refused
+with a reason, and the caller re-reads the conversation instead: a stale or damaged
+state must never produce a wrong answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATE_FORMAT = 1
+_SAMPLE = 1 << 20  # bytes hashed at each end of a model file for its fingerprint
+
+
+@dataclass(frozen=True)
+class StateMeta:
+    """What a saved KV state holds and what it was made with."""
+
+    fingerprint: str           # model + projector + KV type + llama.cpp build
+    items: list[Any]           # the cache layout: token ids and {"image", "n_pos"} spans
+    checksum: str              # blake2b of the state file
+    n_pos: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "fingerprint": self.fingerprint, "items": self.items,
+                "checksum": self.checksum, "n_pos": self.n_pos}
+
+    @classmethod
+    def from_json(cls, data: Any) -> StateMeta | None:
+        """None when the entry is missing or not understood."""
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            return None
+        try:
+            return cls(fingerprint=str(data["fingerprint"]), items=list(data["items"]),
+                       checksum=str(data["checksum"]), n_pos=int(data["n_pos"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def file_fingerprint(path: Path) -> str:
+    """A fast identity for a large file: its size and hashes of both ends. Distinguishes
+    different quants and builds without reading gigabytes."""
+    size = os.path.getsize(path)
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as f:
+        digest.update(f.read(_SAMPLE))
+        if size > 2 * _SAMPLE:
+            f.seek(size - _SAMPLE)
+            digest.update(f.read(_SAMPLE))
+    return digest.hexdigest()
+
+
+def state_checksum(path: Path, items: list[Any]) -> str:
+    """blake2b of a whole state file and of the layout that describes it, so a change to
+    either is detected."""
+    digest = hashlib.blake2b(json.dumps(items, separators=(",", ":")).encode(), digest_size=32)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def engine_fingerprint(model_path: Path, mmproj_path: Path | None, kv_type: str,
+                       llama_build: str) -> str:
+    """Everything the bytes of a KV state depend on."""
+    parts = [file_fingerprint(model_path),
+             file_fingerprint(mmproj_path) if mmproj_path else "no-projector",
+             kv_type, llama_build]
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def state_path_for(conversation_path: Path) -> Path:
+    """Where the KV state of a saved chat lives: beside it."""
+    return conversation_path.with_name(conversation_path.name + ".kvstate")

@@ -1,0 +1,130 @@
+"""Reading images: formats, orientation, colour, size, and every kind of bad file."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from localsmall.errors import ImageError
+from localsmall.images import MAX_IMAGE_TOKENS, fit_to_grid, prepare_image
+from tests.tinymodels import image_bytes
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_supported_formats(make_image, fmt: str) -> None:
+    image = prepare_image(make_image(f"a.{fmt.lower()}", 112, 84, fmt=fmt))
+    assert (image.width, image.height) == (112, 84)
+    assert len(image.rgb) == 112 * 84 * 3
+    assert image.grid == (4, 3) and image.n_tokens == 4 * 3 + 2
+
+
+def test_gif_uses_the_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (112, 84), colour) for colour in ("red", "blue")]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    image = prepare_image(path)
+    assert image.rgb[:3] == bytes((255, 0, 0))  # red, not the blue second frame
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    # A 168x56 landscape image tagged "rotate 90": viewers show it as 56x168 portrait.
+    base = Image.new("RGB", (168, 56), "white")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    base.save(path, "JPEG", exif=exif)
+    image = prepare_image(path)
+    assert (image.width, image.height) == (56, 168)
+
+
+def test_transparency_becomes_white(tmp_path: Path) -> None:
+    path = tmp_path / "clear.png"
+    Image.new("RGBA", (112, 84), (0, 0, 0, 0)).save(path)
+    assert set(prepare_image(path).rgb) == {255}
+
+
+def test_grayscale_is_converted_to_rgb(make_image) -> None:
+    image = prepare_image(make_image("g.png", 112, 84, mode="L"))
+    assert len(image.rgb) == 112 * 84 * 3
+
+
+def test_large_images_are_downscaled(make_image) -> None:
+    image = prepare_image(make_image("big.png", 3000, 1500))
+    assert max(image.width, image.height) <= 1540
+    assert image.width % 28 == 0 and image.height % 28 == 0
+    cols, rows = image.grid
+    assert cols * rows <= MAX_IMAGE_TOKENS
+    assert abs(image.width / image.height - 2.0) < 0.1  # aspect kept
+    assert image.original_size == (3000, 1500)
+
+
+def test_fit_to_grid_rules() -> None:
+    assert fit_to_grid(112, 84) == (112, 84)                 # already on the grid
+    assert fit_to_grid(100, 90) == (112, 84)                 # rounded to multiples of 28
+    w, h = fit_to_grid(20000, 100)
+    assert w <= 1540 and h >= 28                             # longest side capped
+    w, h = fit_to_grid(30, 30)
+    assert (w // 28) * (h // 28) >= 8                        # tiny images grow to 8 tokens
+    w, h = fit_to_grid(1540, 1540)
+    assert (w // 28) * (h // 28) <= MAX_IMAGE_TOKENS
+
+
+def test_same_pixels_same_key(make_image) -> None:
+    a = prepare_image(make_image("a.png", seed=3))
+    b = prepare_image(make_image("b.bmp", seed=3, fmt="BMP"))
+    c = prepare_image(make_image("c.png", seed=4))
+    assert a.key == b.key != c.key
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no such file"):
+        prepare_image(tmp_path / "nope.png")
+
+
+def test_directory(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="directory"):
+        prepare_image(tmp_path)
+
+
+def test_not_an_image(tmp_path: Path) -> None:
+    path = tmp_path / "notes.png"
+    path.write_text("this is text, not a picture")
+    with pytest.raises(ImageError, match="not an image"):
+        prepare_image(path)
+
+
+def test_truncated_image(tmp_path: Path) -> None:
+    data = image_bytes(400, 300, fmt="PNG")
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        prepare_image(path)
+
+
+def test_truncated_jpeg(tmp_path: Path) -> None:
+    data = image_bytes(400, 300, fmt="JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        prepare_image(path)
+
+
+def test_decompression_bomb(tmp_path: Path) -> None:
+    # A tiny PNG file whose header claims 20000 x 20000 pixels (400 megapixels).
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, "PNG")
+    path = tmp_path / "bomb.png"
+    path.write_bytes(buffer.getvalue())
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ImageError, match="too large"):
+        prepare_image(path)
+
+
+def test_unsupported_format(tmp_path: Path) -> None:
+    path = tmp_path / "scan.tiff"
+    Image.new("RGB", (112, 84)).save(path, "TIFF")
+    with pytest.raises(ImageError, match="TIFF images are not supported"):
+        prepare_image(path)
