@@ -3,6 +3,7 @@ once per test session (real llama.cpp, random weights, the real tekken vocabular
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ from tests.tinymodels import image_bytes
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory: pytest.TempPathFactory,
                   monkeypatch: pytest.MonkeyPatch) -> Path:
-    """User directories and the Hugging Face cache in a temporary folder, and the Hub
-    unreachable unless a test points HF_ENDPOINT at its own local server."""
+    """User directories and the Hugging Face cache in a temporary folder, the Hub
+    unreachable unless a test points HF_ENDPOINT at its own local server, and a fixed
+    simulated machine to plan for (LOCALSMALL_HARDWARE)."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("LOCALSMALL_HOME", str(home / "localsmall"))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
@@ -33,7 +35,17 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.setattr(constants, "HF_HOME", str(home / "hf"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hf" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    # Plans must not depend on the machine running the tests: a CPU-only 64 GB one.
+    machine = home / "machine.json"
+    machine.write_text(json.dumps(TEST_MACHINE))
+    monkeypatch.setenv("LOCALSMALL_HARDWARE", str(machine))
     return home
+
+
+GIB = 1024**3
+TEST_MACHINE = {"gpus": [], "gpu_offload": False, "ram_total": 64 * GIB,
+                "ram_available": 58 * GIB,
+                "cpu": {"model": "test CPU", "physical_cores": 8, "logical_cores": 16}}
 
 
 @dataclass(frozen=True)

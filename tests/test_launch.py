@@ -93,6 +93,7 @@ def test_list_and_rm_registered_and_partial_builds(tiny) -> None:
 
 
 def test_this_machine_and_snapshots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCALSMALL_HARDWARE")  # the real machine
     here = hardware.detect()
     assert here.ram_total >= here.ram_available > 0 and here.cpu.physical_cores >= 1
     assert here.gpu_offload is False and here.usable_gpus == ()  # this project's CPU build

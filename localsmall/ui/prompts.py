@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.prompt import Confirm
 
-from localsmall.errors import UsageError
+from localsmall.errors import ModelNotFoundError
 from localsmall.launch import OfferPull, PullOffer
 from localsmall.ui.console import err, muted, notice
 from localsmall.ui.units import gib
@@ -29,8 +29,9 @@ def pull_offer_handler(*, yes: bool) -> OfferPull:
             notice(f"Downloading {offer.ref} ({size}).")
             return True
         if not sys.stdin.isatty():
-            raise UsageError(f"{offer.ref} is not downloaded yet ({size}); run `localsmall "
-                             f"pull {offer.ref}` first, or pass --yes to download it now")
+            raise ModelNotFoundError(f"{offer.ref} is not downloaded yet ({size}); run "
+                                     f"`localsmall pull {offer.ref}` first, or pass --yes to "
+                                     "download it now")
         if offer.reason:
             muted(offer.reason)
         return confirm(f"{offer.ref} is not downloaded yet. Download it now ({size})?")
