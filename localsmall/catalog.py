@@ -45,6 +45,10 @@ class Architecture:
     vision_n_embd: int = 0
     vision_n_layers: int = 0
     vision_max_image_tokens: int = 1024
+    vision_n_ff: int = 0
+    vision_n_head: int = 0
+    vision_patch_size: int = 14
+    vision_merge: int = 2
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,16 @@ class RemoteFile:
 
 @dataclass(frozen=True)
 class Quant:
-    """A quantized text-model build (one GGUF file)."""
+    """A quantized text-model build (one GGUF file). `embd_type` and `output_type` are the
+    ggml types of its token embedding and output head (they sit outside the repeating
+    layers, so the planner sizes them apart); None when unknown."""
 
     quant: str
     remote: RemoteFile
     quality: int
     kld: float
+    embd_type: str | None = None
+    output_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,6 +217,16 @@ def _remote(fields: _Fields) -> RemoteFile:
     )
 
 
+def _ggml_type(fields: _Fields, key: str) -> str | None:
+    """An optional ggml tensor type name (Q4_K, Q6_K, F16, ...), checked against gguf's."""
+    import gguf  # numpy: only when the catalog is actually loaded
+
+    value = fields.get(key, str, None)
+    if value is not None and value.upper() not in gguf.GGMLQuantizationType.__members__:
+        raise CatalogError(f"models.toml: {fields.where}.{key} = {value!r} is not a ggml type")
+    return value.upper() if value is not None else None
+
+
 def _model(table: Any, index: int) -> Model:
     f = _Fields(table, f"models[{index}]")
     model_id = f.get("id", str)
@@ -220,6 +238,10 @@ def _model(table: Any, index: int) -> Model:
         vision_n_embd=arch.get("vision_n_embd", int, 0),
         vision_n_layers=arch.get("vision_n_layers", int, 0),
         vision_max_image_tokens=arch.get("vision_max_image_tokens", int, 1024),
+        vision_n_ff=arch.get("vision_n_ff", int, 0),
+        vision_n_head=arch.get("vision_n_head", int, 0),
+        vision_patch_size=arch.get("vision_patch_size", int, 14),
+        vision_merge=arch.get("vision_merge", int, 2),
     )
     samp = _Fields(f.get("sampling", dict, {}), f"{where}.sampling")
     sampling = Sampling(
@@ -234,7 +256,9 @@ def _model(table: Any, index: int) -> Model:
     for i, q in enumerate(f.get("quants", list)):
         qf = _Fields(q, f"{where}.quants[{i}]")
         quants.append(Quant(quant=qf.get("quant", str), remote=_remote(qf),
-                            quality=qf.get("quality", int), kld=qf.get("kld", float)))
+                            quality=qf.get("quality", int), kld=qf.get("kld", float),
+                            embd_type=_ggml_type(qf, "embd_type"),
+                            output_type=_ggml_type(qf, "output_type")))
     projectors = []
     for i, p in enumerate(f.get("projectors", list)):
         pf = _Fields(p, f"{where}.projectors[{i}]")

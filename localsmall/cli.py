@@ -13,6 +13,11 @@ from typer.core import TyperGroup
 from localsmall import __version__
 from localsmall.commands import chat as chat_cmd
 from localsmall.commands import convert as convert_cmd
+from localsmall.commands import doctor as doctor_cmd
+from localsmall.commands import list as list_cmd
+from localsmall.commands import plan as plan_cmd
+from localsmall.commands import pull as pull_cmd
+from localsmall.commands import rm as rm_cmd
 from localsmall.commands import run as run_cmd
 from localsmall.errors import LocalsmallError
 
@@ -78,7 +83,12 @@ def main_callback(
 
 app.command("chat")(chat_cmd.chat)
 app.command("run")(run_cmd.run)
+app.command("plan")(plan_cmd.plan)
+app.command("pull")(pull_cmd.pull)
+app.command("list")(list_cmd.list_builds)
+app.command("rm")(rm_cmd.rm)
 app.command("convert")(convert_cmd.convert)
+app.command("doctor")(doctor_cmd.doctor)
 
 
 def main() -> None:

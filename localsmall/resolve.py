@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from localsmall import hubcache
 from localsmall.catalog import Catalog, Model, RemoteFile, parse_model_ref
 from localsmall.errors import ModelNotFoundError, UsageError
 from localsmall.registry import list_registered
@@ -22,16 +23,18 @@ class LocalBuild:
     quant: str | None
     label: str
     notice: str = ""
+    n_ctx: int | None = None          # the plan's context (None: not planned)
+    n_gpu_layers: int | None = None   # the plan's GPU layers
 
 
 def cached_file(remote: RemoteFile) -> Path | None:
     """The file's path in the Hugging Face cache, or None. Never touches the network."""
-    from huggingface_hub import try_to_load_from_cache
+    return hubcache.cached_file(remote)
 
-    found = try_to_load_from_cache(repo_id=remote.repo, filename=remote.file)
-    if isinstance(found, str) and Path(found).is_file():
-        return Path(found)
-    return None
+
+def projector_file(model: Model) -> Path | None:
+    """A downloaded projector of the model (the preferred one first), or None."""
+    return _projector(model)
 
 
 def _projector(model: Model) -> Path | None:
@@ -105,3 +108,18 @@ def _local_candidates(model: Model, wanted: str | None
         path = cached_file(quant.remote)
         if path is not None:
             yield quant.quant, path, None
+
+
+def local_builds(model: Model) -> dict[str, tuple[str, Path, Path | None]]:
+    """Builds of the model on disk, by lower-case quant: (quant, file, registered
+    projector). Registered builds win over the Hugging Face cache."""
+    found: dict[str, tuple[str, Path, Path | None]] = {}
+    registered = {b.quant.lower(): b for b in list_registered() if b.model_id == model.id}
+    for key, entry in registered.items():
+        mmproj = Path(entry.mmproj_path) if entry.mmproj_path else None
+        found[key] = (entry.quant, Path(entry.model_path),
+                      mmproj if mmproj is not None and mmproj.is_file() else None)
+    for quant in model.quants:
+        if quant.quant.lower() not in found and (path := cached_file(quant.remote)):
+            found[quant.quant.lower()] = (quant.quant, path, None)
+    return found

@@ -15,6 +15,9 @@ from localsmall.resolve import LocalBuild, resolve_build
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
+    from localsmall.hardware import Hardware
+    from localsmall.hub import PullCallback
+    from localsmall.launch import OfferPull
 
 
 @dataclass(frozen=True)
@@ -57,36 +60,52 @@ def validate_run_options(options: RunOptions) -> None:
 
 
 def resolve(options: RunOptions, catalog: Catalog | None = None) -> LocalBuild:
-    """The files the options point at."""
+    """The files the options point at (no planning, no download)."""
     return resolve_build(catalog or load_catalog(), ref=options.ref, quant=options.quant,
                          model_path=options.model_path, mmproj_path=options.mmproj_path,
                          vision=options.vision)
 
 
 def engine_settings(build: LocalBuild, options: RunOptions) -> EngineSettings:
-    """llama.cpp settings for a build."""
+    """llama.cpp settings for a build: the user's flags, else the build's plan."""
     catalog_model = build.model or load_catalog().default
+    n_ctx = options.n_ctx or build.n_ctx or catalog_model.default_context
+    if options.n_gpu_layers is not None:
+        n_gpu_layers = options.n_gpu_layers
+    else:
+        n_gpu_layers = build.n_gpu_layers or 0
     return EngineSettings(
         model_path=build.model_path, mmproj_path=build.mmproj_path,
-        n_ctx=options.n_ctx or catalog_model.default_context,
-        n_batch=options.n_batch, n_threads=options.n_threads,
-        n_gpu_layers=options.n_gpu_layers if options.n_gpu_layers is not None else 0,
-        kv_type=options.kv_type, flash_attn=options.flash_attn, verbose=options.verbose)
+        n_ctx=n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
+        n_gpu_layers=n_gpu_layers, kv_type=options.kv_type, flash_attn=options.flash_attn,
+        verbose=options.verbose)
+
+
+def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
+            on_download: PullCallback | None = None,
+            hardware: Hardware | None = None) -> LocalBuild:
+    """The build to run with its planned context and GPU layers, pulling what is
+    missing when `offer_pull` accepts (see localsmall.launch)."""
+    from localsmall.launch import plan_build  # the planner: only when a run starts
+
+    validate_run_options(options)
+    return plan_build(options, offer_pull=offer_pull, on_download=on_download,
+                      hardware=hardware)
 
 
 def load_engine(build: LocalBuild, options: RunOptions,
                 on_progress: ProgressCallback | None = None) -> Engine:
-    """Load a resolved build. The caller closes the engine."""
+    """Load a prepared build. The caller closes the engine."""
     from localsmall.engine.model import Engine  # loads llama.cpp: only when needed
 
     return Engine(engine_settings(build, options), on_progress)
 
 
-def open_engine(options: RunOptions, on_progress: ProgressCallback | None = None
+def open_engine(options: RunOptions, on_progress: ProgressCallback | None = None, *,
+                offer_pull: OfferPull | None = None, on_download: PullCallback | None = None
                 ) -> tuple[Engine, LocalBuild]:
-    """Resolve and load. The caller closes the engine."""
-    validate_run_options(options)
-    build = resolve(options)
+    """Plan, pull if accepted, and load. The caller closes the engine."""
+    build = prepare(options, offer_pull=offer_pull, on_download=on_download)
     return load_engine(build, options, on_progress), build
 
 

@@ -3,6 +3,7 @@ once per test session (real llama.cpp, random weights, the real tekken vocabular
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ from tests.tinymodels import image_bytes
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path_factory: pytest.TempPathFactory,
                   monkeypatch: pytest.MonkeyPatch) -> Path:
-    """User directories and the Hugging Face cache in a temporary folder, and the Hub
-    unreachable unless a test points HF_ENDPOINT at its own local server."""
+    """User directories and the Hugging Face cache in a temporary folder, the Hub
+    unreachable unless a test points HF_ENDPOINT at its own local server, and a fixed
+    simulated machine to plan for (LOCALSMALL_HARDWARE)."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("LOCALSMALL_HOME", str(home / "localsmall"))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
@@ -33,7 +35,17 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.setattr(constants, "HF_HOME", str(home / "hf"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hf" / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    # Plans must not depend on the machine running the tests: a CPU-only 64 GB one.
+    machine = home / "machine.json"
+    machine.write_text(json.dumps(TEST_MACHINE))
+    monkeypatch.setenv("LOCALSMALL_HARDWARE", str(machine))
     return home
+
+
+GIB = 1024**3
+TEST_MACHINE = {"gpus": [], "gpu_offload": False, "ram_total": 64 * GIB,
+                "ram_available": 58 * GIB,
+                "cpu": {"model": "test CPU", "physical_cores": 8, "logical_cores": 16}}
 
 
 @dataclass(frozen=True)
@@ -85,3 +97,34 @@ def make_image(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@dataclass
+class LocalHub:
+    """A Hub on 127.0.0.1 that huggingface_hub and localsmall talk to in this test."""
+
+    url: str
+    state: object  # tests.hubserver.HubState
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalHub]:
+    """Serve the Hub protocol locally and point HF_ENDPOINT at it, online.
+    huggingface_hub reads HF_HUB_OFFLINE once at import, so its constant follows too."""
+    import huggingface_hub.constants as hf_constants
+
+    from tests.hubserver import running_hub
+
+    with running_hub() as (url, state):
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        yield LocalHub(url, state)
+
+
+def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE=1, for localsmall and for huggingface_hub."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)

@@ -24,6 +24,7 @@ from localsmall.commands.options import (
     TopKOpt,
     TopPOpt,
     VerboseOpt,
+    YesOpt,
     run_options,
     sampling_options,
 )
@@ -70,21 +71,25 @@ def chat(
     system: SystemOpt = None,
     no_system: NoSystemOpt = False,
     verbose: VerboseOpt = False,
+    yes: YesOpt = False,
 ) -> None:
     """Chat with Mistral Small 3.2 about text and images."""
     from localsmall import paths
     from localsmall.chat import ChatSession
-    from localsmall.runtime import open_engine, sampling_for, system_prompt_for
+    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
     from localsmall.ui.chat_screen import run_chat
-    from localsmall.ui.progress import WorkProgress
+    from localsmall.ui.progress import DownloadProgress, WorkProgress
+    from localsmall.ui.prompts import pull_offer_handler
 
     options = run_options(model=model, model_path=model_path, mmproj=mmproj, quant=quant,
                           no_vision=no_vision, ctx=ctx, gpu_layers=gpu_layers, threads=threads,
                           kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose)
     overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  max_tokens=max_tokens)
+    with DownloadProgress() as download:
+        build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
     with WorkProgress() as progress:
-        engine, build = open_engine(options, on_progress=progress)
+        engine = load_engine(build, options, on_progress=progress)
     with engine:
         session = ChatSession(engine, system_prompt=system_prompt_for(build, system,
                                                                       disabled=no_system),

@@ -76,3 +76,7 @@ def sampling_options(*, temperature: float | None, top_p: float | None, top_k: i
                      seed: int | None, max_tokens: int | None) -> SamplingOptions:
     return SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                            max_tokens=max_tokens)
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the result as JSON (for scripts).")]
+YesOpt = Annotated[bool, typer.Option(
+    "--yes", "-y", help="Download what is missing without asking (for scripts).")]

@@ -29,6 +29,7 @@ from localsmall.commands.options import (
     TopKOpt,
     TopPOpt,
     VerboseOpt,
+    YesOpt,
     run_options,
     sampling_options,
 )
@@ -71,18 +72,14 @@ def run(
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text and stats) instead of streaming.")] = False,
     verbose: VerboseOpt = False,
+    yes: YesOpt = False,
 ) -> None:
     """Answer one prompt (with optional images) and exit."""
     from localsmall.chat import ChatSession
-    from localsmall.runtime import (
-        load_engine,
-        resolve,
-        sampling_for,
-        system_prompt_for,
-        validate_run_options,
-    )
+    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
     from localsmall.ui.console import stdout_write
-    from localsmall.ui.progress import WorkProgress
+    from localsmall.ui.progress import DownloadProgress, WorkProgress
+    from localsmall.ui.prompts import pull_offer_handler
 
     images = image or []
     if images and no_vision:
@@ -97,8 +94,8 @@ def run(
                           kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose)
     overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  max_tokens=max_tokens)
-    validate_run_options(options)
-    build = resolve(options)
+    with DownloadProgress() as download:
+        build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
     if images and build.mmproj_path is None:
         raise UsageError(f"--image needs a vision projector. {build.notice}")
     with WorkProgress() as progress:

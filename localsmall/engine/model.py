@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from localsmall.engine import native
+from localsmall.engine.buffers import BufferReport, parse_buffer_lines
 from localsmall.engine.devices import cpu_has_amx_repack
 from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
 from localsmall.engine.types import (
@@ -133,23 +134,26 @@ class Engine:
         native.set_verbose(settings.verbose)
         self.n_threads = settings.n_threads or default_threads()
         self.repack_note = ""
-        self.model = self._load_model(on_progress)
-        self.vocab = self._llama.llama_model_get_vocab(self.model)
         self.ctx: Any = None
         self.projector: Projector | None = None
-        try:
-            native.take_graph_nodes()
-            self.ctx = self._new_context()
-            self._graph_nodes = native.take_graph_nodes()
-            if settings.mmproj_path is not None:
-                self.projector = Projector(
-                    Path(settings.mmproj_path), self.model,
-                    n_embd=self._llama.llama_model_n_embd_inp(self.model),
-                    n_threads=self.n_threads, use_gpu=settings.n_gpu_layers != 0,
-                    flash_attn_type=self._flash_attn_type())
-        except BaseException:
-            self.close()
-            raise
+        # llama.cpp reports every buffer it allocates in its log: keep those numbers.
+        with native.capture_log() as log_lines:
+            self.model = self._load_model(on_progress)
+            self.vocab = self._llama.llama_model_get_vocab(self.model)
+            try:
+                native.take_graph_nodes()
+                self.ctx = self._new_context()
+                self._graph_nodes = native.take_graph_nodes()
+                if settings.mmproj_path is not None:
+                    self.projector = Projector(
+                        Path(settings.mmproj_path), self.model,
+                        n_embd=self._llama.llama_model_n_embd_inp(self.model),
+                        n_threads=self.n_threads, use_gpu=settings.n_gpu_layers != 0,
+                        flash_attn_type=self._flash_attn_type())
+            except BaseException:
+                self.close()
+                raise
+        self.buffers: tuple[BufferReport, ...] = parse_buffer_lines(log_lines)
         self._cache: list[CacheItem] = []
         self._n_past = 0
         self._interrupted = False

@@ -7,11 +7,13 @@ process-wide llama.cpp settings: backend initialisation and where its logs go.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import re
 from collections import deque
+from collections.abc import Iterator
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -22,6 +24,8 @@ _verbose = False
 _log_callback: Any = None  # kept alive: llama.cpp holds a pointer to it
 _recent_errors: deque[str] = deque(maxlen=4)
 _graph_nodes = 0
+_captures: list[list[str]] = []  # open capture_log() blocks, innermost last
+_pending = ""                    # a log line llama.cpp has not finished yet
 GGML_LOG_LEVEL_ERROR = 4
 
 
@@ -63,6 +67,8 @@ def _install_log_callback(llama_cpp: ModuleType) -> None:
             _recent_errors.append(text.decode(errors="replace").strip())
         elif b"graph: nodes = " in text:
             _note_graph_size(text)
+        if _captures:
+            _collect(text.decode(errors="replace"))
         if _verbose:
             os.write(2, text)
 
@@ -83,6 +89,32 @@ def take_graph_nodes() -> int:
     global _graph_nodes
     nodes, _graph_nodes = _graph_nodes, 0
     return nodes
+
+
+def _collect(text: str) -> None:
+    """Split llama.cpp's log text into whole lines: it may send a line in pieces."""
+    global _pending
+    *lines, _pending = (_pending + text).split("\n")
+    for capture in _captures:
+        capture.extend(lines)
+
+
+@contextlib.contextmanager
+def capture_log() -> Iterator[list[str]]:
+    """Collect every log line llama.cpp and mtmd write while the block runs (all levels,
+    whether or not --verbose shows them). The list fills as the block runs."""
+    global _pending
+    llama()  # the log callback must be installed before anything is captured
+    lines: list[str] = []
+    _captures.append(lines)
+    try:
+        yield lines
+    finally:
+        if _pending:
+            lines.append(_pending)
+            _pending = ""
+        # By identity: nested captures hold equal lists.
+        _captures[:] = [c for c in _captures if c is not lines]
 
 
 def last_error_suffix() -> str:

@@ -1,10 +1,12 @@
-"""Progress bars for long work: loading a model, encoding an image, reading a prompt."""
+"""Progress bars for long work: loading a model, encoding an image, reading a prompt,
+downloading a build."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
@@ -12,9 +14,11 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 from localsmall.engine.types import Progress as EngineProgress
+from localsmall.hub import PullProgress
 from localsmall.ui.console import err
 
 
@@ -60,6 +64,49 @@ class WorkProgress:
             self._tasks.clear()
 
     def __enter__(self) -> WorkProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class DownloadProgress:
+    """A callable that renders pull progress (bytes, speed, ETA) as bars on stderr."""
+
+    def __init__(self, console: Console | None = None, *, enabled: bool | None = None) -> None:
+        self.console = console or err()
+        self.enabled = self.console.is_terminal if enabled is None else enabled
+        self._progress: Progress | None = None
+        self._tasks: dict[tuple[str, str], TaskID] = {}
+
+    def _ensure(self) -> Progress:
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=self.console)
+            self._progress.start()
+        return self._progress
+
+    def __call__(self, event: PullProgress) -> None:
+        if not self.enabled or event.total <= 0:
+            return
+        progress = self._ensure()
+        key = (event.stage, event.file)
+        if key not in self._tasks:
+            label = f"{'verifying' if event.stage == 'verify' else 'downloading'} {event.file}"
+            # A resumed download starts where the last one stopped: speed counts new bytes.
+            self._tasks[key] = progress.add_task(label, total=event.total,
+                                                 completed=event.done)
+        progress.update(self._tasks[key], completed=min(event.done, event.total))
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+            self._tasks.clear()
+
+    def __enter__(self) -> DownloadProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,25 @@
+"""`localsmall list`: the builds on this machine."""
+
+from __future__ import annotations
+
+from localsmall.commands.options import JsonOpt
+
+
+def list_builds(as_json: JsonOpt = False) -> None:
+    """Show local builds: quant, size, whether verified, whether the projector is there."""
+    from localsmall.builds import list_builds as find_builds
+    from localsmall.catalog import load_catalog
+
+    builds = find_builds(load_catalog())
+    if as_json:
+        import dataclasses
+        import json
+
+        from localsmall.ui.console import stdout_write
+
+        rows = [dataclasses.asdict(b) | {"path": str(b.path)} for b in builds]
+        stdout_write(json.dumps(rows, indent=2) + "\n")
+        return
+    from localsmall.ui.builds_view import show_builds
+
+    show_builds(builds)

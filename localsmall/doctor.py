@@ -1,0 +1,68 @@
+"""`localsmall doctor`'s findings: the machine, the software and where files go."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from localsmall import __version__, hubcache, paths
+from localsmall.hardware import Hardware, detect
+
+LOW_DISK = 30 * 1024**3  # below this, a pull of the larger quants will not fit
+_PACKAGES = ("llama-cpp-python", "huggingface-hub", "gguf", "typer", "rich")
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    hardware: Hardware
+    versions: dict[str, str]
+    llama_system_info: str
+    cache_dir: Path
+    cache_free: int
+    data_dir: Path
+    endpoint: str
+    offline: bool
+    token_set: bool
+    warnings: tuple[str, ...]
+
+
+def _versions() -> dict[str, str]:
+    versions = {"localsmall": __version__, "python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _warnings(hardware: Hardware, cache_free: int) -> list[str]:
+    found = []
+    for gpu in hardware.unusable_gpus:
+        found.append(f"{gpu.name} is present, but this llama-cpp-python was built for the "
+                     f"CPU only, so it is not used; to use it, rebuild: {gpu.rebuild}")
+    if cache_free < LOW_DISK:
+        found.append(f"only {cache_free / 1024**3:.1f} GiB free for downloads in "
+                     f"{hubcache.cache_dir()}; the larger builds need up to 25 GiB")
+    if hardware.ram_available < 8 * 1024**3 and not hardware.usable_gpus:
+        found.append("less than 8 GiB of RAM is available: close other programs before "
+                     "running the model")
+    return found
+
+
+def diagnose() -> DoctorReport:
+    """Look at everything `doctor` reports (loads llama.cpp to ask it about devices)."""
+    from localsmall.engine.devices import system_info
+
+    hardware = detect()
+    cache = hubcache.cache_dir()
+    free = hubcache.free_disk(cache)
+    return DoctorReport(
+        hardware=hardware, versions=_versions(), llama_system_info=system_info(),
+        cache_dir=cache, cache_free=free, data_dir=paths.data_dir(),
+        endpoint=hubcache.endpoint(), offline=hubcache.offline(),
+        token_set=bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
+        warnings=tuple(_warnings(hardware, free)))

@@ -1,0 +1,151 @@
+"""A GGUF file's header: its metadata and tensor table, without reading the tensors.
+
+gguf.GGUFReader parses every element of every metadata array into numpy views, which
+takes tens of seconds for a 131K-token vocabulary (400K strings with the merges). The
+planner needs only the hyper-parameters and each tensor's type and shape, so this
+reader walks the header once and steps over long arrays by their lengths. Type sizes
+come from the gguf package (GGML_QUANT_SIZES).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from localsmall.errors import ModelLoadError
+
+GGUF_MAGIC = b"GGUF"
+SHORT_ARRAY = 64  # arrays up to this length are read; longer ones keep only their length
+
+# GGUF value type -> struct format of one scalar
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+            12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the table: name, ggml type name, shape (ggml order) and size."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """Metadata (long arrays replaced by their length) and the tensor table."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def arch_value(self, key: str, default: Any = None) -> Any:
+        """`<architecture>.<key>` from the metadata."""
+        return self.metadata.get(f"{self.architecture}.{key}", default)
+
+
+@cache
+def _type_sizes() -> dict[int, tuple[str, int, int]]:
+    """ggml type id -> (name, block size, bytes per block)."""
+    import gguf
+
+    return {int(t): (t.name, *gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType
+            if t in gguf.GGML_QUANT_SIZES}
+
+
+def type_bytes(type_name: str, n_elements: int) -> int:
+    """Bytes of `n_elements` values of a ggml type (by name: Q4_K, F16, ...)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
+    return -(-n_elements // block) * size
+
+
+class _Cursor:
+    def __init__(self, data: mmap.mmap, order: str) -> None:
+        self.data, self.order, self.pos = data, order, 0
+
+    def scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(self.order + fmt, self.data, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.scalar("Q")
+        raw = self.data[self.pos:self.pos + length]
+        self.pos += length
+        return raw.decode("utf-8", errors="replace")
+
+    def skip_strings(self, count: int) -> None:
+        unpack, order, data = struct.unpack_from, self.order + "Q", self.data
+        pos = self.pos
+        for _ in range(count):
+            pos += 8 + unpack(order, data, pos)[0]
+        self.pos = pos
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item_type, count = self.scalar("I"), self.scalar("Q")
+            if count <= SHORT_ARRAY:
+                return [self.value(item_type) for _ in range(count)]
+            if item_type == _STRING:
+                self.skip_strings(count)
+            elif item_type in _SCALARS:
+                self.pos += count * struct.calcsize(_SCALARS[item_type])
+            else:
+                raise ValueError(f"unsupported nested array type {item_type}")
+            return count
+        if vtype not in _SCALARS:
+            raise ValueError(f"unknown value type {vtype}")
+        return self.scalar(_SCALARS[vtype])
+
+
+def read_header(path: Path) -> GgufHeader:
+    """Parse a GGUF file's metadata and tensor table. Raises ModelLoadError when the
+    file is not GGUF or is cut short."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0,
+                                                   access=mmap.ACCESS_READ) as data:
+            return _parse(path, data)
+    except (OSError, ValueError, struct.error, KeyError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); "
+                             "download it again with `localsmall pull`") from None
+
+
+def _parse(path: Path, data: mmap.mmap) -> GgufHeader:
+    if data[:4] != GGUF_MAGIC:
+        raise ValueError("no GGUF magic")
+    # The version is small: if it reads huge, the file is big-endian.
+    order = "<" if struct.unpack_from("<I", data, 4)[0] < 0x10000 else ">"
+    cursor = _Cursor(data, order)
+    cursor.pos = 8
+    n_tensors, n_kv = cursor.scalar("Q"), cursor.scalar("Q")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.scalar("I"))
+    sizes = _type_sizes()
+    tensors = []
+    for _ in range(n_tensors):
+        name = cursor.string()
+        shape = tuple(cursor.scalar("Q") for _ in range(cursor.scalar("I")))
+        type_name, block, block_bytes = sizes[cursor.scalar("I")]
+        cursor.scalar("Q")  # offset in the data section
+        n_elements = 1
+        for dim in shape:
+            n_elements *= dim
+        tensors.append(TensorInfo(name, type_name, shape, -(-n_elements // block) * block_bytes))
+    return GgufHeader(path=path, metadata=metadata, tensors=tuple(tensors))

@@ -1,0 +1,59 @@
+"""The `localsmall plan` table: every quant, where it would run, and the choice."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from localsmall.planner import Plan, QuantOption
+from localsmall.ui.console import out
+from localsmall.ui.units import GIB, quality_label
+
+WHERE_SHORT = {"gpu": "GPU", "split": "GPU+CPU", "cpu": "CPU", "none": "no fit"}
+
+
+def _gb(n: int) -> str:
+    return f"{n / GIB:.1f}" if n else "-"
+
+
+def _row(option: QuantOption, chosen: bool, local: set[str], gpus: bool) -> list[str]:
+    name = f"[bold]{escape(option.quant)}[/]" if chosen else escape(option.quant)
+    if option.quant.lower() in local:
+        name += " [ok]✓[/]"
+    cells = ["[ok]➜[/]" if chosen else "", name, _gb(option.size), WHERE_SHORT[option.where]]
+    if gpus:
+        cells += [f"{option.gpu_layers}/{option.n_layers}" if option.fits else "-",
+                  _gb(option.gpu_bytes)]
+    cells += [_gb(option.ram_bytes),
+              f"{option.tokens_per_s:.0f}" if option.fits else "-",
+              quality_label(option.kld)]
+    return cells
+
+
+def plan_table(plan: Plan, local: set[str], *, gpus: bool) -> Table:
+    """One row per quant; the recommendation is marked (➜), downloaded builds ticked."""
+    choice = plan.choice.quant if plan.choice else None
+    n_ctx = plan.choice.n_ctx if plan.choice else plan.requested_ctx
+    table = Table(title=f"{escape(plan.model_id)}: {n_ctx:,}-token context, {plan.kv_type} "
+                        "KV cache (sizes in GiB)", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = [("", "left"), ("quant", "left"), ("size", "right"), ("runs on", "left")]
+    if gpus:
+        columns += [("layers", "right"), ("GPU", "right")]
+    columns += [("RAM", "right"), ("tok/s", "right"), ("quality", "left")]
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for option in plan.options:
+        table.add_row(*_row(option, option.quant == choice, local, gpus),
+                      style=None if option.fits else "muted")
+    return table
+
+
+def show_plan(plan: Plan, local: set[str], *, gpus: bool) -> None:
+    """The table, then the one sentence why (on stdout: it is the command's result)."""
+    out().print(plan_table(plan, local, gpus=gpus))
+    out().print(escape(plan.reason))
+    if plan.choice is not None and plan.choice.quant.lower() not in local:
+        out().print(f"[muted]Download it with: localsmall pull {escape(plan.model_id)}:"
+                    f"{escape(plan.choice.quant)}[/]")
