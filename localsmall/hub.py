@@ -11,6 +11,7 @@ partial file that the next pull continues (localsmall.download).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -95,6 +96,22 @@ def pull(remotes: Sequence[RemoteFile], *, pull_ref: str,
     for target, repaired in missing:
         present[target.remote.file] = _download(target, pull_ref, on_progress, repaired)
     return PullResult(tuple(present[r.file] for r in remotes))
+
+
+def pull_repo(repo: str, select: Callable[[list[str]], list[str]], *, pull_ref: str,
+              on_progress: PullCallback | None = None) -> Path:
+    """Pull the files of a whole repository that `select` picks from its file list
+    (fnmatch patterns), verified and resumable like catalog files; returns the cache's
+    snapshot folder that holds them."""
+    files = _repo_files(repo, pull_ref)
+    patterns = select(sorted(files))
+    chosen = [name for name in sorted(files)
+              if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)]
+    remotes = [RemoteFile(repo=repo, file=name, size=max(files[name][0], 1),
+                          sha256=files[name][1]) for name in chosen]
+    result = pull(remotes, pull_ref=pull_ref, on_progress=on_progress)
+    first = result.files[0]
+    return first.path.parents[len(Path(first.remote.file).parts) - 1]
 
 
 def missing_bytes(remotes: Sequence[RemoteFile]) -> int:

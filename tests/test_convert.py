@@ -350,3 +350,18 @@ def test_hub_source_offline_is_a_clear_error(tmp_path: Path) -> None:
 def test_license_from_the_model_card(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("---\nlibrary_name: vllm\nlicense: apache-2.0\n---\n")
     assert readme_license(tmp_path) == "apache-2.0"
+
+
+def test_convert_a_hub_repository(checkpoint: Path, tmp_path: Path, hub) -> None:
+    # Both layouts are on the Hub; only the transformers one is downloaded (verified,
+    # through localsmall's hub code), then converted.
+    repo = "someone/Small-Mistral-2506"
+    for file in sorted(checkpoint.iterdir()):
+        hub.state.add(repo, file.name, file.read_bytes())
+    hub.state.add(repo, "consolidated.safetensors.unused", b"never fetched")
+    out = tmp_path / "out"
+    code, output = _convert(repo, "--out", str(out), "--outtype", "f16")
+    assert code == 0, output
+    assert _leftovers(out) == ["Small-Mistral-2506-F16.gguf"]
+    fetched = {r.path.rsplit("/", 1)[-1] for r in hub.state.requests if "/resolve/" in r.path}
+    assert "config.json" in fetched and "consolidated.safetensors.unused" not in fetched

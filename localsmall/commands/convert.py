@@ -48,7 +48,7 @@ def convert(
         quants=parse_quants(quant), imatrix=imatrix, mmproj=not no_mmproj, threads=threads,
         force=force)
     with ConvertProgressView() as progress:
-        result = convert_checkpoint(request, on_progress=progress)
+        result = convert_checkpoint(request, on_progress=progress, on_download=progress.download)
     if as_json:
         data = dataclasses.asdict(result)
         stdout_write(json.dumps(data, default=str) + "\n")

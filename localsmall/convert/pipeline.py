@@ -45,6 +45,7 @@ from localsmall.convert.types import (
     Stage,
 )
 from localsmall.errors import ConversionError, DiskSpaceError, UsageError
+from localsmall.hub import PullCallback
 
 Q = gguf.GGMLQuantizationType
 # Chat templates by tekken version; other versions get none (localsmall's built-in
@@ -299,11 +300,12 @@ def _register(job: _Job, files: list[OutputFile], request: ConvertRequest) -> st
 
 
 def convert_checkpoint(request: ConvertRequest,
-                       on_progress: ConvertProgressCallback | None = None) -> ConvertResult:
+                       on_progress: ConvertProgressCallback | None = None,
+                       on_download: PullCallback | None = None) -> ConvertResult:
     """Convert a checkpoint (directory or repo id) to GGUF, quantize, register."""
     start = time.perf_counter()
     _validate(request)
-    source = resolve_source(request.source)
+    source = resolve_source(request.source, on_download)
     checkpoint = detect(source.directory)
     job = _plan(request, source, checkpoint)
     _check_outputs(job, request.force)

@@ -1,9 +1,8 @@
 """Where a checkpoint comes from: a local directory, or a Hugging Face repository.
 
 For a repository only the files one layout needs are downloaded (the official Mistral
-Small 3.2 repository holds both layouts, ~48 GB each). The download itself goes through
-`download_checkpoint`, a thin adapter kept apart so it can switch to localsmall's own hub
-module (resumable, verified downloads) without touching the converter.
+Small 3.2 repository holds both layouts, ~48 GB each), through localsmall's hub code:
+verified against the Hub's sha256 and resumable across runs, like `localsmall pull`.
 """
 
 from __future__ import annotations
@@ -13,8 +12,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from localsmall.errors import ConversionError, HubError
+
+if TYPE_CHECKING:
+    from localsmall.hub import PullCallback
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+$")
@@ -61,38 +64,25 @@ def _offline() -> bool:
     return constants.is_offline_mode() or flag in ("1", "true", "yes", "on")
 
 
-def download_checkpoint(repo_id: str) -> Path:
-    """Adapter over huggingface_hub: list the repository, download one layout. Offline
-    (HF_HUB_OFFLINE), the checkpoint must already be in the local cache."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+def download_checkpoint(repo_id: str, on_progress: PullCallback | None = None) -> Path:
+    """Download one checkpoint layout of a Hub repository through localsmall's hub code
+    (verified, resumable). Offline (HF_HUB_OFFLINE), it must already be in the cache."""
+    if _offline():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
-        if _offline():
+        try:
             return Path(snapshot_download(repo_id, local_files_only=True))
-        files = HfApi().list_repo_files(repo_id)
-        return Path(snapshot_download(repo_id, allow_patterns=download_patterns(files)))
-    except GatedRepoError:
-        raise HubError(f"{repo_id} is gated: accept its licence on huggingface.co and set "
-                       "HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise HubError(f"no repository {repo_id} on the Hugging Face Hub (or it is private: "
-                       "set HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        raise HubError(f"{repo_id} is not in the local Hugging Face cache and the Hub cannot "
-                       "be used (offline); download it first or give a local directory"
-                       ) from None
-    except ConversionError:
-        raise
-    except Exception as exc:  # network and HTTP errors of the hub client, whatever their type
-        raise HubError(f"downloading {repo_id} failed: {exc}") from None
+        except LocalEntryNotFoundError:
+            raise HubError(f"{repo_id} is not in the local Hugging Face cache and "
+                           "HF_HUB_OFFLINE is set; unset it to download, or give a local "
+                           "directory") from None
+    from localsmall.hub import pull_repo
+
+    return pull_repo(repo_id, download_patterns, pull_ref=repo_id, on_progress=on_progress)
 
 
-def resolve_source(source: str) -> Source:
+def resolve_source(source: str, on_download: PullCallback | None = None) -> Source:
     """A local directory as is; a repo id (org/name) downloaded first."""
     path = Path(source).expanduser()
     if path.exists():
@@ -102,7 +92,7 @@ def resolve_source(source: str) -> Source:
         repo = f"{match.group('org')}/{match.group('name')}" if match else None
         return Source(path, repo)
     if REPO_ID.match(source):
-        return Source(download_checkpoint(source), source)
+        return Source(download_checkpoint(source, on_download), source)
     raise ConversionError(f"{source} is neither a directory nor a Hugging Face repo id "
                           "(org/name)")
 

@@ -16,6 +16,7 @@ from rich.progress import (
 from rich.table import Table
 
 from localsmall.convert.types import ConvertProgress, ConvertResult
+from localsmall.hub import PullProgress
 from localsmall.ui.console import err, out
 
 
@@ -49,6 +50,18 @@ class ConvertProgressView:
             task = progress.add_task(escape(event.label), total=event.bytes_total, count=count)
             self._tasks[event.label] = task
         progress.update(task, completed=event.bytes_done, total=event.bytes_total, count=count)
+
+    def download(self, event: PullProgress) -> None:
+        """Render the download of a Hub checkpoint in the same display."""
+        if not self.enabled or event.total <= 0:
+            return
+        progress = self._ensure()
+        label = f"{event.stage} {event.file}"
+        task = self._tasks.get(label)
+        if task is None:
+            task = progress.add_task(escape(label), total=event.total, count="from the Hub")
+            self._tasks[label] = task
+        progress.update(task, completed=min(event.done, event.total))
 
     def stop(self) -> None:
         """Stop rendering (the finished bars stay on screen)."""
