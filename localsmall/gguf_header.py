@@ -19,6 +19,7 @@ from typing import Any
 from localsmall.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
 SHORT_ARRAY = 64  # arrays up to this length are read; longer ones keep only their length
 
 # GGUF value type -> struct format of one scalar
@@ -29,12 +30,26 @@ _STRING, _ARRAY = 8, 9
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor of the table: name, ggml type name, shape (ggml order) and size."""
+    """One tensor of the table: name, ggml type name, shape (ggml order: fastest
+    dimension first), size, and where its data starts in the file."""
 
     name: str
     type: str
     shape: tuple[int, ...]
     n_bytes: int
+    offset: int
+
+    @property
+    def quant_type(self) -> Any:
+        """The type as gguf.GGMLQuantizationType."""
+        import gguf
+
+        return gguf.GGMLQuantizationType[self.type]
+
+    @property
+    def numpy_shape(self) -> tuple[int, ...]:
+        """The shape in numpy order (rows first)."""
+        return tuple(reversed(self.shape))
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,18 @@ class GgufHeader:
     path: Path
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...]
+    file_size: int
+
+    def tensor(self, name: str) -> TensorInfo:
+        for info in self.tensors:
+            if info.name == name:
+                return info
+        raise KeyError(name)
+
+    @property
+    def data_end(self) -> int:
+        """Where the last tensor's data ends: beyond the file size, the file is cut."""
+        return max((t.offset + t.n_bytes for t in self.tensors), default=0)
 
     @property
     def architecture(self) -> str:
@@ -121,8 +148,8 @@ def read_header(path: Path) -> GgufHeader:
                                                    access=mmap.ACCESS_READ) as data:
             return _parse(path, data)
     except (OSError, ValueError, struct.error, KeyError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); "
-                             "download it again with `localsmall pull`") from None
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); it is "
+                             "incomplete or damaged") from None
 
 
 def _parse(path: Path, data: mmap.mmap) -> GgufHeader:
@@ -138,14 +165,18 @@ def _parse(path: Path, data: mmap.mmap) -> GgufHeader:
         key = cursor.string()
         metadata[key] = cursor.value(cursor.scalar("I"))
     sizes = _type_sizes()
-    tensors = []
+    table = []
     for _ in range(n_tensors):
         name = cursor.string()
         shape = tuple(cursor.scalar("Q") for _ in range(cursor.scalar("I")))
         type_name, block, block_bytes = sizes[cursor.scalar("I")]
-        cursor.scalar("Q")  # offset in the data section
+        offset = cursor.scalar("Q")  # within the data section
         n_elements = 1
         for dim in shape:
             n_elements *= dim
-        tensors.append(TensorInfo(name, type_name, shape, -(-n_elements // block) * block_bytes))
-    return GgufHeader(path=path, metadata=metadata, tensors=tuple(tensors))
+        table.append((name, type_name, shape, -(-n_elements // block) * block_bytes, offset))
+    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    data_start = cursor.pos + (-cursor.pos % alignment)
+    tensors = tuple(TensorInfo(name, type_name, shape, n_bytes, data_start + offset)
+                    for name, type_name, shape, n_bytes, offset in table)
+    return GgufHeader(path=path, metadata=metadata, tensors=tensors, file_size=len(data))

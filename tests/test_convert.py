@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 from localsmall.cli import app
 from localsmall.convert import gguf_stream, pipeline
-from localsmall.convert.gguf_directory import read_directory
 from localsmall.convert.gguf_files import TextHParams
 from localsmall.convert.imatrix import read_imatrix
 from localsmall.convert.quant_types import parse_quants
 from localsmall.convert.quantize_job import run_quantize
 from localsmall.convert.source import download_patterns, readme_license
 from localsmall.errors import ConversionError, UsageError
+from localsmall.gguf_header import read_header
 from tests.checkpoints import SMALL_TEXT, text_config, text_weights, write_text_checkpoint
 from tests.tinymodels import write_v11_tekken
 
@@ -273,8 +273,8 @@ def test_iquant_with_an_imatrix(tmp_path: Path, tekken: Path) -> None:
     code, output = _convert(str(source), "--out", str(out), "--outtype", "f16", "--quant",
                             "IQ2_XXS,Q4_K_M", "--imatrix", str(imatrix), "--threads", "2")
     assert code == 0, output
-    directory = read_directory(out / "iq-mistral-IQ2_XXS.gguf")
-    assert directory.tensor("blk.0.ffn_up.weight").type == gguf.GGMLQuantizationType.IQ2_XXS
+    directory = read_header(out / "iq-mistral-IQ2_XXS.gguf")
+    assert directory.tensor("blk.0.ffn_up.weight").quant_type == gguf.GGMLQuantizationType.IQ2_XXS
     assert directory.metadata["quantize.imatrix.file"] == "imatrix.gguf"
     assert directory.metadata["quantize.imatrix.entries_count"] == len(names)
 

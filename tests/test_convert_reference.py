@@ -20,12 +20,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from localsmall.cli import app
-from localsmall.convert.gguf_directory import GgufDirectory, read_directory
 from localsmall.convert.pipeline import convert_checkpoint
 from localsmall.convert.quant_types import parse_quants
 from localsmall.convert.types import ConvertRequest, ConvertResult
 from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings, ImageSlot, SamplingSettings, TokenRun
+from localsmall.gguf_header import GgufHeader, read_header
 from localsmall.images import PreparedImage, prepare_image_bytes
 from localsmall.registry import RegisteredBuild, list_registered
 from tests.reference_model import BASE_NAME, IMAGE_SIZE, Reference, build_reference
@@ -117,13 +117,13 @@ def f32_engine(converted: Converted) -> Iterator[Engine]:
         yield engine
 
 
-def _tensor(directory: GgufDirectory, path: Path, name: str) -> np.ndarray:
+def _tensor(directory: GgufHeader, path: Path, name: str) -> np.ndarray:
     record = directory.tensor(name)
-    return np.fromfile(path, np.uint8, record.nbytes, offset=record.offset)
+    return np.fromfile(path, np.uint8, record.n_bytes, offset=record.offset)
 
 
 def _same_files(a: Path, b: Path) -> None:
-    da, db = read_directory(a), read_directory(b)
+    da, db = read_header(a), read_header(b)
     assert [(t.name, t.type, t.shape) for t in da.tensors] == \
            [(t.name, t.type, t.shape) for t in db.tensors]
     for record in da.tensors:
@@ -144,7 +144,7 @@ def test_files_are_named_and_described_like_published_builds(converted: Converte
     names = sorted(f.path.name for f in converted.from_transformers.files)
     assert names == sorted([f"{BASE_NAME}-F32.gguf", f"mmproj-{BASE_NAME}-F32.gguf",
                             f"{BASE_NAME}-Q4_K_M.gguf"])
-    meta = read_directory(converted.file(converted.from_transformers, "F32")).metadata
+    meta = read_header(converted.file(converted.from_transformers, "F32")).metadata
     assert meta["general.architecture"] == "llama"
     assert meta["general.name"] == BASE_NAME
     assert meta["general.license"] == "apache-2.0"
@@ -152,10 +152,10 @@ def test_files_are_named_and_described_like_published_builds(converted: Converte
     assert meta["llama.attention.head_count_kv"] == 2
     assert meta["tokenizer.ggml.pre"] == "tekken"
     assert "[TOOL_CALLS]" in meta["tokenizer.chat_template"]
-    proj = read_directory(converted.file(converted.from_transformers, "F32", "mmproj"))
+    proj = read_header(converted.file(converted.from_transformers, "F32", "mmproj"))
     assert proj.metadata["clip.projector_type"] == "pixtral"
     assert proj.metadata["clip.use_silu"] is True
-    assert proj.tensor("v.token_embd.img_break").type == gguf.GGMLQuantizationType.F32
+    assert proj.tensor("v.token_embd.img_break").quant_type == gguf.GGMLQuantizationType.F32
 
 
 def test_f32_logits_match_transformers(converted: Converted, f32_engine: Engine) -> None:
@@ -312,8 +312,8 @@ def test_chat_template_matches_mistral_common_with_tool_calls(converted: Convert
 
 def test_quantized_build_follows_the_type_table_and_generates(converted: Converted) -> None:
     path = converted.file(converted.from_transformers, "Q4_K_M")
-    directory = read_directory(path)
-    types = {t.name: t.type for t in directory.tensors}
+    directory = read_header(path)
+    types = {t.name: t.quant_type for t in directory.tensors}
     Q = gguf.GGMLQuantizationType
     assert types["blk.0.attn_q.weight"] == Q.Q4_K
     assert types["output.weight"] == Q.Q6_K
@@ -322,8 +322,8 @@ def test_quantized_build_follows_the_type_table_and_generates(converted: Convert
     # tile the data section exactly
     records = sorted(directory.tensors, key=lambda t: t.offset)
     for record, after in zip(records, [*records[1:], None], strict=True):
-        block, size = gguf.GGML_QUANT_SIZES[record.type]
-        assert record.shape[-1] % block == 0
+        block, size = gguf.GGML_QUANT_SIZES[record.quant_type]
+        assert record.shape[0] % block == 0
         n_bytes = int(np.prod(record.shape)) // block * size
         end = record.offset + n_bytes + (-n_bytes % 32)
         assert end == (after.offset if after else directory.file_size), record.name
@@ -353,11 +353,11 @@ def test_cli_default_keeps_bf16_weights_bit_exact(converted: Converted, tmp_path
     files = json.loads(result.stdout)["files"]
     assert [Path(f["path"]).name for f in files] == [f"{BASE_NAME}-BF16.gguf"]
     gguf_path = out / f"{BASE_NAME}-BF16.gguf"
-    directory = read_directory(gguf_path)
-    assert directory.tensor("blk.1.attn_k.weight").type == gguf.GGMLQuantizationType.BF16
+    directory = read_header(gguf_path)
+    assert directory.tensor("blk.1.attn_k.weight").quant_type == gguf.GGMLQuantizationType.BF16
     # the F32 conversion of the same weights, rounded back, is the very same bits
     f32_path = converted.file(converted.from_transformers, "F32")
-    f32 = _tensor(read_directory(f32_path), f32_path, "blk.1.attn_k.weight").view(np.uint32)
+    f32 = _tensor(read_header(f32_path), f32_path, "blk.1.attn_k.weight").view(np.uint32)
     bf16 = _tensor(directory, gguf_path, "blk.1.attn_k.weight").view(np.uint16)
     assert np.array_equal((f32 >> 16).astype(np.uint16), bf16)
     assert not (f32 & 0xFFFF).any()

@@ -21,11 +21,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from localsmall.convert.gguf_directory import read_directory
 from localsmall.convert.safetensors_files import TensorReader, to_float32
 from localsmall.convert.tensor_plan import PlannedTensor
-from localsmall.errors import ConversionError
+from localsmall.errors import ConversionError, ModelLoadError
 from localsmall.fileio import atomic_path
+from localsmall.gguf_header import read_header
 
 Q = gguf.GGMLQuantizationType
 CHUNK_BYTES = 64 * 1024 * 1024          # float32 working set of one slice
@@ -196,13 +196,15 @@ def _slice_bytes(tensor: PlannedTensor, raw: np.ndarray) -> np.ndarray:
 def verify_gguf(path: Path, tensors: Sequence[PlannedTensor]) -> None:
     """Read the written file back: every planned tensor, in order, with its type, shape
     and size, and data that ends inside the file."""
-    directory = read_directory(path)
-    found = [(t.name, t.type, t.shape, t.nbytes) for t in directory.tensors]
-    planned = [(t.name, t.out_type, t.shape, t.nbytes) for t in tensors]
+    try:
+        header = read_header(path)
+    except ModelLoadError as exc:
+        raise ConversionError(str(exc)) from None
+    found = [(t.name, t.quant_type, t.numpy_shape, t.n_bytes) for t in header.tensors]
+    planned = [(t.name, t.out_type, tuple(t.shape), t.nbytes) for t in tensors]
     if found != planned:
         raise ConversionError(f"{path}: the written tensor directory differs from the plan")
-    end = max((t.offset + t.nbytes for t in directory.tensors), default=0)
-    if end > directory.file_size:
+    if header.data_end > header.file_size:
         raise ConversionError(f"{path} is shorter than its tensor directory says")
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from localsmall.errors import ConversionError, LocalsmallError
+from localsmall.errors import ConversionError, LocalsmallError, ModelLoadError
 from localsmall.fileio import atomic_path
 
 POLL_S = 0.2
@@ -79,11 +79,13 @@ def main(argv: list[str]) -> int:
 
 
 def _check_output(path: Path, quant: str) -> None:
-    from localsmall.convert.gguf_directory import read_directory
+    from localsmall.gguf_header import read_header
 
-    directory = read_directory(path)
-    end = max((t.offset + t.nbytes for t in directory.tensors), default=0)
-    if not directory.tensors or end > directory.file_size:
+    try:
+        header = read_header(path)
+    except ModelLoadError:
+        header = None
+    if header is None or not header.tensors or header.data_end > header.file_size:
         raise ConversionError(f"the {quant} file llama.cpp wrote is incomplete")
 
 
