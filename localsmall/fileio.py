@@ -14,31 +14,6 @@ from localsmall.errors import DiskSpaceError, LocalsmallError
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file beside `path`; on success it is flushed, synced and renamed
-    to `path`. On any error (Ctrl-C included) it is removed and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskSpaceError(f"no space left on the disk to write {path}; "
-                                 "free some space and try again") from None
-        raise LocalsmallError(f"could not write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` for writers that open files by name (GGUF writers,
     llama.cpp's quantizer). When the block ends without error the temporary file is
@@ -64,6 +39,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[BinaryIO]:
+    """`atomic_path`, opened for writing: the file takes its final name only once the
+    block has ended without error."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        yield handle
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

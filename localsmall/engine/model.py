@@ -41,6 +41,7 @@ from localsmall.engine.types import (
 )
 from localsmall.engine.vision import Projector
 from localsmall.errors import ContextFullError, EngineError, ModelLoadError, ModelNotFoundError
+from localsmall.fileio import atomic_path
 
 _GGML_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 
@@ -593,20 +594,15 @@ class Engine:
 
     def save_state(self, path: Path) -> StateMeta:
         """Write the KV cache to `path` (atomically) and describe it."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.partial")
         empty = (self._llama.llama_token * 1)()
-        try:
+        items = [i if isinstance(i, int) else {"image": i.key, "n_pos": i.n_pos}
+                 for i in self._cache]
+        with atomic_path(Path(path)) as tmp:
             written = self._llama.llama_state_seq_save_file(self.ctx, str(tmp).encode(), 0,
                                                             empty, 0)
             if written == 0:
                 raise EngineError(f"llama.cpp could not save the KV cache to {path}")
-            items = [i if isinstance(i, int) else {"image": i.key, "n_pos": i.n_pos}
-                     for i in self._cache]
             checksum = state_checksum(tmp, items)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return StateMeta(fingerprint=self.fingerprint, items=items, checksum=checksum,
                          n_pos=self._n_past)
 
