@@ -11,6 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from localsmall import __version__
+from localsmall.commands import bench as bench_cmd
 from localsmall.commands import chat as chat_cmd
 from localsmall.commands import run as run_cmd
 from localsmall.errors import LocalsmallError
@@ -77,6 +78,7 @@ def main_callback(
 
 app.command("chat")(chat_cmd.chat)
 app.command("run")(run_cmd.run)
+app.command("bench")(bench_cmd.bench)
 
 
 def main() -> None:
