@@ -226,7 +226,9 @@ def _reference(build: LocalBuild, options: RunOptions, text: str, request: Quali
     steps.stage(f"loading the reference {Path(build.model_path).name}")
     engine, _ = open_engine(_quality_options(options, request), on_progress=on_progress)
     with engine:
-        tokens = np.asarray(engine.tokenize(text, special=False), dtype=np.int32)
+        from localsmall.engine.logits import text_tokens
+
+        tokens = np.asarray(text_tokens(engine, text), dtype=np.int32)
         n_chunks = len(tokens) // request.chunk
         if request.max_chunks is not None:
             n_chunks = min(n_chunks, request.max_chunks)

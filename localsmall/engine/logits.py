@@ -21,6 +21,19 @@ if TYPE_CHECKING:
     from localsmall.engine.model import Engine
 
 
+def text_tokens(engine: Engine, text: str) -> list[int]:
+    """The text as llama-perplexity tokenizes it: plain text (no control tokens parsed),
+    with the BOS token in front when the vocabulary adds one."""
+    llama = native.llama()
+    data = text.encode("utf-8")
+    capacity = len(data) + 8
+    buf = (llama.llama_token * capacity)()
+    n = llama.llama_tokenize(engine.vocab, data, len(data), buf, capacity, True, False)
+    if n < 0:
+        raise EngineError("could not tokenize the evaluation text")
+    return list(buf[:n])
+
+
 def chunk_logits(engine: Engine, tokens: Sequence[int], first: int) -> np.ndarray:
     """float32 logits [len(tokens) - first, n_vocab] for positions first.. of `tokens`
     decoded from an empty cache. Leaves the engine with an empty cache."""
