@@ -174,11 +174,14 @@ def run_bench(request: BenchRequest, on_event: BenchCallback | None = None) -> B
     text_name = ""
     if request.quality is not None and reference is not None:
         tracker.prefix = "quality"
-        first = (request.threads[0], request.gpu_layers[0], request.kv_types[0])
-        measured = [(replace(o, n_threads=first[0], n_gpu_layers=first[1], kv_type=first[2]),
-                     b) for o, b in targets]
-        quality, text_name = measure_quality(measured, reference, request.quality, tracker,
-                                             tracker.engine_progress)
+        # quality runs once per build, with the first value of each sweep
+        def settle(target: Target) -> Target:
+            return (replace(target[0], n_threads=request.threads[0],
+                            n_gpu_layers=request.gpu_layers[0], kv_type=request.kv_types[0]),
+                    target[1])
+
+        quality, text_name = measure_quality([settle(t) for t in targets], settle(reference),
+                                             request.quality, tracker, tracker.engine_progress)
     return BenchReport(created=created, system=system, n_prompt=request.n_prompt,
                        n_gen=request.n_gen, repetitions=request.repetitions,
                        depth=request.depth, speed=tuple(speed), quality=tuple(quality),
