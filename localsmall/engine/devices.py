@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -134,7 +135,8 @@ class BuildInfo:
 
 
 def _ggml_base_string(name: str) -> str:
-    lib_name = "libggml-base.so" if os.name != "nt" else "ggml-base.dll"
+    lib_name = {"nt": "ggml-base.dll"}.get(
+        os.name, "libggml-base.dylib" if sys.platform == "darwin" else "libggml-base.so")
     try:
         lib = ctypes.CDLL(os.path.join(native.lib_dir(), lib_name))
         fn = getattr(lib, name)
