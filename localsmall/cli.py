@@ -11,6 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from localsmall import __version__
+from localsmall.commands import bench as bench_cmd
 from localsmall.commands import chat as chat_cmd
 from localsmall.commands import convert as convert_cmd
 from localsmall.commands import doctor as doctor_cmd
@@ -88,6 +89,7 @@ app.command("pull")(pull_cmd.pull)
 app.command("list")(list_cmd.list_builds)
 app.command("rm")(rm_cmd.rm)
 app.command("convert")(convert_cmd.convert)
+app.command("bench")(bench_cmd.bench)
 app.command("doctor")(doctor_cmd.doctor)
 
 

@@ -26,6 +26,14 @@ def state_dir() -> Path:
     return Path(platformdirs.user_state_dir(APP_NAME))
 
 
+def cache_dir() -> Path:
+    """Per-user cache: data localsmall can recompute (benchmark reference log-probs)."""
+    override = os.environ.get("LOCALSMALL_HOME")
+    if override:
+        return Path(override) / "cache"
+    return Path(platformdirs.user_cache_dir(APP_NAME))
+
+
 def history_file() -> Path:
     """The chat prompt's input history, shared across sessions."""
     return state_dir() / "chat_history"

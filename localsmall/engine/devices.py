@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -121,6 +122,37 @@ def supports_gpu_offload() -> bool:
 def system_info() -> str:
     """llama.cpp's own one-line summary of the CPU features it was built for."""
     return native.llama().llama_print_system_info().decode(errors="replace").strip()
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """Which llama.cpp this is: the Python binding's version and ggml's own version and
+    commit (the llama.cpp commit the binding vendors)."""
+
+    binding_version: str
+    ggml_version: str
+    ggml_commit: str
+
+
+def _ggml_base_string(name: str) -> str:
+    lib_name = {"nt": "ggml-base.dll"}.get(
+        os.name, "libggml-base.dylib" if sys.platform == "darwin" else "libggml-base.so")
+    try:
+        lib = ctypes.CDLL(os.path.join(native.lib_dir(), lib_name))
+        fn = getattr(lib, name)
+    except (OSError, AttributeError):  # older builds lack ggml_version/ggml_commit
+        return "unknown"
+    fn.argtypes, fn.restype = [], ctypes.c_char_p
+    return (fn() or b"unknown").decode(errors="replace")
+
+
+@cache
+def build_info() -> BuildInfo:
+    """The llama.cpp build localsmall runs on."""
+    binding = native.llama()
+    return BuildInfo(binding_version=str(getattr(binding, "__version__", "unknown")),
+                     ggml_version=_ggml_base_string("ggml_version"),
+                     ggml_commit=_ggml_base_string("ggml_commit"))
 
 
 def cpu_has_amx_repack() -> bool:

@@ -1,0 +1,228 @@
+"""`localsmall bench` on tiny models through the real llama.cpp: the timed loops, the
+result formats, sweeps, quality against a reference, and clear errors for bad flags."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from localsmall.cli import app
+from localsmall.engine.model import Engine
+from localsmall.engine.types import SamplingSettings, TokenRun
+from tests import tinymodels as tm
+
+runner = CliRunner()
+SMALL = ["-p", "16", "-n", "4", "-r", "1"]
+
+
+def bench(*args: str | Path) -> list[str]:
+    result = runner.invoke(app, ["bench", *(str(a) for a in args)])
+    assert result.exit_code == 0, result.output
+    return result.stdout.splitlines()
+
+
+def _oneline(text: str) -> str:
+    """Error text with the console's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def bench_json(*args: str | Path) -> dict:
+    result = runner.invoke(app, ["bench", *(str(a) for a in args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def q8_0(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tm.quantize(tiny.f16, tmp_path_factory.mktemp("q8") / "tiny-Q8_0.gguf", "Q8_0")
+
+
+# --- the timed loops ----------------------------------------------------------------------
+
+
+def test_timer_passes_fill_the_cache_like_llama_bench(engine: Engine) -> None:
+    from localsmall.engine.timing import DecodeTimer
+
+    with DecodeTimer(engine) as timer:
+        timer.prefill(20)
+        assert timer._next_pos() == 20
+        assert timer.prompt(10) > 0
+        assert timer._next_pos() == 30
+        assert timer.generate(3) > 0
+        assert timer._next_pos() == 33
+        timer.clear()
+        assert timer._next_pos() == 0
+        timer.prefill(20)  # restored from the saved state, not recomputed
+        assert timer._next_pos() == 20
+    assert engine.cached_positions == 0
+
+
+def test_chunk_logits_are_the_models_next_token_logits(engine: Engine) -> None:
+    from localsmall.engine.logits import chunk_logits
+
+    ids = engine.tokenize("<s>[INST]Name three rivers in Europe.[/INST]", special=True)
+    logits = chunk_logits(engine, ids, len(ids) - 4)
+    assert logits.shape == (4, engine.info.n_vocab)
+    greedy = engine.generate([TokenRun(tuple(ids))],
+                             SamplingSettings(temperature=0, max_tokens=1)).run()
+    engine.reset()
+    assert int(logits[-1].argmax()) == greedy.token_ids[0]
+
+
+# --- speed through the CLI -------------------------------------------------------------------
+
+
+def test_speed_report_as_json(tiny) -> None:
+    data = bench_json("--model", tiny.f16, "--mmproj", tiny.mmproj, "-p", "32", "-n", "8",
+                      "-r", "2", "--depth", "16", "--threads", "2")
+    assert data["format"] == "localsmall-bench/1"
+    system = data["system"]
+    assert system["cpu_model"] and system["physical_cores"] >= 1 and system["ram_bytes"] > 0
+    assert "CPU" in system["backends"] and "ggml" in system["llama_cpp"]
+    assert system["localsmall_version"]
+    (row,) = data["speed"]
+    assert (row["threads"], row["depth"], row["n_prompt"], row["n_gen"]) == (2, 16, 32, 8)
+    for key in ("pp", "tg"):
+        m = row[key]
+        assert len(m["samples"]) == 2 and all(math.isfinite(s) and s > 0 for s in m["samples"])
+        assert m["mean"] == pytest.approx(sum(m["samples"]) / 2) and m["stdev"] >= 0
+    assert row["load_s"] > 0 and row["peak_rss_bytes"] > row["size_bytes"] / 2
+    # time to first token on the real chat prompt: Mistral's system prompt + a question
+    assert row["ttft"]["mean"] > 0 and row["ttft_tokens"] > 400
+    assert row["image_encode"]["mean"] > 0 and row["image_tokens"] == 18 * 18 + 17
+    assert row["device_memory_bytes"] is None  # no GPU here
+
+
+def test_sweep_runs_every_combination(tiny) -> None:
+    lines = bench("--model", tiny.f16, *SMALL, "--threads", "1,2", "--kv-type", "f16,q8_0",
+                  "--csv")
+    rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
+    assert lines[0].startswith("name,model,quant,file,size_bytes")
+    assert "cpu_model" in rows[0] and "llama_cpp" in rows[0]
+    assert sorted((r["threads"], r["kv_type"]) for r in rows) == [
+        ("1", "f16"), ("1", "q8_0"), ("2", "f16"), ("2", "q8_0")]
+    assert all(float(r["pp_tps"]) > 0 and float(r["tg_tps"]) > 0 for r in rows)
+
+
+def test_compare_writes_a_markdown_table(tiny, tmp_path: Path) -> None:
+    out = tmp_path / "results.md"
+    shown = "\n".join(bench("--model", tiny.q4_k_m, "--model", tiny.f16, *SMALL, "--compare",
+                            "--out", out, "--no-vision"))
+    assert "localsmall bench" in shown  # the table is still shown
+    text = out.read_text(encoding="utf-8")
+    assert "- **CPU**:" in text and "- **llama.cpp**:" in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:2] == ["model", "size"] and "pp× / tg×" in header
+    assert set(table[1].replace("|", "").split()) <= {"---", "---:"}
+    names = [row.split("|")[1].strip() for row in table[2:]]
+    assert names == ["tiny-F16.gguf", "tiny-Q4_K_M.gguf"]  # largest file first
+    assert table[2].split("|")[header.index("pp× / tg×") + 1].strip() == "1.00 / 1.00"
+
+
+# --- quality -------------------------------------------------------------------------------
+
+
+def test_quality_against_a_reference(tiny, q8_0: Path, tmp_path: Path,
+                                     isolated_home: Path) -> None:
+    same = tmp_path / "copy-of-F16.gguf"
+    shutil.copyfile(tiny.f16, same)
+    data = bench_json("--model", same, "--model", q8_0, "--model", tiny.q4_k_m,
+                      "--reference", tiny.f16, "--quality", "--quick", "-p", "0", "-n", "0")
+    assert data["speed"] == []
+    ref, itself, q8, q4 = data["quality"]
+    assert ref["is_reference"] and ref["name"] == "tiny-F16.gguf" and ref["kld"] is None
+    assert all(q["tokens"] == 2 * 255 and q["reference"] == "tiny-F16.gguf"
+               for q in data["quality"])
+    assert all(math.isfinite(q["ppl"]) and q["ppl"] > 1 for q in data["quality"])
+    # the same weights in another file: nothing lost (see test_bench_stats for why the
+    # divergence is rounding-sized rather than exactly 0)
+    assert abs(itself["kld"]) < 1e-5 and itself["same_top"] == 1.0
+    assert itself["ppl"] == pytest.approx(ref["ppl"], rel=1e-4)
+    # 4-bit weights lose far more than 8-bit ones: the divergence grows with the square
+    # of the weight error (~16x larger for Q4_K than Q8_0), far beyond the noise
+    assert 0 < q8["kld"] < q4["kld"] / 10
+    assert q4["same_top"] + 5 * q4["same_top_error"] < q8["same_top"]
+
+    # The reference's log-probs are cached: a later run reads them back.
+    (cached,) = (isolated_home / "localsmall" / "cache" / "bench").glob("kld-reference-*")
+    written = cached.stat().st_mtime_ns
+    again = bench_json("--model", tiny.q4_k_m, "--reference", tiny.f16, "--quality",
+                       "--quick", "-p", "0", "-n", "0")
+    assert again["quality"][1]["kld"] == pytest.approx(q4["kld"], rel=1e-9)
+    assert cached.stat().st_mtime_ns == written
+
+
+# --- bad arguments -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["-p", "-1"], 2, "-p/--n-prompt must be 0 or more"),
+    (["-r", "0"], 2, "-r/--repetitions must be at least 1"),
+    (["-p", "0", "-n", "0"], 2, "nothing to measure"),
+    (["--json", "--csv"], 2, "--json, --csv and --md are exclusive"),
+    (["--compare"], 2, "--compare needs two or more builds"),
+    (["--threads", "0"], 2, "--threads values must be at least 1"),
+    (["--threads", "two"], 2, "not a comma-separated list of numbers"),
+    (["--threads", "1,,2"], 2, "give comma-separated values"),
+    (["--kv-type", "f16,q5_1"], 2, "--kv-type values must be among"),
+    (["--gpu-layers", "-2"], 2, "--gpu-layers values must be -1 (all) or more"),
+    (["--text", "eval.txt"], 2, "--text and --reference go with --quality"),
+    (["--out", "results.txt"], 2, "cannot tell the format"),
+    (["--quant", "Q4_K_M"], 2, "--quant picks catalog builds"),
+    (["--image", "cat.png", "--no-vision"], 2, "--image needs vision"),
+    (["--ctx", "256", "--depth", "300"], 2, "--ctx 256 is too small"),
+])
+def test_bad_flags_are_refused_before_loading(tiny, args: list[str], code: int,
+                                              message: str) -> None:
+    result = runner.invoke(app, ["bench", "--model", str(tiny.f16), *args])
+    assert result.exit_code == code
+    assert message in _oneline(result.stderr) and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--quant", "Q9_X"], "has no quant 'Q9_X'"),
+    (["--quant", "Q8_0"], "run `localsmall pull mistral-small-3.2:Q8_0`"),
+    (["--model", "missing.gguf"], "model file not found"),
+])
+def test_missing_builds_say_what_to_do(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code == 1
+    assert message in _oneline(result.stderr)
+
+
+def test_image_needs_a_projector_and_text_needs_enough_tokens(tiny, make_image,
+                                                              tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "--model", str(tiny.f16), "--image",
+                                 str(make_image("a.png"))])
+    assert result.exit_code == 2
+    assert "--image needs a vision projector" in _oneline(result.stderr)
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to score.", encoding="utf-8")
+    result = runner.invoke(app, ["bench", "--model", str(tiny.q4_k_m), "--reference",
+                                 str(tiny.f16), "--quality", "--text", str(short),
+                                 "-p", "0", "-n", "0"])
+    assert result.exit_code == 2 and "--quality needs at least 512" in _oneline(result.stderr)
+
+
+def test_progress_renders_steps_and_model_loading() -> None:
+    from rich.console import Console
+
+    from localsmall.bench.types import BenchStep
+    from localsmall.engine.types import Progress
+    from localsmall.ui.bench_view import BenchProgress
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100)
+    with BenchProgress(console, enabled=True) as progress:
+        progress(BenchStep(0, 10, "[1/2] Q4_K_M: loading the model"))
+        progress(Progress("load", 500, 1000, "loading model"))
+        progress(BenchStep(3, 10, "[1/2] Q4_K_M: pp512 run 2/5"))
+    assert "pp512 run 2/5" in screen.getvalue()
