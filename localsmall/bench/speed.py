@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -21,6 +22,7 @@ from localsmall.runtime import RunOptions, open_engine, system_prompt_for
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
+    from localsmall.engine.timing import DecodeTimer
     from localsmall.resolve import LocalBuild
 
 
@@ -74,40 +76,37 @@ def synthetic_image() -> PreparedImage:
     return prepare_image_bytes(buffer.getvalue(), f"generated {side}x{side} image")
 
 
-def _prompt_speed(engine: Engine, request: BenchRequest, steps: Steps) -> Measurement:
+def _timed(engine: Engine, request: BenchRequest, steps: Steps, test: str, n: int,
+           warm_up: Callable[[DecodeTimer], object],
+           run: Callable[[DecodeTimer], float]) -> Measurement:
+    """llama-bench's loop: a warm-up, then repetitions from an empty cache (prefilled
+    to --depth, untimed), each timed around the decode calls alone."""
     from localsmall.engine.timing import DecodeTimer
 
-    n, reps = request.n_prompt, request.repetitions
+    reps = request.repetitions
     with DecodeTimer(engine) as timer:
-        steps.stage(f"pp{n} warm-up")
-        timer.prompt(n)
+        steps.stage(f"{test}{n} warm-up")
+        warm_up(timer)
         steps.advance()
         seconds = []
         for rep in range(reps):
-            steps.stage(f"pp{n} run {rep + 1}/{reps}")
+            steps.stage(f"{test}{n} run {rep + 1}/{reps}")
             timer.clear()
             timer.prefill(request.depth)
-            seconds.append(timer.prompt(n))
+            seconds.append(run(timer))
             steps.advance()
     return rates(n, seconds)
+
+
+def _prompt_speed(engine: Engine, request: BenchRequest, steps: Steps) -> Measurement:
+    n = request.n_prompt
+    return _timed(engine, request, steps, "pp", n, lambda t: t.prompt(n), lambda t: t.prompt(n))
 
 
 def _generation_speed(engine: Engine, request: BenchRequest, steps: Steps) -> Measurement:
-    from localsmall.engine.timing import DecodeTimer
-
-    n, reps = request.n_gen, request.repetitions
-    with DecodeTimer(engine) as timer:
-        steps.stage(f"tg{n} warm-up")
-        timer.generate(1)
-        steps.advance()
-        seconds = []
-        for rep in range(reps):
-            steps.stage(f"tg{n} run {rep + 1}/{reps}")
-            timer.clear()
-            timer.prefill(request.depth)
-            seconds.append(timer.generate(n))
-            steps.advance()
-    return rates(n, seconds)
+    n = request.n_gen
+    return _timed(engine, request, steps, "tg", n, lambda t: t.generate(1),
+                  lambda t: t.generate(n))
 
 
 def _first_token(engine: Engine, build: LocalBuild, reps: int,
