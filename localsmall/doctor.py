@@ -7,9 +7,13 @@ import platform
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from localsmall import __version__, hubcache, paths
 from localsmall.hardware import Hardware, detect
+
+if TYPE_CHECKING:
+    from localsmall.engine.devices import BuildInfo
 
 LOW_DISK = 30 * 1024**3  # below this, a pull of the larger quants will not fit
 _PACKAGES = ("llama-cpp-python", "huggingface-hub", "gguf", "typer", "rich")
@@ -39,6 +43,11 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _ggml_version(build: BuildInfo) -> str:
+    version = build.ggml_version or "unknown"
+    return f"{version} ({build.ggml_commit})" if build.ggml_commit else version
+
+
 def _warnings(hardware: Hardware, cache_free: int) -> list[str]:
     found = []
     for gpu in hardware.unusable_gpus:
@@ -55,13 +64,14 @@ def _warnings(hardware: Hardware, cache_free: int) -> list[str]:
 
 def diagnose() -> DoctorReport:
     """Look at everything `doctor` reports (loads llama.cpp to ask it about devices)."""
-    from localsmall.engine.devices import system_info
+    from localsmall.engine.devices import build_info, system_info
 
     hardware = detect()
     cache = hubcache.cache_dir()
     free = hubcache.free_disk(cache)
     return DoctorReport(
-        hardware=hardware, versions=_versions(), llama_system_info=system_info(),
+        hardware=hardware, versions=_versions() | {"ggml": _ggml_version(build_info())},
+        llama_system_info=system_info(),
         cache_dir=cache, cache_free=free, data_dir=paths.data_dir(),
         endpoint=hubcache.endpoint(), offline=hubcache.offline(),
         token_set=bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
