@@ -23,6 +23,7 @@ import numpy as np
 
 from localsmall.convert.safetensors_files import TensorReader, to_float32
 from localsmall.convert.tensor_plan import PlannedTensor
+from localsmall.engine.kernels import bf16_to_f16, f32_to_f16
 from localsmall.errors import ConversionError, ModelLoadError
 from localsmall.fileio import atomic_path
 from localsmall.gguf_header import read_header
@@ -64,11 +65,13 @@ def convert_rows(raw: np.ndarray, src_dtype: str, out_type: gguf.GGMLQuantizatio
     """Rows in the checkpoint's dtype -> the bytes of `out_type`."""
     if (src_dtype, out_type) in _SAME_TYPE:
         return raw
+    if (src_dtype, out_type) == ("BF16", Q.F16):
+        return bf16_to_f16(raw)
     values = to_float32(raw, src_dtype)
     if out_type == Q.F32:
         return values
     if out_type == Q.F16:
-        return values.astype(np.float16)
+        return f32_to_f16(values)
     if out_type == Q.BF16:
         return to_bf16(values)
     if out_type == Q.Q8_0:

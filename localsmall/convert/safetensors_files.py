@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from localsmall.engine.kernels import bf16_to_f32
 from localsmall.errors import ConversionError
 
 # safetensors dtype -> (numpy dtype used to hold the raw values, bytes per element).
@@ -172,7 +173,7 @@ class TensorReader:
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Widen raw values read by `TensorReader.rows` to float32 (exact for all three)."""
     if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
+        return bf16_to_f32(raw)
     if dtype == "F32":
         return raw
     return raw.astype(np.float32)
