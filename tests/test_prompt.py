@@ -24,7 +24,8 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
 from localsmall.conversation import Message
-from localsmall.engine.model import Engine, ImageSpan
+from localsmall.engine.kvcache import ImageSpan
+from localsmall.engine.model import Engine
 from localsmall.images import PreparedImage, prepare_image_bytes
 from localsmall.prompt import ChatTemplate, build_prompt
 from tests import tinymodels as tm

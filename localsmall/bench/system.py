@@ -65,8 +65,7 @@ def _feature_list(features: tuple[tuple[str, str], ...]) -> str:
 
 def snapshot() -> SystemSnapshot:
     """Describe this machine and the llama.cpp build (loads llama.cpp)."""
-    from localsmall.engine.devices import build_info, list_devices
-    from localsmall.engine.model import default_threads
+    from localsmall.engine.devices import build_info, default_threads, list_devices
 
     devices = list_devices()
     cpu = next((d for d in devices if d.kind == "cpu"), None)

@@ -163,3 +163,20 @@ def cpu_has_amx_repack() -> bool:
         for dev in list_devices() if dev.kind == "cpu"
         for buft in dev.extra_buffer_types
     )
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (llama.cpp gains nothing from SMT)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        available = os.cpu_count() or 1
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            cores = {line.split(":")[1].strip() for line in f if line.startswith("core id")}
+        siblings = available // max(len(cores), 1)
+        if cores and siblings >= 2:
+            return max(1, available // siblings)
+    except OSError:
+        pass
+    return max(1, available)

@@ -14,7 +14,7 @@ import functools
 import os
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,17 @@ import numpy as np
 
 from localsmall.engine import native
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
-from localsmall.engine.devices import cpu_has_amx_repack
+from localsmall.engine.devices import cpu_has_amx_repack, default_threads
+from localsmall.engine.kvcache import (
+    CacheItem,
+    ImageSpan,
+    KvCache,
+    common_prefix,
+    items_from_json,
+    items_to_json,
+    positions,
+)
+from localsmall.engine.progress import ReadProgress
 from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
 from localsmall.engine.types import (
     KV_TYPES,
@@ -44,79 +54,6 @@ from localsmall.errors import ContextFullError, EngineError, ModelLoadError, Mod
 from localsmall.fileio import atomic_path
 
 _GGML_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
-
-
-@dataclass(frozen=True)
-class ImageSpan:
-    """An image as it sits in the KV cache: its content key and positions."""
-
-    key: str
-    n_pos: int
-
-
-CacheItem = int | ImageSpan  # a text token id, or an image
-
-
-def _items_from_json(raw: list[Any]) -> list[CacheItem] | None:
-    items: list[CacheItem] = []
-    for entry in raw:
-        if isinstance(entry, int) and not isinstance(entry, bool):
-            items.append(entry)
-        elif isinstance(entry, dict) and isinstance(entry.get("image"), str) and isinstance(
-                entry.get("n_pos"), int):
-            items.append(ImageSpan(entry["image"], entry["n_pos"]))
-        else:
-            return None
-    return items
-
-
-def default_threads() -> int:
-    """Physical cores available to this process (llama.cpp gains nothing from SMT)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:
-        available = os.cpu_count() or 1
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            cores = {line.split(":")[1].strip() for line in f if line.startswith("core id")}
-        siblings = available // max(len(cores), 1)
-        if cores and siblings >= 2:
-            return max(1, available // siblings)
-    except OSError:
-        pass
-    return max(1, available)
-
-
-class _ReadProgress:
-    """Progress of reading a prompt. Whole batches are counted as they finish; inside a
-    batch (a minute or more for the 24B model on a laptop CPU), the share of the compute
-    graph's nodes done so far, counted through llama.cpp's abort callback, moves the bar."""
-
-    def __init__(self, todo: int, on_progress: ProgressCallback | None, graph_nodes: int) -> None:
-        self.todo = todo
-        self.done = 0
-        self._report = on_progress
-        self._graph_nodes = graph_nodes
-        self._batch = 0
-        self._nodes = 0
-
-    def begin_batch(self, n_tokens: int) -> None:
-        self._batch, self._nodes = n_tokens, 0
-
-    def node(self) -> None:
-        self._nodes += 1
-        if self._report is not None and self._graph_nodes and self._nodes % 8 == 0:
-            share = min(self._nodes / self._graph_nodes, 0.99)
-            self._emit(self.done + int(self._batch * share))
-
-    def end_batch(self, n_tokens: int) -> int:
-        self.done += n_tokens
-        self._emit(self.done)
-        return 0
-
-    def _emit(self, done: int) -> None:
-        if self._report is not None:
-            self._report(Progress("prompt", done, self.todo, "reading prompt"))
 
 
 class Engine:
@@ -155,10 +92,9 @@ class Engine:
                 self.close()
                 raise
         self.buffers: tuple[BufferReport, ...] = parse_buffer_lines(log_lines)
-        self._cache: list[CacheItem] = []
-        self._n_past = 0
+        self.kv = KvCache(self._llama, self.ctx)
         self._interrupted = False
-        self._reading: _ReadProgress | None = None
+        self._reading: ReadProgress | None = None
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
         self._batch = self._llama.llama_batch_init(max(settings.n_batch, 1), 0, 1)
         self.info = self._model_info()
@@ -315,14 +251,9 @@ class Engine:
                 items.extend(self.projector.suffix_tokens)
         return items
 
-    @staticmethod
-    def positions(items: Sequence[CacheItem]) -> int:
-        """Context positions a layout occupies."""
-        return sum(1 if isinstance(i, int) else i.n_pos for i in items)
-
     def count_tokens(self, prompt: Sequence[PromptPiece]) -> int:
         """Context positions a prompt needs."""
-        return self.positions(self.layout(prompt))
+        return positions(self.layout(prompt))
 
     @property
     def n_ctx(self) -> int:
@@ -331,7 +262,7 @@ class Engine:
     @property
     def cached_positions(self) -> int:
         """Positions currently held in the KV cache."""
-        return self._n_past
+        return self.kv.n_past
 
     # --- evaluation ----------------------------------------------------------------------
 
@@ -345,53 +276,25 @@ class Engine:
             self._interrupted = True
             return True
 
-    def _truncate_cache(self, n_items: int) -> None:
-        """Forget cache items from `n_items` on, in our bookkeeping and in llama.cpp."""
-        del self._cache[n_items:]
-        self._n_past = self.positions(self._cache)
-        mem = self._llama.llama_get_memory(self.ctx)
-        if not self._llama.llama_memory_seq_rm(mem, 0, self._n_past, -1):
-            self._llama.llama_memory_clear(mem, True)
-            self._cache.clear()
-            self._n_past = 0
-
     def reset(self) -> None:
         """Empty the KV cache."""
-        self._truncate_cache(0)
+        self.kv.truncate(0)
 
     def reuse_estimate(self, prompt: Sequence[PromptPiece]) -> tuple[int, int]:
         """(positions reused from the cache, positions to evaluate) if `prompt` ran now."""
         items = self.layout(prompt)
-        keep = self._reusable_prefix(items)
-        reused = self.positions(items[:keep])
-        return reused, self.positions(items) - reused
+        reused = positions(items[:self.kv.reusable(items)])
+        return reused, positions(items) - reused
 
     def rollback(self, prompt: Sequence[PromptPiece]) -> None:
         """Drop the cached tail that `prompt` does not share (after /undo, for example),
         keeping the common prefix for the next turn."""
-        items = self.layout(prompt)
-        keep = 0
-        for cached, wanted in zip(self._cache, items, strict=False):
-            if cached != wanted:
-                break
-            keep += 1
-        if keep < len(self._cache):
-            self._truncate_cache(keep)
-
-    def _reusable_prefix(self, items: Sequence[CacheItem]) -> int:
-        n = 0
-        for cached, wanted in zip(self._cache, items, strict=False):
-            if cached != wanted:
-                break
-            n += 1
-        if n == len(items):
-            n -= 1  # the last token must be evaluated again to get its logits
-            while n > 0 and not isinstance(items[n], int):
-                n -= 1
-        return max(n, 0)
+        keep = common_prefix(self.kv.items, self.layout(prompt))
+        if keep < len(self.kv.items):
+            self.kv.truncate(keep)
 
     def _decode_tokens(self, tokens: Sequence[int], logits_last: bool,
-                       reading: _ReadProgress | None = None) -> None:
+                       reading: ReadProgress | None = None) -> None:
         llama, batch = self._llama, self._batch
         n_batch = self.settings.n_batch
         for start in range(0, len(tokens), n_batch):
@@ -401,7 +304,7 @@ class Engine:
             batch.n_tokens = len(part)
             for i, token in enumerate(part):
                 batch.token[i] = token
-                batch.pos[i] = self._n_past + i
+                batch.pos[i] = self.kv.n_past + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = False
@@ -412,23 +315,22 @@ class Engine:
                 raise KeyboardInterrupt
             if status != 0:
                 raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")
-            self._cache.extend(part)
-            self._n_past += len(part)
+            self.kv.added(part)
             if reading is not None:
                 reading.end_batch(len(part))
 
     def _evaluate(self, items: Sequence[CacheItem], prompt: Sequence[PromptPiece],
                   on_progress: ProgressCallback | None) -> TurnStats:
         """Bring the KV cache to `items`, reusing the longest common prefix."""
-        total = self.positions(items)
+        total = positions(items)
         if total >= self.n_ctx:
             raise ContextFullError(f"the prompt needs {total} tokens but the context holds "
                                    f"{self.n_ctx}; start a new chat or use a larger --ctx")
-        keep = self._reusable_prefix(items)
-        self._truncate_cache(keep)
-        stats = TurnStats(prompt_tokens=total, reused_tokens=self._n_past)
+        keep = self.kv.reusable(items)
+        self.kv.truncate(keep)
+        stats = TurnStats(prompt_tokens=total, reused_tokens=self.kv.n_past)
         images = {p.image.key: p.image for p in prompt if isinstance(p, ImageSlot)}
-        reading = _ReadProgress(total - self._n_past, on_progress, self._graph_nodes)
+        reading = ReadProgress(total - self.kv.n_past, on_progress, self._graph_nodes)
         start = time.perf_counter()
         encode_s, encoded_count = 0.0, 0
         self._interrupted = False
@@ -459,7 +361,7 @@ class Engine:
         return replace(stats, evaluated_tokens=reading.todo, images_encoded=encoded_count,
                        image_encode_s=encode_s, prompt_eval_s=time.perf_counter() - start)
 
-    def _read_image(self, image: Any, span: ImageSpan, reading: _ReadProgress,
+    def _read_image(self, image: Any, span: ImageSpan, reading: ReadProgress,
                     on_progress: ProgressCallback | None) -> float | None:
         """Encode (unless its embeddings are cached) and decode one image; returns the
         seconds spent encoding, or None when the cached embeddings were used."""
@@ -479,9 +381,11 @@ class Engine:
             return 0
 
         reading.begin_batch(min(n_batch, remaining))
-        self._n_past = self.projector.decode(self.ctx, encoded, self._n_past, n_batch,
-                                             after_batch)
-        self._cache.append(span)
+        end = self.projector.decode(self.ctx, encoded, self.kv.n_past, n_batch, after_batch)
+        if end != self.kv.n_past + span.n_pos:
+            raise EngineError(f"the projector placed {image.source} over {end - self.kv.n_past}"
+                              f" positions instead of {span.n_pos}")
+        self.kv.added([span])
         return encode_s if fresh else None
 
     @staticmethod
@@ -562,7 +466,7 @@ class Engine:
                 if sampling.max_tokens is not None and len(result.token_ids) >= sampling.max_tokens:
                     stop = "length"
                     break
-                if self._n_past + 1 >= self.n_ctx:
+                if self.kv.n_past + 1 >= self.n_ctx:
                     stop = "context"
                     break
                 self._decode_tokens([token], logits_last=True)
@@ -578,7 +482,7 @@ class Engine:
                 result.stats, generated_tokens=len(result.token_ids), stop_reason=stop,
                 time_to_first_token_s=(first_token_at or now) - turn_start,
                 generation_s=now - gen_start if result.token_ids else 0.0,
-                context_used=self._n_past, context_size=self.n_ctx)
+                context_used=self.kv.n_past, context_size=self.n_ctx)
 
     # --- saved state ---------------------------------------------------------------------
 
@@ -595,8 +499,7 @@ class Engine:
     def save_state(self, path: Path) -> StateMeta:
         """Write the KV cache to `path` (atomically) and describe it."""
         empty = (self._llama.llama_token * 1)()
-        items = [i if isinstance(i, int) else {"image": i.key, "n_pos": i.n_pos}
-                 for i in self._cache]
+        items = items_to_json(self.kv.items)
         with atomic_path(Path(path)) as tmp:
             written = self._llama.llama_state_seq_save_file(self.ctx, str(tmp).encode(), 0,
                                                             empty, 0)
@@ -604,7 +507,7 @@ class Engine:
                 raise EngineError(f"llama.cpp could not save the KV cache to {path}")
             checksum = state_checksum(tmp, items)
         return StateMeta(fingerprint=self.fingerprint, items=items, checksum=checksum,
-                         n_pos=self._n_past)
+                         n_pos=self.kv.n_past)
 
     def load_state(self, path: Path, meta: StateMeta) -> str | None:
         """Restore a KV cache saved by `save_state`. Returns None when it was restored, or
@@ -612,8 +515,8 @@ class Engine:
         reason = self._check_state(Path(path), meta)
         if reason is not None:
             return reason
-        items = _items_from_json(meta.items)
-        if items is None or self.positions(items) != meta.n_pos:
+        items = items_from_json(meta.items)
+        if items is None or positions(items) != meta.n_pos:
             return "its description is damaged"
         self.reset()
         tokens = (self._llama.llama_token * 1)()
@@ -624,8 +527,7 @@ class Engine:
         if read == 0 or self._llama.llama_memory_seq_pos_max(mem, 0) != meta.n_pos - 1:
             self._llama.llama_memory_clear(mem, True)
             return "llama.cpp could not read it"
-        self._cache = items
-        self._n_past = meta.n_pos
+        self.kv.restored(items, meta.n_pos)
         return None
 
     def _check_state(self, path: Path, meta: StateMeta) -> str | None:

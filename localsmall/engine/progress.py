@@ -1,0 +1,37 @@
+"""Progress of reading a prompt into the context, for the progress bar."""
+
+from __future__ import annotations
+
+from localsmall.engine.types import Progress, ProgressCallback
+
+
+class ReadProgress:
+    """Progress of reading a prompt. Whole batches are counted as they finish; inside a
+    batch (a minute or more for the 24B model on a laptop CPU), the share of the compute
+    graph's nodes done so far, counted through llama.cpp's abort callback, moves the bar."""
+
+    def __init__(self, todo: int, on_progress: ProgressCallback | None, graph_nodes: int) -> None:
+        self.todo = todo
+        self.done = 0
+        self._report = on_progress
+        self._graph_nodes = graph_nodes
+        self._batch = 0
+        self._nodes = 0
+
+    def begin_batch(self, n_tokens: int) -> None:
+        self._batch, self._nodes = n_tokens, 0
+
+    def node(self) -> None:
+        self._nodes += 1
+        if self._report is not None and self._graph_nodes and self._nodes % 8 == 0:
+            share = min(self._nodes / self._graph_nodes, 0.99)
+            self._emit(self.done + int(self._batch * share))
+
+    def end_batch(self, n_tokens: int) -> int:
+        self.done += n_tokens
+        self._emit(self.done)
+        return 0
+
+    def _emit(self, done: int) -> None:
+        if self._report is not None:
+            self._report(Progress("prompt", done, self.todo, "reading prompt"))
