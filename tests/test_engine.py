@@ -115,3 +115,24 @@ def test_ctrl_c_while_loading_stops_cleanly(tiny) -> None:
 
     with pytest.raises(KeyboardInterrupt):
         Engine(EngineSettings(model_path=tiny.f16, n_ctx=512), on_progress=interrupt)
+
+
+def test_img_break_rows_are_written_from_the_projector_file(engine: Engine) -> None:
+    # llama.cpp builds these rows from uninitialised memory scaled by zero; NaN or inf
+    # left there by an earlier graph must not reach the KV cache.
+    import numpy as np
+
+    assert engine.projector is not None
+    image = prepare_image_bytes(image_bytes(112, 84), "grid.png")  # 4 x 3 patches
+    cols, rows = image.grid
+    poisoned = np.ones((image.n_tokens, engine.info.n_embd), dtype=np.float32)
+    breaks = [(r + 1) * (cols + 1) - 1 for r in range(rows - 1)]
+    poisoned[breaks] = np.nan
+    engine.projector._write_breaks(poisoned, image)
+    assert np.isfinite(poisoned).all()
+    from tests import tinymodels as tm
+
+    expected = tm.text_tensors(tm.TINY_TEXT)["token_embd.weight"][12]
+    for index in breaks:
+        np.testing.assert_array_equal(poisoned[index], expected)
+    assert (np.delete(poisoned, breaks, axis=0) == 1).all()  # other rows untouched

@@ -22,6 +22,7 @@ import numpy as np
 
 from localsmall.engine import native
 from localsmall.errors import EngineError, ModelLoadError
+from localsmall.gguf_header import read_header
 from localsmall.images import PreparedImage
 
 log = logging.getLogger(__name__)
@@ -48,16 +49,31 @@ def _ggml_get_name() -> Any:
     return fn
 
 
-def _vision_block_count(path: Path) -> int:
-    """clip.vision.block_count from the projector's header (for progress)."""
-    import gguf
+@dataclass(frozen=True)
+class _ProjectorFacts:
+    """What the projector's file tells beyond what mtmd exposes."""
 
+    n_layers: int                    # vision blocks, for per-layer progress
+    img_break: np.ndarray | None     # the [IMG_BREAK] embedding the graph inserts
+
+
+def _read_facts(path: Path) -> _ProjectorFacts:
     try:
-        reader = gguf.GGUFReader(str(path))
-        field = reader.get_field("clip.vision.block_count")
-        return int(field.contents()) if field is not None else 0
-    except Exception:  # progress falls back to indeterminate; loading reports real errors
-        return 0
+        header = read_header(path)
+    except ModelLoadError:
+        return _ProjectorFacts(0, None)  # mtmd reports the real problem when it loads
+    n_layers = int(header.metadata.get("clip.vision.block_count", 0) or 0)
+    try:
+        info = header.tensor("v.token_embd.img_break")
+    except KeyError:
+        return _ProjectorFacts(n_layers, None)
+    dtypes = {"F32": np.float32, "F16": np.float16}
+    if info.type not in dtypes:
+        return _ProjectorFacts(n_layers, None)
+    dtype = dtypes[info.type]
+    row = np.fromfile(path, dtype, count=info.n_bytes // np.dtype(dtype).itemsize,
+                      offset=info.offset)
+    return _ProjectorFacts(n_layers, row.astype(np.float32))
 
 
 class Projector:
@@ -69,7 +85,9 @@ class Projector:
         self._mtmd = mtmd
         self.path = path
         self.n_embd = n_embd
-        self.n_layers = _vision_block_count(path)
+        facts = _read_facts(path)
+        self.n_layers = facts.n_layers
+        self._img_break = facts.img_break
         self._progress: Callable[[int, int], None] | None = None
         self._interrupted = False
         self._cb_eval = native.llama().ggml_backend_sched_eval_callback(self._on_eval)
@@ -194,11 +212,33 @@ class Projector:
         n_embd = self.n_embd
         out = mtmd.mtmd_get_output_embd(self.ctx)
         embeddings = np.ctypeslib.as_array(out, shape=(n_tokens * n_embd,)).copy()
-        encoded = EncodedImage(chunk=chunk, embeddings=embeddings.reshape(n_tokens, n_embd),
+        embeddings = embeddings.reshape(n_tokens, n_embd)
+        self._write_breaks(embeddings, image)
+        if not np.isfinite(embeddings).all():
+            mtmd.mtmd_input_chunk_free(chunk)
+            raise EngineError(f"{image.source}: the vision encoder produced invalid values; "
+                              "try again, or use another projector file")
+        encoded = EncodedImage(chunk=chunk, embeddings=embeddings,
                                n_tokens=n_tokens, n_pos=mtmd.mtmd_input_chunk_get_n_pos(chunk),
                                encode_s=time.perf_counter() - start)
         self._remember(image.key, encoded)
         return encoded
+
+    def _write_breaks(self, embeddings: np.ndarray, image: PreparedImage) -> None:
+        """Set the [IMG_BREAK] rows (one after each row of patches but the last) to the
+        embedding stored in the projector file.
+
+        llama.cpp's Pixtral graph makes these rows from a fresh, uninitialised tensor
+        scaled by zero, then adds the embedding. When that memory still holds inf or NaN
+        from an earlier graph, 0 x inf = NaN poisons the rows, and through the KV cache
+        every later answer. Written from the file they are exact whatever the memory held
+        (when nothing went wrong they are already bit-identical)."""
+        cols, rows = image.grid
+        if (self._img_break is None or self._img_break.size != embeddings.shape[1]
+                or embeddings.shape[0] != cols * rows + rows - 1):
+            return
+        breaks = [(row + 1) * (cols + 1) - 1 for row in range(rows - 1)]
+        embeddings[breaks] = self._img_break
 
     def _remember(self, key: str, encoded: EncodedImage) -> None:
         self._embeddings[key] = encoded
