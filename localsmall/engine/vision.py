@@ -195,34 +195,45 @@ class Projector:
             self._embeddings.move_to_end(image.key)
             return cached
         _, chunk, _ = self._tokenize(image)
+        start = time.perf_counter()
+        try:
+            embeddings = self._run_encoder(chunk, image, on_progress)
+            if not np.isfinite(embeddings).all():
+                # Non-finite values come from stale memory in llama.cpp's compute
+                # buffers: a second run starts from the first one's finite values.
+                embeddings = self._run_encoder(chunk, image, on_progress)
+            if not np.isfinite(embeddings).all():
+                raise EngineError(f"{image.source}: the vision encoder produced invalid "
+                                  "values; try again, or use another projector file")
+        except BaseException:
+            self._mtmd.mtmd_input_chunk_free(chunk)
+            raise
+        encoded = EncodedImage(chunk=chunk, embeddings=embeddings,
+                               n_tokens=embeddings.shape[0],
+                               n_pos=self._mtmd.mtmd_input_chunk_get_n_pos(chunk),
+                               encode_s=time.perf_counter() - start)
+        self._remember(image.key, encoded)
+        return encoded
+
+    def _run_encoder(self, chunk: Any, image: PreparedImage,
+                     on_progress: Callable[[int, int], None] | None) -> np.ndarray:
+        """One pass of the vision tower over a chunk: [n_tokens, n_embd] float32."""
         mtmd = self._mtmd
         self._progress, self._interrupted = on_progress, False
-        start = time.perf_counter()
         try:
             status = mtmd.mtmd_encode_chunk(self.ctx, chunk)
         finally:
             self._progress = None
         if self._interrupted:
-            mtmd.mtmd_input_chunk_free(chunk)
             raise KeyboardInterrupt
         if status != 0:
-            mtmd.mtmd_input_chunk_free(chunk)
             raise EngineError(f"{image.source}: the vision encoder failed (status {status})")
         n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-        n_embd = self.n_embd
         out = mtmd.mtmd_get_output_embd(self.ctx)
-        embeddings = np.ctypeslib.as_array(out, shape=(n_tokens * n_embd,)).copy()
-        embeddings = embeddings.reshape(n_tokens, n_embd)
+        flat = np.ctypeslib.as_array(out, shape=(n_tokens * self.n_embd,)).copy()
+        embeddings = flat.reshape(n_tokens, self.n_embd)
         self._write_breaks(embeddings, image)
-        if not np.isfinite(embeddings).all():
-            mtmd.mtmd_input_chunk_free(chunk)
-            raise EngineError(f"{image.source}: the vision encoder produced invalid values; "
-                              "try again, or use another projector file")
-        encoded = EncodedImage(chunk=chunk, embeddings=embeddings,
-                               n_tokens=n_tokens, n_pos=mtmd.mtmd_input_chunk_get_n_pos(chunk),
-                               encode_s=time.perf_counter() - start)
-        self._remember(image.key, encoded)
-        return encoded
+        return embeddings
 
     def _write_breaks(self, embeddings: np.ndarray, image: PreparedImage) -> None:
         """Set the [IMG_BREAK] rows (one after each row of patches but the last) to the
