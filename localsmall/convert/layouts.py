@@ -104,6 +104,13 @@ def _transformers_canonical(name: str) -> str:
     return name
 
 
+def _check_vision_rope(theta: float, where: str) -> None:
+    """llama.cpp's Pixtral encoder has its 2D rope theta built in."""
+    if theta != PIXTRAL_ROPE_THETA:
+        raise ConversionError(f"{where}: rope theta {theta} differs from the {PIXTRAL_ROPE_THETA} "
+                              "llama.cpp's Pixtral encoder uses")
+
+
 def _rope_theta(config: dict[str, Any], default: float) -> float:
     params = config.get("rope_parameters") or {}
     theta = config.get("rope_theta", params.get("rope_theta", default))
@@ -154,10 +161,7 @@ def _transformers_vision(config: dict[str, Any], text: TextHParams, directory: P
                               f"{config.get('projector_hidden_act')!r} is not supported")
     if config.get("vision_feature_layer", -1) != -1:
         raise ConversionError(f"{where}: only vision_feature_layer -1 is supported")
-    theta = _rope_theta(vision, PIXTRAL_ROPE_THETA)
-    if theta != PIXTRAL_ROPE_THETA:
-        raise ConversionError(f"{vwhere}: rope theta {theta} differs from the {PIXTRAL_ROPE_THETA} "
-                              "llama.cpp's Pixtral encoder uses")
+    _check_vision_rope(_rope_theta(vision, PIXTRAL_ROPE_THETA), vwhere)
     mean, std = _image_norm(directory)
     return VisionHParams(
         n_layers=int(_need(vision, "num_hidden_layers", vwhere)),
@@ -250,10 +254,7 @@ def _native_vision(params: dict[str, Any], text: TextHParams, where: str) -> Vis
     if vision.get("mm_projector_id", "patch_merge") != "patch_merge":
         raise ConversionError(f"{vwhere}: projector {vision.get('mm_projector_id')!r} is not "
                               "supported (Mistral Small 3.x uses patch_merge)")
-    theta = float(vision.get("rope_theta", PIXTRAL_ROPE_THETA))
-    if theta != PIXTRAL_ROPE_THETA:
-        raise ConversionError(f"{vwhere}: rope theta {theta} differs from the {PIXTRAL_ROPE_THETA} "
-                              "llama.cpp's Pixtral encoder uses")
+    _check_vision_rope(float(vision.get("rope_theta", PIXTRAL_ROPE_THETA)), vwhere)
     return VisionHParams(
         n_layers=int(_need(vision, "num_hidden_layers", vwhere)),
         n_embd=int(_need(vision, "hidden_size", vwhere)),
