@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 from PIL import Image
-from synthetic import medium_model, tiny_model
+from synthetic import medium_model, timed_answer, tiny_model
 
 from localsmall.chat import ChatSession
 from localsmall.engine.model import Engine
@@ -32,16 +32,6 @@ def _picture() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def _turn(session: ChatSession, text: str) -> tuple[float, object]:
-    start = time.perf_counter()
-    reply = session.ask(text)
-    first = 0.0
-    for _ in reply:
-        if not first:
-            first = time.perf_counter() - start
-    return first, reply.stats
 
 
 def _full_reread(session: ChatSession) -> float:
@@ -76,11 +66,11 @@ def main() -> None:
                           sampling=SamplingSettings(temperature=0, max_tokens=REPLY_TOKENS))
     session.pending_images.append(prepare_image_bytes(_picture(), "picture.png"))
     history = "Here is some background for the picture. " * (args.history // 8)
-    ttft1, stats1 = _turn(session, history + "What is in this picture?")
+    ttft1, stats1 = timed_answer(session, history + "What is in this picture?")
     print(f"model {model.name}; turn 1: {stats1.prompt_tokens} prompt tokens "
           f"(image {stats1.images_encoded}x encoded), first token {ttft1 * 1000:.0f} ms")
     for number, question in ((2, "Which colour dominates?"), (3, "And in the corners?")):
-        ttft, stats = _turn(session, question)
+        ttft, stats = timed_answer(session, question)
         full = _full_reread(session)
         own = stats.prompt_eval_s
         # Put the cache back as the conversation left it, for the next turn.

@@ -14,7 +14,7 @@ import argparse
 import statistics
 import time
 
-from synthetic import medium_model
+from synthetic import medium_model, timed_answer
 
 from localsmall.chat import ChatSession
 from localsmall.conversation import Message
@@ -41,14 +41,8 @@ def prompt_ids(engine: Engine) -> list[int]:
 def run_localsmall(engine: Engine, tokens: int) -> tuple[float, float]:
     """(time to first token, generated tokens per second) of a one-shot answer."""
     engine.reset()
-    session = _session(engine, tokens)
-    start = time.perf_counter()
-    reply = session.ask(PROMPT)
-    first = 0.0
-    for _ in reply:
-        if not first:
-            first = time.perf_counter() - start
-    return first, reply.stats.generation_tps
+    first, stats = timed_answer(_session(engine, tokens), PROMPT)
+    return first, stats.generation_tps
 
 
 def run_llama_cpp_python(llm: object, prompt_ids: list[int], tokens: int) -> tuple[float, float]:

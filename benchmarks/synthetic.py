@@ -11,6 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
 from localsmall.convert.gguf_files import TextHParams, VisionHParams  # noqa: E402
 from tests import tinymodels as tm  # noqa: E402
 
@@ -50,3 +53,14 @@ def tiny_model() -> tuple[Path, Path]:
         tm.write_text_model(f16, tensors=tensors, chat_template=tm.builtin_template())
         tm.write_mmproj(mmproj, tensors)
     return f16, mmproj
+
+
+def timed_answer(session: Any, text: str) -> tuple[float, Any]:
+    """Ask through a ChatSession: (seconds to the first token, the reply's TurnStats)."""
+    start = time.perf_counter()
+    reply = session.ask(text)
+    first = 0.0
+    for _ in reply:
+        if not first:
+            first = time.perf_counter() - start
+    return first, reply.stats

@@ -96,18 +96,11 @@ def test_not_an_image(tmp_path: Path) -> None:
         prepare_image(path)
 
 
-def test_truncated_image(tmp_path: Path) -> None:
-    data = image_bytes(400, 300, fmt="PNG")
-    path = tmp_path / "cut.png"
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ImageError, match="truncated or corrupt"):
-        prepare_image(path)
-
-
-def test_truncated_jpeg(tmp_path: Path) -> None:
-    data = image_bytes(400, 300, fmt="JPEG")
-    path = tmp_path / "cut.jpg"
-    path.write_bytes(data[: len(data) // 3])
+@pytest.mark.parametrize(("fmt", "name", "keep"), [("PNG", "cut.png", 2), ("JPEG", "cut.jpg", 3)])
+def test_truncated_image(tmp_path: Path, fmt: str, name: str, keep: int) -> None:
+    data = image_bytes(400, 300, fmt=fmt)
+    path = tmp_path / name
+    path.write_bytes(data[: len(data) // keep])
     with pytest.raises(ImageError, match="truncated or corrupt"):
         prepare_image(path)
 
