@@ -25,8 +25,9 @@ from localsmall.engine.model import Engine, Generation
 from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
 from localsmall.errors import ContextFullError, UsageError
-from localsmall.images import PreparedImage, prepare_image
+from localsmall.images import MIN_IMAGE_BUDGET, PreparedImage, prepare_image
 from localsmall.prompt import ChatTemplate, build_prompt
+from localsmall.turn_cost import ImagePolicy, Speeds, cost_note, image_limit, measured_speeds
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 # A path dropped into the terminal: quoted, or a run of non-space characters (with
@@ -91,42 +92,67 @@ class CommandSpec:
 
 
 class Reply:
-    """A reply being streamed. Iterate for text pieces; when iteration ends (or the
-    reply is interrupted and closed) the reply joins the conversation."""
+    """A reply ready to stream. `stream(on_progress)` starts it: the prompt is read
+    (progress goes to `on_progress`, given by whoever shows it), then text pieces
+    follow. When the stream ends (or the reply is closed) it joins the conversation."""
 
-    def __init__(self, session: ChatSession, generation: Generation, notices: list[str],
-                 abandon: Callable[[], None]) -> None:
+    def __init__(self, session: ChatSession, prompt: list[PromptPiece], notices: list[str],
+                 abandon: Callable[[], None], images: tuple[PreparedImage, ...] = ()) -> None:
         self.session = session
-        self.generation = generation
+        self.prompt = prompt
         self.notices = notices
+        self.images = images          # the images of the message being answered
+        self.generation: Generation | None = None
         self._abandon = abandon  # undoes what started the reply if it produced nothing
         self._done = False
 
+    def stream(self, on_progress: ProgressCallback | None = None) -> Iterator[str]:
+        """Start the reply: the engine reads the prompt, reporting to `on_progress`
+        (model-side progress: image encoding, prompt reading), then yields text."""
+        if self.generation is not None or self._done:
+            raise RuntimeError("a reply streams only once")
+        self.generation = self.session.engine.generate(self.prompt, self.session.sampling,
+                                                       on_progress)
+        return self._pieces(self.generation)
+
     def __iter__(self) -> Iterator[str]:
+        return self.stream()
+
+    def _pieces(self, generation: Generation) -> Iterator[str]:
         try:
-            for event in self.generation:
+            for event in generation:
                 yield event.text
         finally:
             self._finish()
 
     @property
     def text(self) -> str:
-        return self.generation.result.text
+        return self.generation.result.text if self.generation is not None else ""
 
     @property
     def stats(self) -> TurnStats:
-        return self.generation.result.stats
+        return self.generation.result.stats if self.generation is not None else TurnStats()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.generation.result.token_ids if self.generation is not None else []
+
+    @property
+    def downscaled(self) -> tuple[PreparedImage, ...]:
+        """The turn's images that a token budget made smaller than full size."""
+        return tuple(i for i in self.images if i.downscaled)
 
     def close(self) -> None:
         """Stop the reply early (Ctrl-C). What was generated so far is kept."""
-        self.generation.close()
+        if self.generation is not None:
+            self.generation.close()
         self._finish()
 
     def _finish(self) -> None:
         if self._done:
             return
         self._done = True
-        if not self.generation.result.token_ids and self.stats.stop_reason in ("", "interrupted"):
+        if not self.token_ids and self.stats.stop_reason in ("", "interrupted"):
             self._abandon()  # stopped (or failed) before a single token: as if never sent
         else:
             self.session._commit_reply(self)
@@ -136,7 +162,8 @@ class ChatSession:
     """The state of one chat and the operations the user can perform on it."""
 
     def __init__(self, engine: Engine, *, system_prompt: str, sampling: SamplingSettings,
-                 template: ChatTemplate | None = None, model_label: str = "") -> None:
+                 template: ChatTemplate | None = None, model_label: str = "",
+                 images: ImagePolicy | None = None) -> None:
         self.engine = engine
         self.template = template or ChatTemplate(engine.info.chat_template)
         self.conversation = Conversation(system=system_prompt)
@@ -147,7 +174,8 @@ class ChatSession:
         self.last_stats: TurnStats | None = None
         self.totals = Totals()
         self.model_label = model_label or engine.info.description
-        self.on_progress: ProgressCallback | None = None
+        self.image_policy = images or ImagePolicy()
+        self.history: list[TurnStats] = []   # recent turns, for measured speeds
         self.restored_input = ""       # a message taken back after an interrupted start
         self._token_memo = functools.lru_cache(maxsize=4096)(
             lambda text, special: tuple(engine.tokenize(text, special=special)))
@@ -169,9 +197,28 @@ class ChatSession:
             return spec.handler(self, args.strip())
         return self.ask(line)
 
-    def attach(self, path: str) -> PreparedImage:
-        """Queue an image for the next message."""
-        image = prepare_image(path)
+    def speeds(self) -> Speeds | None:
+        """The best speeds known here: measured in this chat, else the plan's estimate."""
+        return measured_speeds(self.history, self.image_policy.planned)
+
+    def prepare(self, path: str, *, max_tokens: int | None = None) -> PreparedImage:
+        """Read an image at `max_tokens`, else at the session's budget (see turn_cost)."""
+        budget = max_tokens if max_tokens is not None else image_limit(self.image_policy,
+                                                                        self.speeds())
+        return prepare_image(path, max_tokens=budget)
+
+    def cost_note(self, image: PreparedImage, *, explicit: bool = False) -> str:
+        """What `image` will cost on this machine, when that is worth saying.
+        `explicit`: its size was asked for (/image --tokens), not chosen automatically."""
+        policy = self.image_policy
+        automatic = policy.auto and policy.max_tokens is None and not explicit
+        return cost_note(image, self.speeds(), automatic=automatic, target_s=policy.target_s)
+
+    def attach(self, path: str, *, max_tokens: int | None = None) -> PreparedImage:
+        """Queue an image for the next message (again: replaces the queued copy, so
+        `/image --tokens N PATH` resizes an attached image)."""
+        image = self.prepare(path, max_tokens=max_tokens)
+        self.pending_images[:] = [i for i in self.pending_images if i.source != image.source]
         self.pending_images.append(image)
         return image
 
@@ -191,7 +238,7 @@ class ChatSession:
                 return match.group(0)
             if "/" not in candidate and not candidate.startswith("~"):
                 return match.group(0)
-            images.append(prepare_image(candidate))
+            images.append(self.prepare(candidate))
             return trailing
 
         cleaned = _DROPPED_PATH.sub(take, text)
@@ -217,7 +264,8 @@ class ChatSession:
             self.restored_input = text.strip()
 
         try:
-            return self._start_reply(abandon)
+            notes = [n for n in (self.cost_note(i) for i in dropped) if n]
+            return self._start_reply(abandon, images, notes)
         except BaseException:
             abandon()
             raise
@@ -278,15 +326,17 @@ class ChatSession:
         notice += " (images are not encoded again)." if images else "."
         return prompt, [notice]
 
-    def _start_reply(self, abandon: Callable[[], None]) -> Reply:
+    def _start_reply(self, abandon: Callable[[], None], images: tuple[PreparedImage, ...],
+                     notes: list[str] | None = None) -> Reply:
         prompt, notices = self._fit_context()
-        generation = self.engine.generate(prompt, self.sampling, self.on_progress)
-        return Reply(self, generation, notices, abandon)
+        return Reply(self, prompt, notices + (notes or []), abandon, images)
 
     def _commit_reply(self, reply: Reply) -> None:
+        assert reply.generation is not None
         result = reply.generation.result
         stats = result.stats
         self.last_stats = stats
+        self.history = [*self.history[-7:], stats]
         self.totals.evaluated += stats.evaluated_tokens
         self.totals.reused += stats.reused_tokens
         self.totals.generated += stats.generated_tokens
@@ -305,7 +355,7 @@ class ChatSession:
             messages.append(removed)  # keep the previous answer
 
         try:
-            return self._start_reply(abandon)
+            return self._start_reply(abandon, messages[-1].images if messages else ())
         except BaseException:
             abandon()
             raise
@@ -387,19 +437,45 @@ def _looks_like_path(text: str) -> bool:
 # --- slash commands ------------------------------------------------------------------
 
 
-def _cmd_image(session: ChatSession, args: str) -> CommandResult:
-    if not args:
-        raise UsageError("usage: /image PATH [PATH...]")
+def _image_args(args: str) -> tuple[list[str], int | None]:
+    """/image's paths and its --tokens N."""
+    usage = "usage: /image [--tokens N] PATH [PATH...]"
     try:
-        paths = shlex.split(args)
+        words = shlex.split(args)
     except ValueError as exc:
         raise UsageError(f"/image: {exc}") from None
-    added = [session.attach(p) for p in paths]
+    paths: list[str] = []
+    tokens: int | None = None
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--tokens" or word.startswith("--tokens="):
+            value = word.partition("=")[2] if "=" in word else (
+                words[i + 1] if i + 1 < len(words) else "")
+            i += 1 if "=" in word else 2
+            if not value.isdigit() or int(value) < MIN_IMAGE_BUDGET:
+                raise UsageError(f"/image --tokens needs a number of at least "
+                                 f"{MIN_IMAGE_BUDGET}; {usage}")
+            tokens = int(value)
+            continue
+        paths.append(word)
+        i += 1
+    if not paths:
+        raise UsageError(usage)
+    return paths, tokens
+
+
+def _cmd_image(session: ChatSession, args: str) -> CommandResult:
+    paths, tokens = _image_args(args)
+    added = [session.attach(p, max_tokens=tokens) for p in paths]
     names = ", ".join(f"{Path(i.source).name} ({i.width}x{i.height}, {i.n_tokens} tokens)"
                       for i in added)
     count = len(session.pending_images)
-    return CommandResult("info", f"Attached {names}. {count} image{'s' if count > 1 else ''} "
-                                 "will go with your next message.")
+    message = (f"Attached {names}. {count} image{'s' if count > 1 else ''} will go with your "
+               "next message.")
+    notes = [n for n in (session.cost_note(i, explicit=tokens is not None) for i in added)
+             if n]
+    return CommandResult("info", " ".join([message, *notes]))
 
 
 def _cmd_system(session: ChatSession, args: str) -> CommandResult:
@@ -474,8 +550,9 @@ def _cmd_exit(session: ChatSession, args: str) -> CommandResult:
 
 
 _SPECS = [
-    CommandSpec("image", "PATH...", "attach images to your next message (or drop a path "
-                "into the message)", _cmd_image),
+    CommandSpec("image", "[--tokens N] PATH...", "attach images to your next message (or "
+                "drop a path into the message); --tokens N scales them to at most N tokens",
+                _cmd_image),
     CommandSpec("system", "[TEXT]", "show or replace the system prompt", _cmd_system),
     CommandSpec("clear", "", "start over (keeps the system prompt)", _cmd_clear),
     CommandSpec("undo", "", "remove the last question and its answer", _cmd_undo),

@@ -89,6 +89,8 @@ def _image_to_json(image: PreparedImage, embed: bool) -> dict[str, Any]:
         entry["png_base64"] = base64.b64encode(image.to_png()).decode()
     else:
         entry["path"] = str(Path(image.source).expanduser().resolve())
+        if image.max_tokens is not None:  # re-read at the same reduced size
+            entry["max_tokens"] = image.max_tokens
     return entry
 
 
@@ -126,7 +128,11 @@ def _image_from_json(entry: dict[str, Any], where: str) -> PreparedImage:
             data = base64.b64decode(entry["png_base64"], validate=True)
             image = prepare_image_bytes(data, str(entry.get("source", "embedded image")))
         else:
-            image = prepare_image(entry["path"])
+            budget = entry.get("max_tokens")
+            if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
+                                       or budget < 1):
+                raise ConversationFileError(f"{where}: image entry has a bad max_tokens")
+            image = prepare_image(entry["path"], max_tokens=budget)
     except (KeyError, binascii.Error) as exc:
         raise ConversationFileError(f"{where}: image entry is malformed ({exc})") from None
     except ImageError as exc:

@@ -27,6 +27,7 @@ MAX_IMAGE_TOKENS = 1024    # llama.cpp's cap for Pixtral (merged patches)
 MIN_IMAGE_TOKENS = 8       # below this llama.cpp upscales the image
 MAX_PIXELS = 100_000_000   # larger files are refused as decompression bombs
 MAX_FILE_BYTES = 200 * 1024 * 1024
+MIN_IMAGE_BUDGET = 16      # the smallest --image-tokens: 8 merged patches and their breaks
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class PreparedImage:
     rgb: bytes
     source: str               # where it came from (a path), for display
     original_size: tuple[int, int]
+    max_tokens: int | None = None   # the token budget it was scaled to fit (None: none)
+    full_tokens: int = 0            # tokens at the model's full resolution (0: unknown)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -49,8 +52,12 @@ class PreparedImage:
     def n_tokens(self) -> int:
         """Positions the image takes in the prompt: its patches plus one [IMG_BREAK]
         per row but the last (llama.cpp adds the closing [IMG_END] as text)."""
-        cols, rows = self.grid
-        return cols * rows + rows - 1
+        return grid_tokens(self.width, self.height)
+
+    @property
+    def downscaled(self) -> bool:
+        """Whether a token budget made the image smaller than the model's limit would."""
+        return self.full_tokens > self.n_tokens
 
     def to_png(self) -> bytes:
         """The prepared pixels as PNG bytes (to embed in a saved conversation)."""
@@ -78,6 +85,36 @@ def fit_to_grid(width: int, height: int, *, max_side: int = MAX_SIDE,
         out_w = math.ceil(w * beta / GRID) * GRID
         out_h = math.ceil(h * beta / GRID) * GRID
     return out_w, out_h
+
+
+def grid_tokens(width: int, height: int) -> int:
+    """Prompt positions of an image already on the grid: merged patches plus one
+    [IMG_BREAK] per row but the last (what llama.cpp's mtmd counts for Pixtral)."""
+    cols, rows = width // GRID, height // GRID
+    return cols * rows + rows - 1
+
+
+def fit_to_budget(width: int, height: int, budget: int | None) -> tuple[int, int]:
+    """`fit_to_grid`, then smaller until the image takes at most `budget` prompt
+    positions (`grid_tokens`), aspect kept. Each 28x28-pixel block is one token (14 px
+    patches merged 2x2), so the scale is about sqrt(budget / tokens)."""
+    size = fit_to_grid(width, height)
+    if budget is None or grid_tokens(*size) <= budget:
+        return size
+    if budget < MIN_IMAGE_BUDGET:
+        raise ImageError(f"an image needs at least {MIN_IMAGE_BUDGET} tokens; "
+                         f"{budget} is too few")
+    scale = min(1.0, MAX_SIDE / max(width, height))
+    w, h = width * scale, height * scale
+    # Merged patches p with p + rows - 1 <= budget; start from the ideal and step down.
+    factor = math.sqrt(budget / grid_tokens(*size))
+    for _ in range(200):
+        size = fit_to_grid(round(w * factor), round(h * factor),
+                           max_tokens=max(budget, MIN_IMAGE_TOKENS))
+        if grid_tokens(*size) <= budget:
+            return size
+        factor *= 0.97
+    return size  # unreachable in practice: the minimum grid fits MIN_IMAGE_BUDGET
 
 
 def _open(data: bytes, source: str) -> Image.Image:
@@ -118,23 +155,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def prepare_image_bytes(data: bytes, source: str) -> PreparedImage:
+def prepare_image_bytes(data: bytes, source: str, *,
+                        max_tokens: int | None = None) -> PreparedImage:
     """Validate and prepare image file contents (see `prepare_image`)."""
     image = _to_rgb(_open(data, source))
     original = image.size
-    size = fit_to_grid(*original)
+    size = fit_to_budget(*original, max_tokens)
     if size != original:
         image = image.resize(size, Image.Resampling.BICUBIC)
     rgb = image.tobytes()
     key = hashlib.sha256(f"{size[0]}x{size[1]}:".encode() + rgb).hexdigest()
     return PreparedImage(key=key, width=size[0], height=size[1], rgb=rgb, source=source,
-                         original_size=original)
+                         original_size=original, max_tokens=max_tokens,
+                         full_tokens=grid_tokens(*fit_to_grid(*original)))
 
 
-def prepare_image(path: str | Path) -> PreparedImage:
-    """Read an image file for the model. Raises ImageError with a one-line reason for a
-    missing file, a non-image, a truncated file, a decompression bomb or an unsupported
-    format."""
+def prepare_image(path: str | Path, *, max_tokens: int | None = None) -> PreparedImage:
+    """Read an image file for the model, scaled to at most `max_tokens` prompt positions
+    when given (fewer tokens: a faster turn, fewer details). Raises ImageError with a
+    one-line reason for a missing file, a non-image, a truncated file, a decompression
+    bomb or an unsupported format."""
     file = Path(path).expanduser()
     source = str(path)
     if not file.exists():
@@ -150,4 +190,4 @@ def prepare_image(path: str | Path) -> PreparedImage:
         raise ImageError(f"{source}: permission denied") from None
     except OSError as exc:
         raise ImageError(f"{source}: cannot read ({exc.strerror or exc})") from None
-    return prepare_image_bytes(data, source)
+    return prepare_image_bytes(data, source, max_tokens=max_tokens)

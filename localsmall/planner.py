@@ -387,3 +387,46 @@ def plan_dict(result: Plan) -> dict[str, Any]:
             "kv_type": result.kv_type, "reason": result.reason,
             "choice": option(result.choice) if result.choice else None,
             "options": [option(o) for o in result.options]}
+
+
+# --- prompt speed -----------------------------------------------------------------------
+
+# Reading a prompt is compute-bound: about 2 FLOPs per weight per token, at what
+# llama.cpp's CPU kernels sustain per physical core with the best SIMD the CPU backend
+# uses (rough figures; a session's measured speed replaces them after its first turn).
+CPU_PROMPT_FLOPS: tuple[tuple[str, float], ...] = (
+    ("amx", 130e9), ("avx512_vnni", 130e9), ("avx512", 100e9), ("avx_vnni", 60e9),
+    ("avx2", 50e9), ("sve", 40e9), ("neon", 30e9))
+CPU_PROMPT_FLOPS_DEFAULT = 20e9
+VISION_EFFICIENCY = 0.5  # the F16 vision tower runs at about half the quantized text rate
+
+
+@dataclass(frozen=True)
+class PromptSpeed:
+    """Estimated prompt reading and image encoding speeds on the CPU."""
+
+    prompt_tps: float          # prompt tokens read per second
+    image_tps: float           # image tokens encoded per second (0: no projector)
+
+
+def cpu_prompt_flops(hardware: Hardware, n_threads: int | None = None) -> float:
+    """FLOP/s llama.cpp sustains on this CPU while reading a prompt."""
+    features = " ".join(hardware.cpu.features).lower()
+    per_core = next((flops for name, flops in CPU_PROMPT_FLOPS if name in features),
+                    CPU_PROMPT_FLOPS_DEFAULT)
+    cores = max(1, hardware.cpu.physical_cores)
+    return per_core * (min(n_threads, cores) if n_threads else cores)
+
+
+def cpu_prompt_speed(hardware: Hardware, *, n_params: int, n_lookup_params: int = 0,
+                     vision_params: int = 0, merge: int = 2,
+                     n_threads: int | None = None) -> PromptSpeed:
+    """Prompt and image speeds for a model of `n_params` weights (`n_lookup_params` of
+    them only looked up: the token embedding) and a vision tower of `vision_params`
+    whose image tokens each merge `merge` x `merge` patches."""
+    flops = cpu_prompt_flops(hardware, n_threads)
+    per_token = 2 * max(n_params - n_lookup_params, 1)
+    per_image_token = 2 * vision_params * merge * merge
+    return PromptSpeed(prompt_tps=flops / per_token,
+                       image_tps=(flops * VISION_EFFICIENCY / per_image_token
+                                  if vision_params else 0.0))

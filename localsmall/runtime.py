@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from localsmall.hardware import Hardware
     from localsmall.hub import PullCallback
     from localsmall.launch import OfferPull
+    from localsmall.turn_cost import ImagePolicy
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,32 @@ def open_engine(options: RunOptions, on_progress: ProgressCallback | None = None
     """Plan, pull if accepted, and load. The caller closes the engine."""
     build = prepare(options, offer_pull=offer_pull, on_download=on_download)
     return load_engine(build, options, on_progress), build
+
+
+def image_policy(engine: Engine, build: LocalBuild, *, max_tokens: int | None = None,
+                 hardware: Hardware | None = None) -> ImagePolicy:
+    """How a session sizes images: `max_tokens` when the user gave one; on a CPU-only
+    plan, a budget from the speeds (the plan's estimate until the chat measures them);
+    on a GPU, full resolution."""
+    from localsmall.hardware import detect
+    from localsmall.images import MIN_IMAGE_BUDGET
+    from localsmall.planner import cpu_prompt_speed
+    from localsmall.turn_cost import PLANNED, ImagePolicy, Speeds
+
+    if max_tokens is not None and max_tokens < MIN_IMAGE_BUDGET:
+        raise UsageError(f"--image-tokens must be at least {MIN_IMAGE_BUDGET}")
+    info = engine.info
+    if info.n_gpu_layers != 0 or not info.has_vision:
+        return ImagePolicy(max_tokens=max_tokens)
+    hardware = hardware or detect()
+    mmproj = build.mmproj_path
+    vision_bytes = Path(mmproj).stat().st_size if mmproj is not None else 0
+    speed = cpu_prompt_speed(hardware, n_params=info.n_params,
+                             n_lookup_params=info.n_vocab * info.n_embd,
+                             vision_params=vision_bytes // 2,  # F16 projectors
+                             n_threads=engine.n_threads)
+    return ImagePolicy(max_tokens=max_tokens, auto=True,
+                       planned=Speeds(speed.prompt_tps, speed.image_tps, PLANNED))
 
 
 def sampling_for(build: LocalBuild, overrides: SamplingOptions) -> SamplingSettings:

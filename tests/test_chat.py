@@ -243,13 +243,11 @@ def test_interrupt_during_prompt_reading(session: ChatSession) -> None:
     def interrupt(progress) -> None:
         raise KeyboardInterrupt
 
-    session.on_progress = interrupt
     reply = session.handle("interrupted while reading")
     assert isinstance(reply, Reply)
     with pytest.raises(KeyboardInterrupt):
-        list(reply)
+        list(reply.stream(interrupt))
     assert session.conversation.messages == []
     assert session.restored_input == "interrupted while reading"
-    session.on_progress = None
     _say(session, "works again")
     assert len(session.conversation.messages) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -55,5 +56,8 @@ def test_status_line() -> None:
     assert "51 tokens · 5.0 tok/s" in line
     assert "first token 2.50s" in line
     assert "context 1,250/32,768 (4%)" in line
+    # image turns split the first token: encoding, then reading (at the reading speed)
+    stats = replace(stats, image_encode_s=1.2, prompt_eval_s=3.2, time_to_first_token_s=3.4)
+    line = status_line(stats)
+    assert "first token 3.40s = 1 image encoded 1.2s + prompt read 2.0s" in line
     assert "prompt 1,100 cached + 100 new (50 tok/s)" in line
-    assert "1 image encoded (13.2s)" in line

@@ -9,6 +9,7 @@ from localsmall.commands.options import (
     CtxOpt,
     FlashAttnOpt,
     GpuLayersOpt,
+    ImageTokensOpt,
     KvTypeOpt,
     MaxTokensOpt,
     MmprojOpt,
@@ -63,6 +64,7 @@ def chat(
     kv_type: KvTypeOpt = "f16",
     flash_attn: FlashAttnOpt = None,
     batch: BatchOpt = 512,
+    image_tokens: ImageTokensOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
@@ -76,7 +78,13 @@ def chat(
     """Chat with Mistral Small 3.2 about text and images."""
     from localsmall import paths
     from localsmall.chat import ChatSession
-    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
+    from localsmall.runtime import (
+        image_policy,
+        load_engine,
+        prepare,
+        sampling_for,
+        system_prompt_for,
+    )
     from localsmall.ui.chat_screen import run_chat
     from localsmall.ui.progress import DownloadProgress, WorkProgress
     from localsmall.ui.prompts import pull_offer_handler
@@ -93,5 +101,6 @@ def chat(
     with engine:
         session = ChatSession(engine, system_prompt=system_prompt_for(build, system,
                                                                       disabled=no_system),
-                              sampling=sampling_for(build, overrides), model_label=build.label)
+                              sampling=sampling_for(build, overrides), model_label=build.label,
+                              images=image_policy(engine, build, max_tokens=image_tokens))
         run_chat(session, header_for(engine, build), history_path=paths.history_file())

@@ -38,6 +38,10 @@ FlashAttnOpt = Annotated[bool | None, typer.Option(
     rich_help_panel="Engine", show_default=False)]
 BatchOpt = Annotated[int, typer.Option(
     "--batch", help="Prompt tokens evaluated per llama.cpp call.", rich_help_panel="Engine")]
+ImageTokensOpt = Annotated[int | None, typer.Option(
+    "--image-tokens", help="Scale each image to at most N tokens (fewer: a faster turn, "
+    "fewer details). Default: full resolution, or on a CPU-only plan a size that keeps an "
+    "image turn near 20 s.", rich_help_panel="Engine", show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Show llama.cpp's own logs.", rich_help_panel="Engine")]
 TemperatureOpt = Annotated[float | None, typer.Option(

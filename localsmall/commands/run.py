@@ -15,6 +15,7 @@ from localsmall.commands.options import (
     CtxOpt,
     FlashAttnOpt,
     GpuLayersOpt,
+    ImageTokensOpt,
     KvTypeOpt,
     MaxTokensOpt,
     MmprojOpt,
@@ -62,6 +63,7 @@ def run(
     kv_type: KvTypeOpt = "f16",
     flash_attn: FlashAttnOpt = None,
     batch: BatchOpt = 512,
+    image_tokens: ImageTokensOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
@@ -76,8 +78,14 @@ def run(
 ) -> None:
     """Answer one prompt (with optional images) and exit."""
     from localsmall.chat import ChatSession
-    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
-    from localsmall.ui.console import stdout_write
+    from localsmall.runtime import (
+        image_policy,
+        load_engine,
+        prepare,
+        sampling_for,
+        system_prompt_for,
+    )
+    from localsmall.ui.console import notice, stdout_write
     from localsmall.ui.progress import DownloadProgress, WorkProgress
     from localsmall.ui.prompts import pull_offer_handler
 
@@ -103,13 +111,16 @@ def run(
     with engine:
         session = ChatSession(engine, system_prompt=system_prompt_for(build, system,
                                                                       disabled=no_system),
-                              sampling=sampling_for(build, overrides), model_label=build.label)
+                              sampling=sampling_for(build, overrides), model_label=build.label,
+                              images=image_policy(engine, build, max_tokens=image_tokens))
         for path in images:
             session.attach(str(path))
-        session.on_progress = progress
         reply = session.ask(text)
+        for attached in reply.images:
+            if note := session.cost_note(attached, explicit=image_tokens is not None):
+                notice(note)
         streamed = False
-        for piece in reply:
+        for piece in reply.stream(progress):
             if not streamed:
                 progress.stop()
                 streamed = True
@@ -118,8 +129,12 @@ def run(
         progress.stop()
         if as_json:
             stats = dataclasses.asdict(reply.stats) | {
-                "prompt_tps": reply.stats.prompt_tps,
-                "generation_tps": reply.stats.generation_tps}
+                "prompt_tps": reply.stats.prompt_tps, "read_s": reply.stats.read_s,
+                "read_tps": reply.stats.read_tps,
+                "generation_tps": reply.stats.generation_tps,
+                "images": [{"source": i.source, "width": i.width, "height": i.height,
+                            "tokens": i.n_tokens, "full_tokens": i.full_tokens}
+                           for i in reply.images]}
             stdout_write(json.dumps({"model": build.label, "text": reply.text, "stats": stats},
                                     ensure_ascii=False) + "\n")
         else:

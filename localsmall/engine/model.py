@@ -332,11 +332,12 @@ class Engine:
         images = {p.image.key: p.image for p in prompt if isinstance(p, ImageSlot)}
         reading = ReadProgress(total - self.kv.n_past, on_progress, self._graph_nodes)
         start = time.perf_counter()
-        encode_s, encoded_count = 0.0, 0
+        encode_s, encoded_count, encoded_tokens = 0.0, 0, 0
         self._interrupted = False
         self._reading = reading
         self._llama.llama_set_abort_callback(self.ctx, self._abort_cb, None)
         try:
+            reading.start()
             rest = list(items[keep:])
             i = 0
             while i < len(rest):
@@ -354,12 +355,14 @@ class Engine:
                 if seconds is not None:
                     encode_s += seconds
                     encoded_count += 1
+                    encoded_tokens += span.n_pos
                 i += 1
         finally:
             self._reading = None
             self._llama.llama_set_abort_callback(self.ctx, self._abort_cb.__class__(), None)
         return replace(stats, evaluated_tokens=reading.todo, images_encoded=encoded_count,
-                       image_encode_s=encode_s, prompt_eval_s=time.perf_counter() - start)
+                       image_tokens_encoded=encoded_tokens, image_encode_s=encode_s,
+                       prompt_eval_s=time.perf_counter() - start)
 
     def _read_image(self, image: Any, span: ImageSpan, reading: ReadProgress,
                     on_progress: ProgressCallback | None) -> float | None:

@@ -84,6 +84,7 @@ class TurnStats:
     reused_tokens: int = 0          # of those, already in the KV cache
     evaluated_tokens: int = 0       # of those, evaluated this turn
     images_encoded: int = 0         # images run through the vision encoder this turn
+    image_tokens_encoded: int = 0   # their prompt positions (patches and row breaks)
     generated_tokens: int = 0
     image_encode_s: float = 0.0
     prompt_eval_s: float = 0.0      # evaluation of the prompt, images included
@@ -96,6 +97,22 @@ class TurnStats:
     @property
     def prompt_tps(self) -> float:
         return self.evaluated_tokens / self.prompt_eval_s if self.prompt_eval_s > 0 else 0.0
+
+    @property
+    def read_s(self) -> float:
+        """Seconds spent reading the prompt into the context (image encoding excluded)."""
+        return max(self.prompt_eval_s - self.image_encode_s, 0.0)
+
+    @property
+    def read_tps(self) -> float:
+        """Prompt reading speed, tokens/s (image positions count, encoding does not)."""
+        return self.evaluated_tokens / self.read_s if self.read_s > 0 else 0.0
+
+    @property
+    def image_encode_tps(self) -> float:
+        """Image tokens the vision encoder produced per second."""
+        return (self.image_tokens_encoded / self.image_encode_s if self.image_encode_s > 0
+                else 0.0)
 
     @property
     def generation_tps(self) -> float:

@@ -7,6 +7,7 @@ at the prompt, Ctrl-C twice or Ctrl-D leaves.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from localsmall.chat import ChatSession, CommandResult, Reply, SessionStats, com
 from localsmall.conversation import Conversation
 from localsmall.engine.types import TurnStats
 from localsmall.errors import LocalsmallError
+from localsmall.images import PreparedImage
 from localsmall.ui.console import err, error, muted, notice, out
 from localsmall.ui.markdown_stream import MarkdownStream
 from localsmall.ui.progress import WorkProgress
@@ -91,19 +93,23 @@ def _history(path: Path | None) -> Any:
         return InMemoryHistory()
 
 
-def status_line(stats: TurnStats) -> str:
-    """One line about the last reply: speed, first-token time, context, cache reuse."""
+def status_line(stats: TurnStats, *, scaled: Sequence[PreparedImage] = ()) -> str:
+    """One line about the last reply: speed, first-token time (split into image encoding
+    and prompt reading on image turns), context, cache reuse, images scaled down."""
     share = 100 * stats.context_used / stats.context_size if stats.context_size else 0
     prompt = f"prompt {stats.reused_tokens:,} cached + {stats.evaluated_tokens:,} new"
-    if stats.evaluated_tokens and stats.prompt_eval_s > 0:
-        prompt += f" ({stats.prompt_tps:.0f} tok/s)"
-    parts = [f"{stats.generated_tokens} tokens · {stats.generation_tps:.1f} tok/s",
-             f"first token {stats.time_to_first_token_s:.2f}s",
-             f"context {stats.context_used:,}/{stats.context_size:,} ({share:.0f}%)", prompt]
+    if stats.evaluated_tokens and stats.read_s > 0:
+        prompt += f" ({stats.read_tps:.0f} tok/s)"
+    first = f"first token {stats.time_to_first_token_s:.2f}s"
     if stats.images_encoded:
         count = stats.images_encoded
-        parts.append(f"{count} image{'s' if count > 1 else ''} encoded "
-                     f"({stats.image_encode_s:.1f}s)")
+        first += (f" = {count} image{'s' if count > 1 else ''} encoded "
+                  f"{stats.image_encode_s:.1f}s + prompt read {stats.read_s:.1f}s")
+    parts = [f"{stats.generated_tokens} tokens · {stats.generation_tps:.1f} tok/s", first,
+             f"context {stats.context_used:,}/{stats.context_size:,} ({share:.0f}%)", prompt]
+    for image in scaled:
+        parts.append(f"{Path(image.source).name} scaled to {image.n_tokens} of "
+                     f"{image.full_tokens} tokens for speed (/image --tokens N to change)")
     if stats.stop_reason == "length":
         parts.append("hit --max-tokens")
     elif stats.stop_reason == "context":
@@ -214,10 +220,9 @@ class ChatScreen:
         for message in reply.notices:
             notice(message)
         progress = WorkProgress(err())
-        self.session.on_progress = progress
         markdown = MarkdownStream(self.console)
         started = False
-        tokens = iter(reply)
+        tokens = reply.stream(progress)  # the engine reports to the bar it is given here
         try:
             for _ in tokens:
                 if not started:
@@ -239,13 +244,11 @@ class ChatScreen:
             markdown.finish()
             error(str(exc))
             return
-        finally:
-            self.session.on_progress = None
         progress.stop()
         if not started:
             self.console.print("[bold cyan]mistral ›[/]")
         markdown.finish()
-        muted(status_line(reply.stats))
+        muted(status_line(reply.stats, scaled=reply.downscaled))
 
     def show(self, result: CommandResult) -> bool:
         """Render a command's result; True means leave the chat."""

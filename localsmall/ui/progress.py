@@ -3,6 +3,9 @@ downloading a build."""
 
 from __future__ import annotations
 
+import os
+import time
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -21,21 +24,38 @@ from localsmall.engine.types import Progress as EngineProgress
 from localsmall.hub import PullProgress
 from localsmall.ui.console import err
 
+PROGRESS_AFTER_ENV = "LOCALSMALL_PROGRESS_AFTER"
+PROGRESS_AFTER_S = 0.5  # work that ends sooner shows no bar (no flicker on quick turns)
+
+
+def progress_after_s() -> float:
+    """Seconds of work before a bar appears (LOCALSMALL_PROGRESS_AFTER overrides)."""
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_AFTER_ENV, PROGRESS_AFTER_S)))
+    except ValueError:
+        return PROGRESS_AFTER_S
+
 
 class WorkProgress:
     """A callable that renders engine progress events as bars on stderr.
 
-    Bars appear only when the work reports, and vanish (transient) when `stop()` is
-    called, so a chat reply can stream right after the prompt has been read.
+    Bars are tracked from the first event but appear only once the work has lasted
+    `after_s` seconds (quick turns stay clean), at once and then refreshed ten times a
+    second with elapsed time and ETA; they vanish (transient) when `stop()` is called,
+    so a chat reply can stream right after the prompt has been read.
     """
 
     def __init__(self, console: Console | None = None, *, enabled: bool | None = None,
-                 transient: bool = True) -> None:
+                 transient: bool = True, after_s: float | None = None) -> None:
         self.console = console or err()
         self.enabled = self.console.is_terminal if enabled is None else enabled
+        self.after_s = progress_after_s() if after_s is None else after_s
         self._progress: Progress | None = None
         self._tasks: dict[tuple[str, str], TaskID] = {}
         self._transient = transient
+        self._first_event = 0.0
+        self._shown = False
+        self.events = 0          # events received (for tests and diagnostics)
 
     def _ensure(self) -> Progress:
         if self._progress is None:
@@ -43,10 +63,16 @@ class WorkProgress:
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                 TimeRemainingColumn(), console=self.console, transient=self._transient)
-            self._progress.start()
+            self._first_event = time.monotonic()
         return self._progress
 
+    @property
+    def shown(self) -> bool:
+        """Whether bars are on the screen now."""
+        return self._shown
+
     def __call__(self, event: EngineProgress) -> None:
+        self.events += 1
         if not self.enabled or event.total <= 0:
             return
         progress = self._ensure()
@@ -55,13 +81,18 @@ class WorkProgress:
             self._tasks[key] = progress.add_task(event.label or event.stage, total=event.total)
         task = self._tasks[key]
         progress.update(task, completed=min(event.done, event.total), total=event.total)
+        if not self._shown and time.monotonic() - self._first_event >= self.after_s:
+            progress.start()  # draws at once, then a thread redraws 10 times a second
+            self._shown = True
 
     def stop(self) -> None:
         """Remove the bars (if any were shown)."""
         if self._progress is not None:
-            self._progress.stop()
+            if self._shown:
+                self._progress.stop()
             self._progress = None
             self._tasks.clear()
+            self._shown = False
 
     def __enter__(self) -> WorkProgress:
         return self
