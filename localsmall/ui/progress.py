@@ -55,7 +55,7 @@ class WorkProgress:
         self._transient = transient
         self._first_event = 0.0
         self._shown = False
-        self.events = 0          # events received (for tests and diagnostics)
+        self._clock = time.monotonic
 
     def _ensure(self) -> Progress:
         if self._progress is None:
@@ -63,7 +63,7 @@ class WorkProgress:
                 SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
                 TimeRemainingColumn(), console=self.console, transient=self._transient)
-            self._first_event = time.monotonic()
+            self._first_event = self._clock()
         return self._progress
 
     @property
@@ -72,7 +72,6 @@ class WorkProgress:
         return self._shown
 
     def __call__(self, event: EngineProgress) -> None:
-        self.events += 1
         if not self.enabled or event.total <= 0:
             return
         progress = self._ensure()
@@ -81,7 +80,7 @@ class WorkProgress:
             self._tasks[key] = progress.add_task(event.label or event.stage, total=event.total)
         task = self._tasks[key]
         progress.update(task, completed=min(event.done, event.total), total=event.total)
-        if not self._shown and time.monotonic() - self._first_event >= self.after_s:
+        if not self._shown and self._clock() - self._first_event >= self.after_s:
             progress.start()  # draws at once, then a thread redraws 10 times a second
             self._shown = True
 
