@@ -3,11 +3,13 @@ watch a streamed reply, interrupt it, keep chatting, leave."""
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
 
 import pexpect
+import pyte
 import pytest
 
 PROMPT = "you ›"
@@ -117,3 +119,44 @@ def test_history_across_sessions_and_tab_completion(tiny, make_image) -> None:
     second.expect(pexpect.EOF)
     second.close()
     assert second.exitstatus == 0
+
+
+def _screen_text(transcript: str) -> str:
+    """What a terminal shows after this output (pyte emulates it)."""
+    screen = pyte.Screen(220, 40)
+    pyte.Stream(screen).feed(transcript)
+    return "\n".join(line.rstrip() for line in screen.display)
+
+
+def test_progress_bars_appear_while_a_turn_is_read_and_vanish(tiny, make_image) -> None:
+    """An image turn in a real terminal: the encoding and reading bars are drawn while the
+    engine works (LOCALSMALL_PROGRESS_AFTER=0 makes every step "slow enough", so this
+    holds on any machine) and are gone once the answer streams."""
+    picture = make_image("photo.png", 224, 168)
+    env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm-256color",
+               LOCALSMALL_PROGRESS_AFTER="0")
+    args = ["-m", "localsmall", "chat", "--model", str(tiny.f16), "--mmproj", str(tiny.mmproj),
+            "--ctx", "4096", "--threads", "1", "--batch", "8", "--temperature", "0", "-n", "8"]
+    child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8",
+                          dimensions=(40, 220), timeout=90)
+    log = io.StringIO()
+    child.logfile_read = log
+    child.expect(PROMPT)
+    words = " ".join(f"word{i}" for i in range(150))
+    child.send(f"/image {picture}\r")
+    child.expect("Attached photo.png")
+    child.expect(PROMPT)
+    child.send(f"Describe the picture, then repeat: {words}\r")
+    child.expect("encoding photo.png")     # the vision encoder's bar
+    child.expect("reading prompt")         # the prompt's bar, with its count
+    child.expect(r"\d+/\d+")
+    child.expect("mistral ›")
+    child.expect("tok/s")
+    child.expect(PROMPT)
+    shown = _screen_text(log.getvalue())
+    assert "first token" in shown and "image encoded" in shown
+    assert "reading prompt" not in shown and "encoding photo.png" not in shown  # vanished
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
