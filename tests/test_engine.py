@@ -136,3 +136,14 @@ def test_img_break_rows_are_written_from_the_projector_file(engine: Engine) -> N
     for index in breaks:
         np.testing.assert_array_equal(poisoned[index], expected)
     assert (np.delete(poisoned, breaks, axis=0) == 1).all()  # other rows untouched
+
+
+@pytest.mark.parametrize(("size", "budget"), [((1024, 768), 100), ((504, 504), 64),
+                                              ((1024, 768), 400), ((300, 2000), 50)])
+def test_an_image_budget_bounds_the_engines_own_count(engine: Engine, size, budget) -> None:
+    """The budget is kept by the count that matters: what llama.cpp's mtmd makes of it."""
+    assert engine.projector is not None
+    image = prepare_image_bytes(image_bytes(*size, seed=5), "budget.png", max_tokens=budget)
+    encoded = engine.projector.encode(image)
+    assert encoded.n_tokens == image.n_tokens <= budget
+    assert image.full_tokens > budget

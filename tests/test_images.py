@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from localsmall.errors import ImageError
-from localsmall.images import MAX_IMAGE_TOKENS, fit_to_grid, prepare_image
+from localsmall.images import (
+    MAX_IMAGE_TOKENS,
+    MIN_IMAGE_BUDGET,
+    fit_to_budget,
+    fit_to_grid,
+    grid_tokens,
+    prepare_image,
+)
 from tests.tinymodels import image_bytes
 
 
@@ -121,3 +128,29 @@ def test_unsupported_format(tmp_path: Path) -> None:
     Image.new("RGB", (112, 84)).save(path, "TIFF")
     with pytest.raises(ImageError, match="TIFF images are not supported"):
         prepare_image(path)
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (504, 504), (3000, 500), (300, 2000),
+                                  (1540, 1540), (60, 40)])
+@pytest.mark.parametrize("budget", [16, 64, 100, 341, 1500])
+def test_a_token_budget_bounds_the_image(size: tuple[int, int], budget: int) -> None:
+    w, h = fit_to_budget(*size, budget)
+    assert w % 28 == 0 and h % 28 == 0
+    tokens = grid_tokens(w, h)
+    full = grid_tokens(*fit_to_grid(*size))
+    assert tokens <= max(budget, MIN_IMAGE_BUDGET)
+    assert tokens == full or tokens >= 0.6 * budget or budget < 64  # not needlessly small
+    if full > budget >= 64:  # (a handful of tokens cannot keep a 6:1 shape)
+        assert (w / h) / (size[0] / size[1]) == pytest.approx(1, rel=0.35)  # aspect kept
+    assert (w // 28) * (h // 28) >= 8                       # llama.cpp would upscale below
+
+
+def test_prepared_images_remember_their_budget(make_image) -> None:
+    path = make_image("photo.png", 504, 504)
+    full = prepare_image(path)
+    small = prepare_image(path, max_tokens=100)
+    assert full.n_tokens == 341 == full.full_tokens and not full.downscaled
+    assert small.n_tokens <= 100 and small.full_tokens == 341 and small.downscaled
+    assert small.max_tokens == 100 and small.key != full.key
+    with pytest.raises(ImageError, match="at least 16"):
+        prepare_image(path, max_tokens=8)
