@@ -97,6 +97,9 @@ def test_speed_report_as_json(tiny) -> None:
     # time to first token on the real chat prompt: Mistral's system prompt + a question
     assert row["ttft"]["mean"] > 0 and row["ttft_tokens"] > 400
     assert row["image_encode"]["mean"] > 0 and row["image_tokens"] == 18 * 18 + 17
+    # an image turn, split like the chat's status line: encoding + reading <= first token
+    assert row["image_read"]["mean"] > 0
+    assert row["image_encode"]["mean"] + row["image_read"]["mean"] <= row["image_ttft"]["mean"]
     assert row["device_memory_bytes"] is None  # no GPU here
 
 

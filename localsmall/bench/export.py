@@ -71,7 +71,9 @@ def _speed_columns(r: SpeedResult) -> dict[str, Any]:
             **_measurement("pp_tps", r.pp), **_measurement("tg_tps", r.tg),
             "load_s": r.load_s, **_measurement("ttft_s", r.ttft),
             "ttft_tokens": r.ttft_tokens, **_measurement("image_encode_s", r.image_encode),
-            "image_tokens": r.image_tokens, "peak_rss_bytes": r.peak_rss_bytes,
+            **_measurement("image_read_s", r.image_read),
+            **_measurement("image_ttft_s", r.image_ttft), "image_tokens": r.image_tokens,
+            "peak_rss_bytes": r.peak_rss_bytes,
             "device_memory_bytes": r.device_memory_bytes, "notes": "; ".join(r.notes)}
 
 
@@ -79,6 +81,7 @@ SPEED_KEYS = ("name", "model", "quant", "file", "size_bytes", "n_params", "threa
               "gpu_layers", "kv_type", "flash_attn", "n_batch", "n_ctx", "depth", "n_prompt",
               "n_gen", "pp_tps", "pp_tps_stdev", "tg_tps", "tg_tps_stdev", "load_s", "ttft_s",
               "ttft_s_stdev", "ttft_tokens", "image_encode_s", "image_encode_s_stdev",
+              "image_read_s", "image_read_s_stdev", "image_ttft_s", "image_ttft_s_stdev",
               "image_tokens", "peak_rss_bytes", "device_memory_bytes", "notes")
 
 
@@ -192,7 +195,11 @@ def _columns(report: BenchReport, compare: bool) -> list[Column]:
     if any(r.ttft for r in speed):
         cols.append(("first token s", True, _speed(lambda r: _seconds(r.ttft))))
     if any(r.image_encode for r in speed):
-        cols.append(("image s", True, _speed(lambda r: _seconds(r.image_encode))))
+        cols.append(("image encode s", True, _speed(lambda r: _seconds(r.image_encode))))
+    if any(r.image_read for r in speed):
+        cols.append(("image read s", True, _speed(lambda r: _seconds(r.image_read))))
+    if any(r.image_ttft for r in speed):
+        cols.append(("image first token s", True, _speed(lambda r: _seconds(r.image_ttft))))
     if speed:
         cols.append(("peak RAM", True, _speed(lambda r: size_text(r.peak_rss_bytes))))
     if any(r.device_memory_bytes is not None for r in speed):

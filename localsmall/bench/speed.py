@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,7 +15,7 @@ from localsmall.bench import peak_memory as memory
 from localsmall.bench.stats import Measurement, rates
 from localsmall.bench.types import BenchRequest, SpeedResult
 from localsmall.chat.conversation import Message
-from localsmall.engine.types import ProgressCallback, SamplingSettings
+from localsmall.engine.types import ImageSlot, ProgressCallback, SamplingSettings, TokenRun
 from localsmall.errors import ContextFullError
 from localsmall.images import PreparedImage, prepare_image, prepare_image_bytes
 from localsmall.runtime.options import RunOptions, system_prompt_for
@@ -136,21 +136,34 @@ def _first_token(engine: Engine, build: LocalBuild, reps: int,
     return Measurement.of(seconds), n_tokens
 
 
-def _image_encode(engine: Engine, image: PreparedImage, reps: int,
-                  steps: Steps) -> Measurement:
-    """Seconds the projector takes to turn the image into embeddings."""
+@dataclass(frozen=True)
+class ImageTurn:
+    """An image turn from an empty cache, as the chat's status line splits it."""
+
+    encode: Measurement        # the vision encoder
+    read: Measurement          # reading the prompt, image positions included
+    first_token: Measurement   # the whole turn to its first token
+
+
+def _image_turn(engine: Engine, image: PreparedImage, reps: int, steps: Steps) -> ImageTurn:
+    """A one-image question from an empty cache, timed like the chat's status line."""
     projector = engine.projector
     assert projector is not None
-    seconds = []
+    head = TokenRun(tuple(engine.tokenize(f"{engine.bos_token}[INST]", special=True)))
+    tail = TokenRun(tuple(engine.tokenize(f"{CHAT_QUESTION}[/INST]", special=True)))
+    greedy = SamplingSettings(temperature=0, max_tokens=1)
+    turns = []
     for rep in range(reps):
-        steps.stage(f"image encode {rep + 1}/{reps}")
+        steps.stage(f"image turn {rep + 1}/{reps}")
+        engine.reset()
         projector.forget()
-        start = time.perf_counter()
-        projector.encode(image)
-        seconds.append(time.perf_counter() - start)
+        turns.append(engine.generate([head, ImageSlot(image), tail], greedy).run().stats)
         steps.advance()
     projector.forget()
-    return Measurement.of(seconds)
+    engine.reset()
+    return ImageTurn(encode=Measurement.of([t.image_encode_s for t in turns]),
+                     read=Measurement.of([t.read_s for t in turns]),
+                     first_token=Measurement.of([t.time_to_first_token_s for t in turns]))
 
 
 def display_name(build: LocalBuild) -> str:
@@ -186,10 +199,10 @@ def measure_speed(options: RunOptions, request: BenchRequest, steps: Steps,
             except ContextFullError:
                 notes.append("time to first token skipped: the chat prompt does not fit "
                              "in --ctx")
-        image_encode, image_tokens = None, 0
+        image_turn, image_tokens = None, 0
         if engine.projector is not None:
             image = prepare_image(request.image) if request.image else synthetic_image()
-            image_encode = _image_encode(engine, image, side_repetitions(request), steps)
+            image_turn = _image_turn(engine, image, side_repetitions(request), steps)
             image_tokens = image.n_tokens
         if engine.repack_note:
             notes.append(engine.repack_note)
@@ -202,7 +215,10 @@ def measure_speed(options: RunOptions, request: BenchRequest, steps: Steps,
             flash_attn=_flash_attn_name(settings.flash_attn), n_batch=settings.n_batch,
             n_ctx=engine.n_ctx, depth=request.depth, n_prompt=request.n_prompt,
             n_gen=request.n_gen, pp=pp, tg=tg, load_s=load_s, ttft=ttft,
-            ttft_tokens=ttft_tokens, image_encode=image_encode, image_tokens=image_tokens,
+            ttft_tokens=ttft_tokens, image_tokens=image_tokens,
+            image_encode=image_turn.encode if image_turn else None,
+            image_read=image_turn.read if image_turn else None,
+            image_ttft=image_turn.first_token if image_turn else None,
             peak_rss_bytes=memory.peak_rss_bytes(),
             device_memory_bytes=memory.device_used_bytes(gpu_before,
                                                          memory.device_free_bytes()),

@@ -87,6 +87,8 @@ class SpeedResult:
     peak_rss_bytes: int
     device_memory_bytes: int | None
     notes: tuple[str, ...] = ()
+    image_read: Measurement | None = None   # seconds to read the encoded image into the context
+    image_ttft: Measurement | None = None   # seconds to the first token of an image turn
 
 
 @dataclass(frozen=True)
