@@ -1,4 +1,4 @@
-"""A chat session: the conversation, its slash commands and keeping it inside the context.
+"""A chat session: the conversation, its turns and keeping it inside the context.
 
 Nothing here prints. The UI feeds user input to `ChatSession.handle`, which returns
 either a `Reply` to stream or a `CommandResult` to show.
@@ -9,11 +9,9 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
 
 from localsmall.chat.conversation import (
     Conversation,
@@ -23,11 +21,13 @@ from localsmall.chat.conversation import (
 )
 from localsmall.chat.cost import ImagePolicy, Speeds, cost_note, image_limit, measured_speeds
 from localsmall.chat.prompt import ChatTemplate, build_prompt
+from localsmall.chat.results import LoadedChat, Reply, SavedChat, SessionStats
+from localsmall.chat.slash import CommandResult, run_command
 from localsmall.engine.model import Engine, Generation
 from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
 from localsmall.errors import ContextFullError, UsageError
-from localsmall.images import MIN_IMAGE_BUDGET, PreparedImage, prepare_image
+from localsmall.images import PreparedImage, prepare_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 # A path dropped into the terminal: quoted, or a run of non-space characters (with
@@ -36,126 +36,11 @@ _DROPPED_PATH = re.compile(
     r"""(?:'(?P<sq>[^']+)'|"(?P<dq>[^"]+)"|(?P<bare>(?:file://)?[~./][^\s\\]*(?:\\ [^\s\\]*)*))""")
 
 
-@dataclass(frozen=True)
-class CommandResult:
-    """What a slash command did, for the UI to show."""
-
-    kind: Literal["info", "notice", "stats", "help", "exit", "reply"]
-    message: str = ""
-    data: Any = None
-
-
-@dataclass(frozen=True)
-class SessionStats:
-    """Counters for /stats."""
-
-    turns: int
-    messages: int
-    images: int
-    context_used: int
-    context_size: int
-    last: TurnStats | None
-    total_prompt_evaluated: int
-    total_prompt_reused: int
-    total_generated: int
-    dropped_turns: int
-    model: str
-
-
-@dataclass(frozen=True)
-class SavedChat:
-    path: Path
-    messages: int
-    state_tokens: int          # positions of KV cache saved beside the chat (0: none)
-
-
-@dataclass(frozen=True)
-class LoadedChat:
-    conversation: Conversation
-    state_tokens: int          # positions restored into the KV cache (0: none)
-    state_ignored: str         # why a saved KV cache was not used ("" when it was)
-
-
 @dataclass
 class Totals:
     evaluated: int = 0
     reused: int = 0
     generated: int = 0
-
-
-@dataclass(frozen=True)
-class CommandSpec:
-    name: str
-    args: str
-    help: str
-    handler: Callable[[ChatSession, str], CommandResult | Reply]
-
-
-class Reply:
-    """A reply ready to stream. `stream(on_progress)` starts it: the prompt is read
-    (progress goes to `on_progress`, given by whoever shows it), then text pieces
-    follow. When the stream ends (or the reply is closed) it joins the conversation."""
-
-    def __init__(self, session: ChatSession, prompt: list[PromptPiece], notices: list[str],
-                 abandon: Callable[[], None], images: tuple[PreparedImage, ...] = ()) -> None:
-        self.session = session
-        self.prompt = prompt
-        self.notices = notices
-        self.images = images          # the images of the message being answered
-        self.generation: Generation | None = None
-        self._abandon = abandon  # undoes what started the reply if it produced nothing
-        self._done = False
-
-    def stream(self, on_progress: ProgressCallback | None = None) -> Iterator[str]:
-        """Start the reply: the engine reads the prompt, reporting to `on_progress`
-        (model-side progress: image encoding, prompt reading), then yields text."""
-        if self.generation is not None or self._done:
-            raise RuntimeError("a reply streams only once")
-        self.generation = self.session.engine.generate(self.prompt, self.session.sampling,
-                                                       on_progress)
-        return self._pieces(self.generation)
-
-    def __iter__(self) -> Iterator[str]:
-        return self.stream()
-
-    def _pieces(self, generation: Generation) -> Iterator[str]:
-        try:
-            for event in generation:
-                yield event.text
-        finally:
-            self._finish()
-
-    @property
-    def text(self) -> str:
-        return self.generation.result.text if self.generation is not None else ""
-
-    @property
-    def stats(self) -> TurnStats:
-        return self.generation.result.stats if self.generation is not None else TurnStats()
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.generation.result.token_ids if self.generation is not None else []
-
-    @property
-    def downscaled(self) -> tuple[PreparedImage, ...]:
-        """The turn's images that a token budget made smaller than full size."""
-        return tuple(i for i in self.images if i.downscaled)
-
-    def close(self) -> None:
-        """Stop the reply early (Ctrl-C). What was generated so far is kept."""
-        if self.generation is not None:
-            self.generation.close()
-        self._finish()
-
-    def _finish(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        if not self.token_ids and self.stats.stop_reason in ("", "interrupted"):
-            self._abandon()  # stopped (or failed) before a single token: as if never sent
-        else:
-            self.session._commit_reply(self)
 
 
 class ChatSession:
@@ -188,21 +73,17 @@ class ChatSession:
         if not stripped and not self.pending_images:
             return None
         if stripped.startswith("/") and not stripped.startswith("//"):
-            name, _, args = stripped[1:].partition(" ")
-            spec = COMMANDS.get(name.lower()) or COMMANDS.get(ALIASES.get(name.lower(), ""))
-            if spec is None and _looks_like_path(stripped):
-                return self.ask(line)  # a dropped absolute path, not a command
-            if spec is None:
-                raise UsageError(f"unknown command /{name}; type /help for the list")
-            return spec.handler(self, args.strip())
-        return self.ask(line)
+            result = run_command(self, stripped)
+            if result is not None:
+                return result
+        return self.ask(line)  # a message (or a dropped absolute path, not a command)
 
     def speeds(self) -> Speeds | None:
         """The best speeds known here: measured in this chat, else the plan's estimate."""
         return measured_speeds(self.history, self.image_policy.planned)
 
     def prepare(self, path: str, *, max_tokens: int | None = None) -> PreparedImage:
-        """Read an image at `max_tokens`, else at the session's budget (see turn_cost)."""
+        """Read an image at `max_tokens`, else at the session's budget (see chat.cost)."""
         budget = max_tokens if max_tokens is not None else image_limit(self.image_policy,
                                                                         self.speeds())
         return prepare_image(path, max_tokens=budget)
@@ -329,7 +210,12 @@ class ChatSession:
     def _start_reply(self, abandon: Callable[[], None], images: tuple[PreparedImage, ...],
                      notes: list[str] | None = None) -> Reply:
         prompt, notices = self._fit_context()
-        return Reply(self, prompt, notices + (notes or []), abandon, images)
+
+        def start(on_progress: ProgressCallback | None) -> Generation:
+            return self.engine.generate(prompt, self.sampling, on_progress)
+
+        return Reply(start, notices + (notes or []), abandon=abandon,
+                     commit=self._commit_reply, images=images)
 
     def _commit_reply(self, reply: Reply) -> None:
         assert reply.generation is not None
@@ -427,148 +313,3 @@ class ChatSession:
             last=self.last_stats, total_prompt_evaluated=self.totals.evaluated,
             total_prompt_reused=self.totals.reused, total_generated=self.totals.generated,
             dropped_turns=self.dropped_turns, model=self.model_label)
-
-
-def _looks_like_path(text: str) -> bool:
-    first = text.split()[0]
-    return "/" in first[1:] and Path(first.replace("\\ ", " ")).exists()
-
-
-# --- slash commands ------------------------------------------------------------------
-
-
-def _image_args(args: str) -> tuple[list[str], int | None]:
-    """/image's paths and its --tokens N."""
-    usage = "usage: /image [--tokens N] PATH [PATH...]"
-    try:
-        words = shlex.split(args)
-    except ValueError as exc:
-        raise UsageError(f"/image: {exc}") from None
-    paths: list[str] = []
-    tokens: int | None = None
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word == "--tokens" or word.startswith("--tokens="):
-            value = word.partition("=")[2] if "=" in word else (
-                words[i + 1] if i + 1 < len(words) else "")
-            i += 1 if "=" in word else 2
-            if not value.isdigit() or int(value) < MIN_IMAGE_BUDGET:
-                raise UsageError(f"/image --tokens needs a number of at least "
-                                 f"{MIN_IMAGE_BUDGET}; {usage}")
-            tokens = int(value)
-            continue
-        paths.append(word)
-        i += 1
-    if not paths:
-        raise UsageError(usage)
-    return paths, tokens
-
-
-def _cmd_image(session: ChatSession, args: str) -> CommandResult:
-    paths, tokens = _image_args(args)
-    added = [session.attach(p, max_tokens=tokens) for p in paths]
-    names = ", ".join(f"{Path(i.source).name} ({i.width}x{i.height}, {i.n_tokens} tokens)"
-                      for i in added)
-    count = len(session.pending_images)
-    message = (f"Attached {names}. {count} image{'s' if count > 1 else ''} will go with your "
-               "next message.")
-    notes = [n for n in (session.cost_note(i, explicit=tokens is not None) for i in added)
-             if n]
-    return CommandResult("info", " ".join([message, *notes]))
-
-
-def _cmd_system(session: ChatSession, args: str) -> CommandResult:
-    if not args:
-        return CommandResult("info", f"System prompt:\n{session.conversation.system or '(none)'}")
-    session.set_system(args)
-    return CommandResult("info", "System prompt replaced; it applies from the next reply.")
-
-
-def _cmd_clear(session: ChatSession, args: str) -> CommandResult:
-    session.clear()
-    return CommandResult("info", "Conversation cleared.")
-
-
-def _cmd_undo(session: ChatSession, args: str) -> CommandResult:
-    removed = session.undo()
-    if removed is None:
-        return CommandResult("info", "Nothing to undo.")
-    preview = removed.text.strip().replace("\n", " ")
-    preview = preview[:60] + ("…" if len(preview) > 60 else "")
-    return CommandResult("info", f"Removed the last exchange ({preview!r}).")
-
-
-def _cmd_retry(session: ChatSession, args: str) -> Reply:
-    return session.retry()
-
-
-def _cmd_save(session: ChatSession, args: str) -> CommandResult:
-    try:
-        words = shlex.split(args)
-    except ValueError as exc:
-        raise UsageError(f"/save: {exc}") from None
-    embed = "--embed" in words
-    paths = [w for w in words if w != "--embed"]
-    if len(paths) != 1:
-        raise UsageError("usage: /save [--embed] FILE")
-    saved = session.save(Path(paths[0]), embed_images=embed)
-    how = "embedded" if embed else "by reference"
-    state = (f"; KV cache of {saved.state_tokens:,} tokens beside it, so /load continues "
-             "at once" if saved.state_tokens else "")
-    return CommandResult("info", f"Saved {saved.messages} messages to {saved.path} "
-                                 f"(images {how}){state}.")
-
-
-def _cmd_load(session: ChatSession, args: str) -> CommandResult:
-    try:
-        words = shlex.split(args)
-    except ValueError as exc:
-        raise UsageError(f"/load: {exc}") from None
-    if len(words) != 1:
-        raise UsageError("usage: /load FILE")
-    loaded = session.load(Path(words[0]))
-    message = f"Loaded {len(loaded.conversation.messages)} messages from {words[0]}"
-    if loaded.state_tokens:
-        message += (f"; its KV cache is restored ({loaded.state_tokens:,} tokens), nothing to "
-                    "read again.")
-    else:
-        message += f"; no saved KV cache used ({loaded.state_ignored}): it will be read again."
-    return CommandResult("reply", message, data=loaded.conversation)
-
-
-def _cmd_stats(session: ChatSession, args: str) -> CommandResult:
-    return CommandResult("stats", data=session.stats())
-
-
-def _cmd_help(session: ChatSession, args: str) -> CommandResult:
-    return CommandResult("help", data=list(COMMANDS.values()))
-
-
-def _cmd_exit(session: ChatSession, args: str) -> CommandResult:
-    return CommandResult("exit")
-
-
-_SPECS = [
-    CommandSpec("image", "[--tokens N] PATH...", "attach images to your next message (or "
-                "drop a path into the message); --tokens N scales them to at most N tokens",
-                _cmd_image),
-    CommandSpec("system", "[TEXT]", "show or replace the system prompt", _cmd_system),
-    CommandSpec("clear", "", "start over (keeps the system prompt)", _cmd_clear),
-    CommandSpec("undo", "", "remove the last question and its answer", _cmd_undo),
-    CommandSpec("retry", "", "answer the last question again", _cmd_retry),
-    CommandSpec("save", "[--embed] FILE", "save the chat (--embed stores images inside)",
-                _cmd_save),
-    CommandSpec("load", "FILE", "load a saved chat", _cmd_load),
-    CommandSpec("stats", "", "speed, context use and token counts", _cmd_stats),
-    CommandSpec("help", "", "this list", _cmd_help),
-    CommandSpec("exit", "", "leave (also Ctrl-D)", _cmd_exit),
-]
-COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in _SPECS}
-ALIASES = {"quit": "exit", "q": "exit", "img": "image", "?": "help", "reset": "clear"}
-
-
-def command_names() -> list[str]:
-    """Every slash command, for completion."""
-    return sorted([*COMMANDS, *ALIASES])
-
