@@ -58,6 +58,22 @@ def test_run_with_images(tiny, make_image) -> None:
     assert json.loads(result.stdout)["stats"]["images_encoded"] == 1
 
 
+def test_run_with_an_image_budget_reports_the_split_first_token(tiny, make_image) -> None:
+    picture = make_image("photo.png", 504, 504)
+    result = runner.invoke(app, ["run", "Describe it", "--image", str(picture), "--json",
+                                 "--image-tokens", "100", *_model_flags(tiny), "-n", "2"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    (image,) = data["images"]
+    assert image["tokens"] <= 100 and image["full_tokens"] == 341
+    stats = data["stats"]
+    assert stats["image_tokens_encoded"] == image["tokens"]
+    assert stats["image_encode_s"] > 0 and stats["read_s"] > 0
+    assert stats["image_encode_s"] + stats["read_s"] <= stats["time_to_first_token_s"]
+    refused = runner.invoke(app, ["run", "x", "--image-tokens", "3", *_model_flags(tiny)])
+    assert refused.exit_code != 0 and "--image-tokens must be at least 16" in refused.stderr
+
+
 def test_run_with_a_bad_image_fails_cleanly(tiny, tmp_path: Path) -> None:
     fake = tmp_path / "fake.jpg"
     fake.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

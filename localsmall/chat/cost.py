@@ -20,8 +20,7 @@ from localsmall.images import MAX_IMAGE_TOKENS, MIN_IMAGE_BUDGET, PreparedImage
 
 TARGET_IMAGE_S = 20.0        # what the automatic budget aims for on a CPU
 SLOW_IMAGE_S = 10.0          # from here on, an image's cost is said before the turn
-MIN_MEASURED_TOKENS = 16     # shorter reads say little about the speed
-MIN_MEASURED_S = 0.2
+MIN_MEASURED_TOKENS = 32     # shorter reads say little about the speed
 MEASURED = "measured in this chat"
 PLANNED = "the plan's estimate"
 
@@ -68,10 +67,11 @@ def measured_speeds(turns: Sequence[TurnStats], planned: Speeds | None) -> Speed
     """The latest speeds measured in this chat (long enough reads only), the missing one
     scaled from the plan's ratio; the plan's estimate when nothing was measured."""
     prompt = next((t.read_tps for t in reversed(turns)
-                   if t.evaluated_tokens >= MIN_MEASURED_TOKENS and t.read_s >= MIN_MEASURED_S),
+                   if t.evaluated_tokens >= MIN_MEASURED_TOKENS and t.read_s > 0),
                   0.0)
     image = next((t.image_encode_tps for t in reversed(turns)
-                  if t.image_tokens_encoded and t.image_encode_s >= MIN_MEASURED_S), 0.0)
+                  if t.image_tokens_encoded >= MIN_MEASURED_TOKENS and t.image_encode_s > 0),
+                 0.0)
     if not prompt:
         return planned
     if not image and planned is not None and planned.prompt_tps > 0:
