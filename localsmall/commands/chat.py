@@ -7,26 +7,39 @@ from typing import TYPE_CHECKING
 from localsmall.commands.options import ModelArg, RunFlags, with_run_flags
 
 if TYPE_CHECKING:
-    from localsmall.engine.model import Engine
+    from localsmall.chat.session import ChatSession
     from localsmall.models.resolve import LocalBuild
     from localsmall.ui.chat_screen import ChatHeader
 
 
-def header_for(engine: Engine, build: LocalBuild) -> ChatHeader:
-    """The banner: what runs, where, with how much context."""
+def header_for(session: ChatSession, build: LocalBuild) -> ChatHeader:
+    """The banner: what runs, where, with how much context, how images are sized."""
     from localsmall.ui.chat_screen import ChatHeader
     from localsmall.units import gib_fixed
 
+    engine = session.engine
     info = engine.info
     where = (f"GPU ({info.n_gpu_layers} layers offloaded)" if info.n_gpu_layers
              else f"CPU, {engine.n_threads} threads")
     details = [
         f"{info.path.name} · {gib_fixed(info.size_bytes)} · {where}",
-        f"context {engine.n_ctx:,} tokens · vision {'on' if info.has_vision else 'off'}",
+        f"context {engine.n_ctx:,} tokens · vision {'on' if info.has_vision else 'off'}"
+        + _image_sizing(session),
         "Type a message, /help for commands, Ctrl-D to leave.",
     ]
     notices = [build.notice] if build.notice else []
     return ChatHeader(title=build.label, details=details, notices=notices)
+
+
+def _image_sizing(session: ChatSession) -> str:
+    policy = session.image_policy
+    if not session.engine.info.has_vision:
+        return ""
+    if policy.max_tokens is not None:
+        return f" · images up to {policy.max_tokens} tokens"
+    if policy.auto:
+        return f" · images sized for about {policy.target_s:.0f} s on this CPU"
+    return ""
 
 
 @with_run_flags
@@ -39,4 +52,4 @@ def chat(model: ModelArg = None, *, flags: RunFlags) -> None:
     options = flags.run_options(model)
     with started_session(options, flags.session_options(), yes=flags.yes) as (
             session, build, _):
-        run_chat(session, header_for(session.engine, build), history_path=paths.history_file())
+        run_chat(session, header_for(session, build), history_path=paths.history_file())
