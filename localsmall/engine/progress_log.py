@@ -46,7 +46,7 @@ def progress_line(event: Progress, elapsed_s: float) -> str:
     """'reading prompt: 120/351 (34%), 20.1 s, about 38 s left' (the ETA from the rate
     so far; none until there is one)."""
     share = event.done / event.total if event.total else 0.0
-    line = (f"{event.label or event.stage}: {event.done}/{event.total} ({share:.0%}), "
+    line = (f"{event.label or event.stage}: {int(event.done)}/{event.total} ({share:.0%}), "
             f"{elapsed_s:.1f} s")
     if 0 < event.done < event.total and elapsed_s > 0:
         line += f", about {elapsed_s * (event.total - event.done) / event.done:.0f} s left"

@@ -33,14 +33,14 @@ class ReadProgress:
         self._nodes += 1
         if self._report is not None and self._graph_nodes and self._nodes % 8 == 0:
             share = min(self._nodes / self._graph_nodes, 0.99)
-            self._emit(self.done + int(self._batch * share))
+            self._emit(self.done + self._batch * share)
 
     def end_batch(self, n_tokens: int) -> int:
         self.done += n_tokens
         self._emit(self.done)
         return 0
 
-    def _emit(self, done: int) -> None:
+    def _emit(self, done: float) -> None:
         if self._report is not None:
             self._report(Progress("prompt", done, self.todo, "reading prompt"))
 

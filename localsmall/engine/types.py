@@ -90,7 +90,7 @@ class Progress:
     """Progress of long work inside a turn, for progress bars."""
 
     stage: Literal["load", "image", "prompt"]
-    done: int
+    done: float      # may be fractional: a share of a batch (a batch can take a minute)
     total: int
     label: str = ""
 
