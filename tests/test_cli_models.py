@@ -97,8 +97,16 @@ def test_doctor_reports_machine_and_cache(monkeypatch: pytest.MonkeyPatch,
     data = json.loads(invoke("doctor", "--json").stdout)
     assert data["hardware"]["ram_total"] == 64 * GIB
     assert data["cache_dir"] == str(isolated_home / "hf" / "hub")
-    assert data["versions"]["llama-cpp-python"] == "0.3.36"
-    # The real machine, with an NVIDIA card this CPU-only build cannot use.
+    from importlib.metadata import version
+
+    assert data["versions"]["llama-cpp-python"] == version("llama-cpp-python")
+    # The real machine, as a CPU-only build of llama.cpp sees it (whatever this build
+    # is), with an NVIDIA card that build cannot use.
+    from localsmall.engine import devices
+
+    cpu_only = [d for d in devices.list_devices() if d.kind == "cpu"]
+    monkeypatch.setattr(devices, "supports_gpu_offload", lambda: False)
+    monkeypatch.setattr(devices, "list_devices", lambda: cpu_only)
     monkeypatch.delenv("LOCALSMALL_HARDWARE")
     monkeypatch.setattr(hardware, "_run", lambda *cmd: "NVIDIA GeForce RTX 4090, 24564\n"
                         if cmd[0] == "nvidia-smi" else "")
