@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from localsmall.catalog import load_catalog
 from localsmall.cli import app
+from localsmall.models.catalog import load_catalog
 
 runner = CliRunner()
 

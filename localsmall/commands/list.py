@@ -7,18 +7,14 @@ from localsmall.commands.options import JsonOpt
 
 def list_builds(as_json: JsonOpt = False) -> None:
     """Show local builds: quant, size, whether verified, whether the projector is there."""
-    from localsmall.builds import list_builds as find_builds
-    from localsmall.catalog import load_catalog
+    from localsmall.models.catalog import load_catalog
+    from localsmall.models.inventory import list_builds as find_builds
 
     builds = find_builds(load_catalog())
     if as_json:
-        import dataclasses
-        import json
+        from localsmall.ui.console import print_json
 
-        from localsmall.ui.console import stdout_write
-
-        rows = [dataclasses.asdict(b) | {"path": str(b.path)} for b in builds]
-        stdout_write(json.dumps(rows, indent=2) + "\n")
+        print_json([b.to_json() for b in builds])
         return
     from localsmall.ui.builds_view import show_builds
 

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from localsmall.catalog import Model
 from localsmall.errors import LocalsmallError, UsageError
-from localsmall.hardware import Hardware, detect
-from localsmall.memory import (
+from localsmall.models.catalog import Model
+from localsmall.models.resolve import local_builds, projector_file
+from localsmall.plan.hardware import Hardware, detect
+from localsmall.plan.memory import (
     MemoryEstimate,
     RunShape,
     TextWeights,
@@ -19,8 +20,9 @@ from localsmall.memory import (
     text_weights_from_file,
     vision_weights_from_file,
 )
-from localsmall.planner import Plan, budget_for, plan
-from localsmall.resolve import local_builds, projector_file
+from localsmall.plan.rules import Plan, budget_for, plan
+
+MIN_CTX = 256  # the smallest --ctx accepted: below it not even a short question fits
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,15 @@ def local_vision(model: Model, mmproj: Path | None = None) -> VisionWeights | No
         return None
 
 
+def check_ctx(ctx: int | None) -> None:
+    """--ctx is at least MIN_CTX tokens (None: the planner chooses)."""
+    if ctx is not None and ctx < MIN_CTX:
+        raise UsageError(f"--ctx must be at least {MIN_CTX} tokens")
+
+
 def make_plan(model: Model, request: PlanRequest, hardware: Hardware | None = None) -> Plan:
     """The plan for this machine (detected unless given)."""
-    if request.ctx is not None and request.ctx < 256:
-        raise UsageError("--ctx must be at least 256 tokens")
+    check_ctx(request.ctx)
     return plan(model, hardware or detect(), ctx=request.ctx, kv_type=request.kv_type,
                 quants=request.quants, n_gpu_layers=request.n_gpu_layers,
                 vision=request.vision, local=local_weights(model),
