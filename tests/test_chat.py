@@ -3,6 +3,7 @@ context overflow and interruption."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def test_context_overflow_drops_oldest_turns(tiny) -> None:
                 assert free >= session.reply_reserve() + 512 // 4, free
         assert len(trims) >= 2 and session.window_start > 0 and session.dropped_turns > 0
         # each turn takes ~60 positions: after a trim, the next turn still fits
-        assert all(b - a > 1 for a, b in zip(trims, trims[1:], strict=False)), trims
+        assert all(b - a > 1 for a, b in itertools.pairwise(trims)), trims
         sent = session._messages_for_model()
         assert sent[0].role == "system" and sent[0].text == "SYSTEM PROMPT STAYS"
         assert sent[1].role == "user"  # whole turns are dropped, never half of one

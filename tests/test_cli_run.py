@@ -44,7 +44,7 @@ def _run_json(*args: str, stdin: str | None = None) -> dict:
 def borrowed_engine(engine, monkeypatch):
     """`run` answers with the session's engine instead of loading the model again (the
     same tiny model; flags that change how the model is loaded have no effect)."""
-    from localsmall import runtime
+    from localsmall.runtime import start
 
     class Borrowed:
         """The engine, except that leaving `with` does not close it."""
@@ -59,7 +59,7 @@ def borrowed_engine(engine, monkeypatch):
         def __exit__(self, *exc: object) -> None:
             engine.reset()
 
-    monkeypatch.setattr(runtime, "load_engine", lambda *args, **kwargs: Borrowed())
+    monkeypatch.setattr(start, "load_engine", lambda *args, **kwargs: Borrowed())
     return engine
 
 
