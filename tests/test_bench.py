@@ -8,6 +8,7 @@ import io
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,13 @@ def test_compare_writes_a_markdown_table(tiny, tmp_path: Path) -> None:
     names = [row.split("|")[1].strip() for row in table[2:]]
     assert names == ["tiny-F16.gguf", "tiny-Q4_K_M.gguf"]  # largest file first
     assert table[2].split("|")[header.index("pp× / tg×") + 1].strip() == "1.00 / 1.00"
+    # the smaller file's speeds relative to the largest one's, from the same runs
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in table[2:4]]
+    pp, tg = (next(i for i, h in enumerate(header) if h.startswith(p)) for p in ("pp", "tg"))
+    ratio = [float(x) for x in cells[1][header.index("pp× / tg×")].split(" / ")]
+    for got, column in zip(ratio, (pp, tg), strict=True):
+        expected = float(cells[1][column].split()[0]) / float(cells[0][column].split()[0])
+        assert got == pytest.approx(expected, abs=0.011), (got, expected)
 
 
 # --- quality -------------------------------------------------------------------------------
@@ -233,3 +241,55 @@ def test_progress_renders_steps_and_model_loading() -> None:
         progress(Progress("load", 500, 1000, "loading model"))
         progress(BenchStep(3, 10, "[1/2] Q4_K_M: pp512 run 2/5"))
     assert "pp512 run 2/5" in screen.getvalue()
+
+
+# --- catalog builds: what `bench` picks by itself -------------------------------------------
+
+
+def _register(quant: str, model: Path, mmproj: Path | None) -> None:
+    from localsmall.models.catalog import load_catalog
+    from localsmall.models.registry import RegisteredBuild, register_build
+
+    register_build(RegisteredBuild(load_catalog().default.id, quant, str(model),
+                                   str(mmproj) if mmproj else None, "test"))
+
+
+def test_without_arguments_bench_measures_the_build_chat_would_run(tiny, monkeypatch
+                                                                   ) -> None:
+    _register("Q4_K_M", tiny.q4_k_m, tiny.mmproj)  # the plan's pick on the tests' machine
+    # The defaults, llama-bench's: pp512, tg128, 5 repetitions of the planned build.
+    from localsmall.bench import runner
+
+    requests = []
+    real_run = runner.run_bench
+    with monkeypatch.context() as quick:  # what would be measured, without the hour
+        quick.setattr(runner, "run_bench", lambda request, **kw: requests.append(request)
+                      or real_run(replace(request, n_prompt=16, n_gen=4, repetitions=1),
+                                  **kw))
+        data = bench_json()
+    (request,) = requests
+    assert (request.n_prompt, request.n_gen, request.repetitions) == (512, 128, 5)
+    assert [(t.ref, t.quant, t.model_path) for t in request.targets] == [(None, None, None)]
+    (row,) = data["speed"]
+    assert row["quant"] == "Q4_K_M" and row["file"] == str(tiny.q4_k_m)
+    assert row["image_tokens"] > 0  # the projector came with the build
+
+
+def test_quality_picks_the_best_build_on_disk_and_reads_a_text_file(
+        tiny, q8_0: Path, engine: Engine, tmp_path: Path) -> None:
+    from localsmall.engine.logits import text_tokens
+
+    _register("Q4_K_M", tiny.q4_k_m, None)
+    _register("Q8_0", q8_0, None)
+    text = tmp_path / "my-eval.txt"
+    text.write_text(" ".join(f"Sentence {i} says something about rivers and hills."
+                             for i in range(60)), encoding="utf-8")
+    n_tokens = len(text_tokens(engine, text.read_text(encoding="utf-8")))
+    assert 512 <= n_tokens < 1024  # exactly one chunk of 512
+    data = bench_json("--quant", "Q4_K_M", "--quality", "--text", text, "-p", "0", "-n", "0")
+    assert data["quality_text"] == "my-eval.txt"
+    ref, q4 = data["quality"]
+    # Not asked for, but on disk: Q8_0 is the highest-precision build, so the reference.
+    assert ref["is_reference"] and ref["file"] == str(q8_0) and ref["quant"] == "Q8_0"
+    assert q4["file"] == str(tiny.q4_k_m) and q4["reference"] == q8_0.name
+    assert (q4["chunks"], q4["tokens"]) == (1, 255) and q4["kld"] > 0

@@ -178,8 +178,11 @@ def test_doctor_json_is_a_machine_to_plan_for(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(hardware, "system_memory", lambda: (256 * GIB, 250 * GIB))
     assert json.loads(invoke("doctor", "--json").stdout)["hardware"]["ram_total"] == 256 * GIB
     monkeypatch.setenv("LOCALSMALL_HARDWARE", str(snapshot))
-    described = json.loads(invoke("doctor", "--json").stdout)
-    assert described["hardware"] == json.loads(laptop.stdout)["hardware"]
+    described = json.loads(invoke("doctor", "--json").stdout)["hardware"]
+    original = json.loads(laptop.stdout)["hardware"]
+    assert (original["source"], described["source"]) == ("detected", str(snapshot))
+    assert {k: v for k, v in described.items() if k != "source"} == \
+        {k: v for k, v in original.items() if k != "source"}
     assert json.loads(invoke("plan", "--json").stdout) == planned_there
 
 
