@@ -52,16 +52,21 @@ def test_timer_passes_fill_the_cache_like_llama_bench(engine: Engine) -> None:
     from localsmall.engine.timing import DecodeTimer
 
     with DecodeTimer(engine) as timer:
+        decoded: list[int] = []
+        decode = timer._decode
+        timer._decode = lambda tokens, pos: decoded.append(len(tokens)) or decode(tokens, pos)
         timer.prefill(20)
-        assert timer._next_pos() == 20
+        assert timer._next_pos() == 20 and sum(decoded) == 20
         assert timer.prompt(10) > 0
         assert timer._next_pos() == 30
         assert timer.generate(3) > 0
         assert timer._next_pos() == 33
         timer.clear()
         assert timer._next_pos() == 0
+        decoded.clear()
         timer.prefill(20)  # restored from the saved state, not recomputed
-        assert timer._next_pos() == 20
+        assert timer._next_pos() == 20 and decoded == []
+        assert timer.generate(1) > 0 and decoded == [1]
     assert engine.cached_positions == 0
 
 
@@ -236,11 +241,19 @@ def test_progress_renders_steps_and_model_loading() -> None:
 
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=100)
+    # The display is drawn a last time when it stops: what it shows then is checked.
+    with BenchProgress(console, enabled=True) as progress:
+        progress(BenchStep(0, 10, "[1/2] Q4_K_M: loading the model"))
+        progress(Progress("load", 500, 1000, "loading model"))
+    loading = screen.getvalue()
+    assert "Q4_K_M: loading the model" in loading and "0/10" in loading
+    assert "  loading" in loading and "500/1000" in loading  # the model's own load bar
     with BenchProgress(console, enabled=True) as progress:
         progress(BenchStep(0, 10, "[1/2] Q4_K_M: loading the model"))
         progress(Progress("load", 500, 1000, "loading model"))
         progress(BenchStep(3, 10, "[1/2] Q4_K_M: pp512 run 2/5"))
-    assert "pp512 run 2/5" in screen.getvalue()
+    assert "pp512 run 2/5" in screen.getvalue()[len(loading):]
+    assert "3/10" in screen.getvalue()[len(loading):]
 
 
 # --- catalog builds: what `bench` picks by itself -------------------------------------------
