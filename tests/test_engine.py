@@ -143,7 +143,7 @@ def _fake_cpu(extra_buffer_types: tuple[str, ...]) -> list:
 
 
 @pytest.mark.parametrize(("extra", "amx"), [(("AMX", "CPU_REPACK"), True),
-                                            (("CPU_REPACK",), False), ((), False)])
+                                            (("CPU_REPACK",), False)])
 def test_amx_cpus_keep_quantized_weights_in_plain_buffers(tiny, monkeypatch, extra, amx
                                                           ) -> None:
     # llama.cpp's AMX buffer crashes on batched decode (llama.cpp #20824): a CPU whose
