@@ -163,7 +163,7 @@ def llama_bench_command(binary: Path, model: Path, args: argparse.Namespace,
     cmd = [str(binary), "-m", str(model), "-p", str(args.n_prompt), "-n", str(args.n_gen),
            "-r", str(args.repetitions), "-t", str(args.threads), "-ngl", str(args.gpu_layers),
            "-b", str(args.batch), "-ub", str(min(args.batch, 512)), "-o", "json"]
-    return cmd + ["--repack", "1" if placement.repack else "0"]
+    return [*cmd, "--repack", "1" if placement.repack else "0"]
 
 
 def llama_bench_speeds(binary: Path, model: Path, args: argparse.Namespace,

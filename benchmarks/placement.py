@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from localsmall.engine.devices import BackendDevice, list_devices  # noqa: E402
+from localsmall.engine.devices import BackendDevice, list_devices
 
 AMX_CRASH = "llama.cpp's AMX weight buffer crashes on batched decodes (llama.cpp #20824)"
 

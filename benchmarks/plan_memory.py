@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from placement import reference_placement
+
 from localsmall.convert.gguf_files import TextHParams, VisionHParams
 from localsmall.engine import native
 from localsmall.engine.buffers import (
@@ -50,7 +52,6 @@ from localsmall.memory import (
     vision_weights_from_file,
     vision_work_bytes,
 )
-from placement import reference_placement
 from tests import tinymodels as tm
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "plan_memory"

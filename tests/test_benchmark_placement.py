@@ -22,10 +22,10 @@ from localsmall.engine.types import EngineSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import bench_vs_llama_bench  # noqa: E402
-import placement  # noqa: E402
-import run_overhead  # noqa: E402
-import weight_repack  # noqa: E402
+import bench_vs_llama_bench
+import placement
+import run_overhead
+import weight_repack
 
 
 def _cpu(*extra_bufts: str) -> list[BackendDevice]:
