@@ -187,7 +187,6 @@ def test_the_real_amx_decision_matches_this_cpu() -> None:
         # AMX buffers only on an AMX CPU, and always on one when llama.cpp has AMX
         assert not decision or has_amx
         assert decision or not (has_amx and built_with_amx)
-    assert decision == any("AMX" in b.upper() for b in cpu.extra_buffer_types)
 
 
 def test_img_break_rows_are_written_from_the_projector_file(engine: Engine) -> None:
