@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from localsmall.engine.types import Constraint
 from localsmall.errors import ToolsError
 
 CALL_ID_LENGTH = 9
@@ -186,3 +187,59 @@ def arguments_text(arguments: str | dict[str, Any] | None) -> str:
 def tool_by_name(tools: Sequence[ToolSpec], name: str) -> ToolSpec | None:
     """The tool called `name`, if any."""
     return next((t for t in tools if t.name == name), None)
+
+
+# --- constraining the reply ----------------------------------------------------------------
+
+
+def _parameters_schema(tool: ToolSpec) -> dict[str, Any] | None:
+    """The schema the arguments are held to: the tool's parameters, or (for a tool that is
+    not strict and whose schema cannot be enforced) any JSON object."""
+    from localsmall.engine.grammar import SchemaError, check_schema
+
+    schema = tool.parameters or {"type": "object"}
+    try:
+        check_schema(schema)
+    except SchemaError as exc:
+        if tool.strict:
+            raise ToolsError(f"tool {tool.name}: {exc}", param="tools") from None
+        return None
+    return schema
+
+
+def reply_constraint(*, tools: Sequence[ToolSpec] = (), tool_choice: ToolChoice | None = None,
+                     parallel_tool_calls: bool = True,
+                     response_format: ResponseFormat | None = None) -> Constraint | None:
+    """The constraint for a reply (None: free text). `required` and named tool choices
+    force calls whose arguments match the tool's schema; `auto` lets the model write text
+    or start a call, and holds a started call to the format; `none` forbids calls. A
+    `json_object`/`json_schema` response format holds the reply to JSON (with `auto`
+    the reply is either that JSON or calls). Raises ToolsError for schemas it cannot
+    enforce."""
+    from localsmall.engine.grammar import (
+        SchemaError,
+        forbid_tool_calls,
+        json_constraint,
+        tool_call_constraint,
+    )
+
+    choice = tool_choice or ToolChoice("auto")
+    fmt = response_format or ResponseFormat()
+    json_schema: dict[str, Any] | None = None
+    if fmt.kind != "text":
+        json_schema = fmt.schema if fmt.kind == "json_schema" and fmt.schema else {
+            "type": "object"}
+    try:
+        if not tools or choice.mode == "none":
+            if json_schema is not None:
+                return json_constraint(json_schema)
+            return forbid_tool_calls() if tools else None
+        offered = [t for t in tools if choice.mode != "named" or t.name == choice.name]
+        pairs = [(t.name, _parameters_schema(t)) for t in offered]
+        if choice.mode == "auto":
+            return tool_call_constraint(pairs, parallel=parallel_tool_calls, lazy=True,
+                                        or_json=json_schema)
+        return tool_call_constraint(pairs, parallel=parallel_tool_calls and
+                                    choice.mode == "required")
+    except SchemaError as exc:
+        raise ToolsError(f"response_format: {exc}", param="response_format") from None

@@ -22,6 +22,7 @@ import numpy as np
 
 from localsmall.engine import native
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
+from localsmall.engine.constrain import ConstrainedSampler
 from localsmall.engine.devices import cpu_has_amx_repack, default_threads
 from localsmall.engine.kvcache import (
     CacheItem,
@@ -226,6 +227,13 @@ class Engine:
         """A token as text, control tokens included ("[INST]")."""
         return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
 
+    @functools.cached_property
+    def control_tokens(self) -> dict[str, int]:
+        """Every control token of the vocabulary by its text ("[TOOL_CALLS]": 9)."""
+        llama = self._llama
+        return {self.token_piece(i): i for i in range(llama.llama_vocab_n_tokens(self.vocab))
+                if llama.llama_vocab_is_control(self.vocab, i)}
+
     @property
     def bos_token(self) -> str:
         return self.token_piece(self._llama.llama_vocab_bos(self.vocab))
@@ -412,6 +420,12 @@ class Engine:
         llama = self._llama
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = llama.llama_sampler_chain_add
+        if sampling.logit_bias:
+            n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+            biases = (llama.llama_logit_bias * len(sampling.logit_bias))(
+                *[llama.llama_logit_bias(t, b) for t, b in sampling.logit_bias])
+            add(chain, llama.llama_sampler_init_logit_bias(n_vocab, len(sampling.logit_bias),
+                                                           biases))
         if sampling.repeat_penalty != 1.0:
             n_vocab = llama.llama_vocab_n_tokens(self.vocab)
             add(chain, llama.llama_sampler_init_penalties(n_vocab, 64, sampling.repeat_penalty,
@@ -446,13 +460,22 @@ class Engine:
         stats = self._evaluate(items, prompt, on_progress)
         result.stats = stats
         sampler = self._sampler(sampling)
+        constrained = None
+        if sampling.constraint is not None:
+            try:
+                constrained = ConstrainedSampler(llama, self.vocab, sampler,
+                                                 sampling.constraint, self.control_tokens)
+            except BaseException:
+                llama.llama_sampler_free(sampler)
+                raise
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop: StopReason = ""
         first_token_at = 0.0
         gen_start = time.perf_counter()
         try:
             while True:
-                token = llama.llama_sampler_sample(sampler, self.ctx, -1)
+                token = (constrained.sample(self.ctx) if constrained is not None
+                         else llama.llama_sampler_sample(sampler, self.ctx, -1))
                 if not result.token_ids:
                     first_token_at = time.perf_counter()
                     gen_start = first_token_at
@@ -462,7 +485,8 @@ class Engine:
                 text = decoder.decode(self.token_bytes(token))
                 result.token_ids.append(token)
                 result.text += text
-                yield TokenEvent(token, text)
+                control = llama.llama_vocab_is_control(self.vocab, token)
+                yield TokenEvent(token, text, self.token_piece(token) if control else text)
                 if sampling.max_tokens is not None and len(result.token_ids) >= sampling.max_tokens:
                     stop = "length"
                     break
@@ -476,7 +500,10 @@ class Engine:
         finally:
             tail = decoder.decode(b"", final=True)
             result.text += tail
-            llama.llama_sampler_free(sampler)
+            if constrained is not None:
+                constrained.free()  # frees the chain too
+            else:
+                llama.llama_sampler_free(sampler)
             now = time.perf_counter()
             result.stats = replace(
                 result.stats, generated_tokens=len(result.token_ids), stop_reason=stop,
