@@ -81,9 +81,11 @@ def _digit_range(lo: str, hi: str) -> str:
         return literal(lo)
     if len(lo) == 1:
         return f"[{lo}-{hi}]"
+    n = len(lo) - 1
+    if lo[1:] == "0" * n and hi[1:] == "9" * n:  # every tail: keep the grammar small
+        return f"[{lo[0]}-{hi[0]}] [0-9]{{{n}}}"
     if lo[0] == hi[0]:
         return f"{literal(lo[0])} ( {_digit_range(lo[1:], hi[1:])} )"
-    n = len(lo) - 1
     parts = [f"{literal(lo[0])} ( {_digit_range(lo[1:], '9' * n)} )"]
     if int(lo[0]) + 1 <= int(hi[0]) - 1:
         parts.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}] [0-9]{{{n}}}")
