@@ -22,6 +22,7 @@ from localsmall.chat.conversation import (
     save_conversation,
 )
 from localsmall.chat.prompt import ChatTemplate, build_prompt
+from localsmall.chat.tools import ToolSpec
 from localsmall.engine.model import Engine, Generation
 from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
@@ -103,9 +104,17 @@ class Reply:
         self._done = False
 
     def __iter__(self) -> Iterator[str]:
+        return self._stream(spelled=False)
+
+    def pieces(self) -> Iterator[str]:
+        """Like iterating, with control tokens spelled out ("[TOOL_CALLS]"): what the
+        tool-call parser reads."""
+        return self._stream(spelled=True)
+
+    def _stream(self, *, spelled: bool) -> Iterator[str]:
         try:
             for event in self.generation:
-                yield event.text
+                yield event.piece if spelled else event.text
         finally:
             self._finish()
 
@@ -136,8 +145,10 @@ class ChatSession:
     """The state of one chat and the operations the user can perform on it."""
 
     def __init__(self, engine: Engine, *, system_prompt: str, sampling: SamplingSettings,
-                 template: ChatTemplate | None = None, model_label: str = "") -> None:
+                 template: ChatTemplate | None = None, model_label: str = "",
+                 tools: tuple[ToolSpec, ...] = ()) -> None:
         self.engine = engine
+        self.tools = tools             # offered to the model in every prompt
         self.template = template or ChatTemplate(engine.info.chat_template)
         self.conversation = Conversation(system=system_prompt)
         self.sampling = sampling
@@ -233,7 +244,8 @@ class ChatSession:
 
     def _prompt(self) -> list[PromptPiece]:
         return build_prompt(self.template, self._messages_for_model(), tokenize=self._tokenize,
-                            bos=self.engine.bos_token, eos=self.engine.eos_token)
+                            bos=self.engine.bos_token, eos=self.engine.eos_token,
+                            tools=self.tools or None)
 
     def reply_reserve(self) -> int:
         """Context positions kept free for the reply."""

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -34,6 +34,10 @@ from localsmall.commands.options import (
     sampling_options,
 )
 from localsmall.errors import UsageError
+
+if TYPE_CHECKING:
+    from localsmall.chat.tools import ToolSpec
+    from localsmall.engine.types import Constraint
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -71,11 +75,21 @@ def run(
     no_system: NoSystemOpt = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text and stats) instead of streaming.")] = False,
+    schema: Annotated[Path | None, typer.Option(
+        "--schema", help="Reply with JSON valid against this JSON schema file.",
+        rich_help_panel="Structured output")] = None,
+    tools_file: Annotated[Path | None, typer.Option(
+        "--tools", help="Offer these tools (a JSON file of OpenAI function definitions); "
+        "prints the reply's tool calls as JSON.", rich_help_panel="Structured output")] = None,
+    tool_choice: Annotated[str | None, typer.Option(
+        "--tool-choice", help="auto (default), required, none, or a function name.",
+        rich_help_panel="Structured output")] = None,
     verbose: VerboseOpt = False,
     yes: YesOpt = False,
 ) -> None:
     """Answer one prompt (with optional images) and exit."""
     from localsmall.chat.session import ChatSession
+    from localsmall.chat.structured import read_tool_reply
     from localsmall.runtime.options import load_engine, prepare, sampling_for, system_prompt_for
     from localsmall.ui.console import stdout_write
     from localsmall.ui.progress import DownloadProgress, WorkProgress
@@ -94,6 +108,7 @@ def run(
                           kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose)
     overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  max_tokens=max_tokens)
+    tools, constraint = _structured(schema, tools_file, tool_choice)  # checked before loading
     with DownloadProgress() as download:
         build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
     if images and build.mmproj_path is None:
@@ -103,11 +118,20 @@ def run(
     with engine:
         session = ChatSession(engine, system_prompt=system_prompt_for(build, system,
                                                                       disabled=no_system),
-                              sampling=sampling_for(build, overrides), model_label=build.label)
+                              sampling=dataclasses.replace(sampling_for(build, overrides),
+                                                           constraint=constraint),
+                              model_label=build.label, tools=tools)
         for path in images:
             session.attach(str(path))
         session.on_progress = progress
         reply = session.ask(text)
+        if tools:
+            calls = read_tool_reply(reply.pieces()).to_json()
+            progress.stop()
+            if as_json:
+                calls |= {"model": build.label, "stats": dataclasses.asdict(reply.stats)}
+            stdout_write(json.dumps(calls, ensure_ascii=False) + "\n")
+            return
         streamed = False
         for piece in reply:
             if not streamed:
@@ -124,3 +148,18 @@ def run(
                                     ensure_ascii=False) + "\n")
         else:
             stdout_write("\n")
+
+
+def _structured(schema: Path | None, tools_file: Path | None,
+                tool_choice: str | None) -> tuple[tuple[ToolSpec, ...], Constraint | None]:
+    """The tools to offer and the constraint for --schema / --tools / --tool-choice."""
+    from localsmall.chat.structured import load_schema_file, load_tools_file
+    from localsmall.chat.tools import parse_tool_choice, reply_constraint
+
+    if tool_choice is not None and tools_file is None:
+        raise UsageError("--tool-choice needs --tools")
+    tools = load_tools_file(tools_file) if tools_file is not None else ()
+    response_format = load_schema_file(schema) if schema is not None else None
+    choice = parse_tool_choice(tool_choice, tools) if tools else None
+    return tools, reply_constraint(tools=tools, tool_choice=choice,
+                                   response_format=response_format)

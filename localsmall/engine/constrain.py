@@ -77,6 +77,7 @@ class ConstrainedSampler:
         self.grammar = (grammar_sampler(llama, vocab, constraint, control)
                         if constraint.grammar else None)
         self._data = np.zeros(self.n_vocab, dtype=_DATA)
+        self._every = np.arange(self.n_vocab, dtype=np.int32)
         self._one = llama.llama_token_data(0, 0.0, 0.0)
 
     def _logits(self, ctx: Any) -> np.ndarray:
@@ -119,7 +120,7 @@ class ConstrainedSampler:
     def sample(self, ctx: Any) -> int:
         """The next token (also accepted by the chain and the grammar)."""
         logits = self._logits(ctx)
-        every = np.arange(self.n_vocab, dtype=np.int32)
+        every = self._every
         token = self._draw(every, logits)
         if self.grammar is not None and (token is None or not self._fits(token)):
             token = None
