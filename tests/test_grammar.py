@@ -41,7 +41,7 @@ TOOLS = parse_tools([{"type": "function", "function": {"name": "get_weather",
                      {"type": "function", "function": {"name": "convert",
                                                        "parameters": CONVERT}}])
 SCHEMAS = {"get_weather": WEATHER, "convert": CONVERT}
-SEEDS = (1, 2)  # a token costs ~0.1-1 s here (the shared CPU): keep replies short
+SEEDS = (1, 2)  # a token costs 0.1-1 s on a shared 2-core CPU: keep replies short
 
 
 def _prompt(engine: Engine, tools: tuple[ToolSpec, ...] = TOOLS) -> list[Any]:
@@ -94,16 +94,16 @@ def test_json_object_replies_are_objects(engine: Engine) -> None:
     # favouring "}" and see the reply end right there.
     pieces, _ = _generate(engine, constraint, seed=1, max_tokens=6)
     assert pieces.startswith("{") and pieces == pieces.lstrip()
-    close = ((engine.tokenize("}", special=False)[0], 10.0),)
+    close = tuple((t, 100.0) for t in engine.tokenize("{}", special=False))
     pieces, result = _generate(engine, constraint, seed=1, logit_bias=close)
     assert result.stats.stop_reason == "eos" and json.loads(pieces) == {}
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_required_tool_choice_forces_a_valid_call(engine: Engine, seed: int) -> None:
+def test_required_tool_choice_forces_a_valid_call(engine: Engine) -> None:
+    # (the named, auto and parallel tests below draw more calls, at other seeds)
     constraint = reply_constraint(tools=TOOLS, tool_choice=ToolChoice("required"),
                                   parallel_tool_calls=False)
-    pieces, result = _generate(engine, constraint, seed)
+    pieces, result = _generate(engine, constraint, seed=2)
     assert result.stats.stop_reason == "eos" and pieces.startswith("[TOOL_CALLS]")
     _check_call(_calls(pieces), {"get_weather", "convert"})
 
