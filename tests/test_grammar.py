@@ -187,3 +187,51 @@ def test_integer_ranges_hold_exactly_their_numbers(lo: int | None, hi: int | Non
         inside = (lo is None or n >= lo) and (hi is None or n <= hi)
         assert bool(pattern.fullmatch(str(n))) == inside, n
     assert not pattern.fullmatch("007") and not pattern.fullmatch("-0")
+
+
+# --- what the grammars accept and refuse (no generation: each token checked in turn) ------
+
+
+def _accepts(engine: Engine, constraint: Constraint | None, text: str) -> bool:
+    assert constraint is not None
+    return engine.constraint_accepts(constraint, engine.tokenize(text, special=True))
+
+
+def test_schema_grammar_accepts_valid_and_refuses_invalid_json(engine: Engine) -> None:
+    fmt = ResponseFormat("json_schema", WEATHER, True)
+    constraint = reply_constraint(response_format=fmt)
+    good = ['{"city": "Paris", "unit": "celsius"}',
+            '{"city":"","unit":"fahrenheit","days":14}',
+            '{\n  "city": "Oslo",\n  "unit": "celsius",\n  "days": 1\n}',
+            '{"city": "a\\"b\\u00e9", "unit": "celsius"}']
+    bad = ['{"city": "Paris"}', '{"city": "Toulouse", "unit": "celsius"}',
+           '{"city": "P", "unit": "celsius", "days": 15}',
+           '{"city": "P", "unit": "celsius", "days": 0}',
+           '{"city": "P", "unit": "kelvin"}', '{"city": "P", "unit": "celsius", "x": 1}',
+           '{"city": "P", "unit": "celsius"} trailing', '{"city": "a\nb", "unit": "celsius"}',
+           '{"city": "[INST]", "unit": "celsius"}']  # a control token inside a string
+    for text in good:
+        jsonschema.validate(json.loads(text), WEATHER)
+        assert _accepts(engine, constraint, text), text
+    for text in bad:
+        assert not _accepts(engine, constraint, text), text
+
+
+def test_tool_call_grammar_accepts_mistral_calls_only(engine: Engine) -> None:
+    required = reply_constraint(tools=TOOLS, tool_choice=ToolChoice("required"))
+    call = '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Rome", "unit": "celsius"}'
+    other = '[TOOL_CALLS]convert[ARGS]{"value": -40, "to": ["K", "F"]}'
+    assert _accepts(engine, required, call)
+    assert _accepts(engine, required, other)  # [CALL_ID] may be left out
+    assert _accepts(engine, required, call + other)  # parallel calls
+    for bad in ["Sure! " + call, call.replace("get_weather", "get_time"),
+                call.replace("a1B2c3D4e", "a1B2c3D4"), call.replace('"Rome"', "Rome"),
+                other.replace("-40", "-41"), call.replace("[TOOL_CALLS]", "[INST]")]:
+        assert not _accepts(engine, required, bad), bad
+    single = reply_constraint(tools=TOOLS, tool_choice=ToolChoice("named", "convert"))
+    assert _accepts(engine, single, other) and not _accepts(engine, single, other + other)
+    assert not _accepts(engine, single, call)
+    lazy = reply_constraint(tools=TOOLS, tool_choice=ToolChoice("auto"))
+    assert _accepts(engine, lazy, "Plain text, [brackets] and {braces} are free.")
+    assert _accepts(engine, lazy, "Let me check. " + call)
+    assert not _accepts(engine, lazy, "Let me check. " + call.replace('"Rome"', "1"))

@@ -34,7 +34,7 @@ _BASE = {
     "digits": "[0-9]{1,16}",
     "uint": '"0" | [1-9] [0-9]{0,15}',
     "integer": '"-"? uint',
-    "number": '"-"? uint ( "." digits )? ( [eE] [-+]? [0-9]{1,3} )?',
+    "number": '"-"? uint ( "." digits )? ( [eE] [-+]? [0-9]{1,2} )?',  # 1e999 is inf
     "boolean": '"true" | "false"',
     "null": '"null"',
     "value": "object | array | string | number | boolean | null",

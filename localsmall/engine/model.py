@@ -20,7 +20,7 @@ import numpy as np
 
 from localsmall.engine import native
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
-from localsmall.engine.constrain import ConstrainedSampler
+from localsmall.engine.constrain import ConstrainedSampler, constraint_accepts
 from localsmall.engine.devices import default_threads
 from localsmall.engine.kvcache import (
     CacheItem,
@@ -36,6 +36,7 @@ from localsmall.engine.state import StateMeta, engine_fingerprint, load_kv_state
 from localsmall.engine.tokenizer import Tokenizer
 from localsmall.engine.types import (
     KV_TYPES,
+    Constraint,
     EngineSettings,
     ImageSlot,
     ProgressCallback,
@@ -110,6 +111,11 @@ class Engine:
     def control_tokens(self) -> dict[str, int]:
         """Every control token of the vocabulary by its text ("[TOOL_CALLS]": 9)."""
         return self.tokenizer.control_tokens
+
+    def constraint_accepts(self, constraint: Constraint, tokens: Sequence[int]) -> bool:
+        """Whether a reply of exactly `tokens` meets `constraint` (for tests and checks)."""
+        return constraint_accepts(self._llama, self.vocab, constraint, self.control_tokens,
+                                  list(tokens))
 
     @property
     def bos_token(self) -> str:
