@@ -56,13 +56,19 @@ def _generate(engine: Engine, constraint: Constraint | None, seed: int, *,
     sampling = SamplingSettings(temperature=1.0, seed=seed, max_tokens=max_tokens,
                                 constraint=constraint, **extra)
     generation = engine.generate(_prompt(engine), sampling)
-    pieces = "".join(event.piece for event in generation)
-    return pieces, generation.result
+    _STREAMED[:] = [event.piece for event in generation]
+    return "".join(_STREAMED), generation.result
+
+
+_STREAMED: list[str] = []  # the pieces of the last reply, as the engine streamed them
 
 
 def _calls(pieces: str) -> ToolCallParser:
+    """The parser fed the last reply token by token (as a server streams it)."""
+    assert "".join(_STREAMED) == pieces
     parser = ToolCallParser()
-    parser.feed(pieces)
+    for piece in _STREAMED:
+        parser.feed(piece)
     parser.finish()
     return parser
 
