@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from localsmall.engine import native
+from localsmall.engine import native, rpc
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
 from localsmall.engine.devices import cpu_has_amx_repack, default_threads
 from localsmall.engine.kvcache import (
@@ -33,6 +33,7 @@ from localsmall.engine.kvcache import (
     positions,
 )
 from localsmall.engine.progress import ReadProgress
+from localsmall.engine.rpc import RemoteDevice
 from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
 from localsmall.engine.types import (
     KV_TYPES,
@@ -68,6 +69,8 @@ class Engine:
             if path is not None and not Path(path).is_file():
                 raise ModelNotFoundError(f"{what} file not found: {path}")
         self.settings = settings
+        self.remote_devices: tuple[RemoteDevice, ...] = ()
+        self._rpc_lost = False
         self._llama = native.llama()
         native.set_verbose(settings.verbose)
         self.n_threads = settings.n_threads or default_threads()
@@ -127,6 +130,8 @@ class Engine:
 
         callback = llama.llama_progress_callback(report)
         params.progress_callback = callback
+        if self.settings.rpc_servers:
+            self._place_on_workers(params)
         model = llama.llama_model_load_from_file(str(self.settings.model_path).encode(), params)
         if interrupted:
             if model:
@@ -137,6 +142,36 @@ class Engine:
                 f"llama.cpp could not load {self.settings.model_path}: not a GGUF model it "
                 f"supports, or the file is damaged{native.last_error_suffix()}")
         return model
+
+    def _place_on_workers(self, params: Any) -> None:
+        """Offload to the workers' devices only (llama.cpp takes a NULL-terminated
+        device list; the local CPU keeps the first layers and the input embeddings)."""
+        self.remote_devices = tuple(rpc.connect(self.settings.rpc_servers))
+        handles = [d.handle for d in self.remote_devices]
+        self._device_list = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
+        params.devices = ctypes.addressof(self._device_list)
+        split = self.settings.tensor_split
+        if split:
+            if len(split) != len(handles):
+                raise EngineError(f"{len(split)} split shares for {len(handles)} remote "
+                                  "devices")
+            n_max = max(int(self._llama.llama_max_devices()), len(split))
+            self._split = (ctypes.c_float * n_max)(*split)
+            params.tensor_split = self._split
+
+    def _check_workers(self) -> None:
+        """Before touching remote buffers: a worker that is gone would make llama.cpp
+        abort the process, so say so while the caller can still keep its state."""
+        if not self.settings.rpc_servers:
+            return
+        if self._rpc_lost:
+            raise rpc.WorkerLostError("a worker was lost earlier in this session; "
+                                      "restart it and start again")
+        try:
+            rpc.check_alive(self.settings.rpc_servers)
+        except rpc.WorkerLostError:
+            self._rpc_lost = True
+            raise
 
     def _flash_attn_type(self) -> int:
         llama = self._llama
@@ -400,6 +435,7 @@ class Engine:
         (float32, one per vocabulary entry). For checking a model against a reference."""
         if not tokens:
             raise EngineError("logits_for needs at least one token")
+        self._check_workers()
         self.reset()
         self._decode_tokens(list(tokens), logits_last=True)
         n_vocab = self._llama.llama_vocab_n_tokens(self.vocab)
@@ -443,6 +479,7 @@ class Engine:
         llama = self._llama
         turn_start = time.perf_counter()
         items = self.layout(prompt)
+        self._check_workers()
         stats = self._evaluate(items, prompt, on_progress)
         result.stats = stats
         sampler = self._sampler(sampling)
@@ -546,6 +583,11 @@ class Engine:
     def close(self) -> None:
         """Free the projector, context and model."""
         llama = self._llama
+        if getattr(self, "_rpc_lost", False):
+            # Freeing remote buffers needs the lost worker (llama.cpp would abort):
+            # leave them to the end of the process.
+            self.projector = self._batch = self.ctx = self.model = None
+            return
         if getattr(self, "projector", None) is not None:
             self.projector.close()  # type: ignore[union-attr]
             self.projector = None
