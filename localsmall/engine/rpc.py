@@ -23,7 +23,7 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -389,14 +389,23 @@ def check_port_free(host: str, port: int) -> None:
                               "pick another --port or --host") from None
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A worker about to serve: where, which devices, which cache."""
+
+    endpoint: str
+    devices: tuple[WorkerDevice, ...]
+    cache_dir: Path | None
+    n_threads: int
+    handles: tuple[int, ...] = field(default=(), repr=False)
+
+
 @dataclass
 class RunningWorker:
     """A worker serving in a background thread of this process (it serves until the
     process ends: llama.cpp's server has no stop call)."""
 
-    endpoint: str
-    devices: tuple[WorkerDevice, ...]
-    cache_dir: Path | None
+    spec: WorkerSpec
     thread: threading.Thread
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -405,42 +414,34 @@ class RunningWorker:
         return not self.thread.is_alive()
 
 
-def start_worker(*, host: str, port: int, devices: Sequence[str] | None = None,
-                 cache_dir: Path | None = None, n_threads: int | None = None) -> RunningWorker:
-    """Start llama.cpp's RPC server on host:port exposing local devices, in a daemon
-    thread (ggml_backend_rpc_start_server never returns while it serves)."""
+def worker_spec(*, host: str, port: int, devices: Sequence[str] | None = None,
+                cache_dir: Path | None = None, n_threads: int | None = None) -> WorkerSpec:
+    """Check the address is free and pick the devices to expose."""
     from localsmall.engine.devices import _ggml, default_threads
 
     check_port_free(host, port)
     chosen = choose_devices(devices)
     ggml = _ggml()
-    handles = []
-    for dev in chosen:
-        handles.append(ggml.ggml_backend_dev_get(dev.index))
-    array = (ctypes.c_void_p * len(handles))(*handles)
-    if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    ep = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    threads = n_threads or default_threads()
-    lib = _lib()
-    args = (ep.encode(), str(cache_dir).encode() if cache_dir else None, threads,
-            len(handles), array)
-    thread = threading.Thread(target=lambda: lib.ggml_backend_rpc_start_server(*args),
-                              name="rpc-server", daemon=True)
-    thread.start()
+    handles = tuple(int(ggml.ggml_backend_dev_get(d.index)) for d in chosen)
     exposed = tuple(WorkerDevice(d.name, d.description, d.kind, d.memory_free, d.memory_total)
                     for d in chosen)
-    return RunningWorker(ep, exposed, cache_dir, thread)
+    ep = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return WorkerSpec(ep, exposed, cache_dir, n_threads or default_threads(), handles)
 
 
-@contextlib.contextmanager
-def stdout_to(fd: int) -> Iterator[None]:
-    """Send what llama.cpp prints on stdout (the server's banner) to another fd."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(fd, 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+def serve(spec: WorkerSpec) -> RunningWorker:
+    """Start llama.cpp's RPC server in a daemon thread
+    (ggml_backend_rpc_start_server never returns while it serves)."""
+    if spec.cache_dir is not None:
+        spec.cache_dir.mkdir(parents=True, exist_ok=True)
+    array = (ctypes.c_void_p * len(spec.handles))(*spec.handles)
+    lib = _lib()
+    args = (spec.endpoint.encode(), str(spec.cache_dir).encode() if spec.cache_dir else None,
+            spec.n_threads, len(spec.handles), array)
+
+    def run() -> None:
+        lib.ggml_backend_rpc_start_server(*args)
+
+    thread = threading.Thread(target=run, name="rpc-server", daemon=True)
+    thread.start()
+    return RunningWorker(spec, thread)

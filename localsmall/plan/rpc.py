@@ -1,0 +1,209 @@
+"""Splitting a model between this machine and RPC workers (llama.cpp's RPC backend).
+
+llama.cpp keeps the input embeddings and the first layers on the local CPU and gives
+the last `n_gpu_layers` slots (the output head is the last one) to the remote devices in
+the order given, shared in proportion to `tensor_split`. Each layer's KV cache lives with
+the layer. The vision projector runs where mtmd puts it: on this machine (workers are
+not in the device list it picks from).
+
+The rule: every device gets layers in proportion to the memory it has left once its
+fixed buffers are counted (the local CPU: input embeddings, vocabulary, logits and the
+projector; the last worker: the output head and its logits compute buffer), as
+llama.cpp's own default split does, so that every machine keeps the same headroom. The
+context shrinks by halves (down to the catalog's floor) when the total does not fit.
+
+The network's cost per generated token: each worker receives the hidden state and the
+attention inputs (positions and the KQ mask over the cached positions), passes the
+hidden state on through this machine, and the last one returns the logits; a few round
+trips per worker. `benchmarks/rpc_split.py` measures the real figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from localsmall.plan.memory import (
+    DeviceUse,
+    MemoryEstimate,
+    RunShape,
+    TextWeights,
+    VisionWeights,
+    estimate,
+    kv_layer_bytes,
+    vision_compute_bytes,
+    vision_work_bytes,
+)
+
+GIB = 1024**3
+MIB = 1024**2
+WORKER_RESERVE_MIN = 512 * MIB   # the worker's own process, its backend's scratch
+WORKER_RESERVE_SHARE = 0.05
+ROUND_TRIPS_PER_WORKER = 4       # set inputs, compute, (copy out), synchronise; per token
+LAN_BANDWIDTH = 1e9 / 8          # 1 Gbit/s in bytes/s
+LAN_LATENCY_S = 0.0003           # a round trip on a switched gigabit LAN
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """A remote device and its memory, read from the worker (or given for planning)."""
+
+    endpoint: str
+    name: str            # llama.cpp's name for it here: RPC0, RPC1, ...
+    memory_free: int
+    memory_total: int
+
+    @property
+    def budget(self) -> int:
+        """What the plan may use on it, after a safety margin."""
+        reserve = max(WORKER_RESERVE_MIN, int(self.memory_total * WORKER_RESERVE_SHARE))
+        return max(self.memory_free - reserve, 0)
+
+
+@dataclass(frozen=True)
+class Share:
+    """One device's part of the split."""
+
+    device: str                # "CPU" or the remote device's name
+    endpoint: str | None       # None for this machine
+    first_layer: int
+    n_layers: int
+    output: bool               # holds the output head
+    memory: DeviceUse
+    budget: int
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.budget
+
+
+@dataclass(frozen=True)
+class RpcSplit:
+    """How a build is split over this machine and the workers."""
+
+    n_ctx: int
+    n_gpu_layers: int                  # for llama.cpp (the output head counts)
+    tensor_split: tuple[float, ...]    # one share per remote device, for llama.cpp
+    shares: tuple[Share, ...]          # the local CPU first, then the workers
+    memory: MemoryEstimate
+    bytes_per_token: int               # network traffic per generated token (estimate)
+    round_trips_per_token: int
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.shares)
+
+    def network_seconds_per_token(self, *, bandwidth: float = LAN_BANDWIDTH,
+                                  latency: float = LAN_LATENCY_S) -> float:
+        """Time the network adds to each generated token."""
+        return self.bytes_per_token / bandwidth + self.round_trips_per_token * latency
+
+
+def network_bytes_per_token(text: TextWeights, run: RunShape, n_workers: int) -> int:
+    """Bytes crossing the network per generated token: per worker the hidden state in
+    and out (f32), the positions and the KQ mask over the cache (f16 with flash
+    attention, else f32), and the output head's logits (f32) back from the last one."""
+    shape = text.shape
+    hidden = shape.n_embd * 4
+    mask = run.n_kv * (2 if run.flash_attn else 4)
+    per_worker = 2 * hidden + mask + 64
+    return n_workers * per_worker + shape.n_vocab * 4
+
+
+def _counts(capacity: Sequence[int], per_layer: int, n_layers: int) -> list[int]:
+    """Layers per device in proportion to capacity (largest remainder), never more
+    than a device holds; the total may fall short when everything is full."""
+    room = [max(c, 0) // max(per_layer, 1) for c in capacity]
+    total = sum(max(c, 0) for c in capacity)
+    if total == 0:
+        return [0] * len(capacity)
+    ideal = [n_layers * max(c, 0) / total for c in capacity]
+    counts = [min(int(x), r) for x, r in zip(ideal, room, strict=True)]
+    order = sorted(range(len(capacity)), key=lambda i: ideal[i] - int(ideal[i]), reverse=True)
+    while sum(counts) < n_layers:
+        free = [i for i in order if counts[i] < room[i]]
+        if not free:
+            break
+        counts[free[0]] += 1
+        order.remove(free[0])
+        order.append(free[0])
+    return counts
+
+
+def _fixed_costs(text: TextWeights, run: RunShape, workers: Sequence[WorkerMemory],
+                 vision: VisionWeights | None) -> list[int]:
+    """Memory each device needs before any repeating layer: the estimate with no layer
+    anywhere but the output head on the last worker."""
+    names = [w.name for w in workers]
+    base = estimate(text, run, n_gpu_layers=1, gpus=names, split=[0.0] * (len(names) - 1)
+                    + [1.0])
+    fixed = [base.on("CPU").total + _projector_bytes(vision, run)]
+    fixed += [base.on(n).total for n in names]
+    return fixed
+
+
+def _projector_bytes(vision: VisionWeights | None, run: RunShape) -> int:
+    if vision is None:
+        return 0
+    return (vision.weights + vision_compute_bytes(vision, flash_attn=run.flash_attn)
+            + vision_work_bytes(vision))
+
+
+def split(text: TextWeights, run: RunShape, *, local_budget: int,
+          workers: Sequence[WorkerMemory], vision: VisionWeights | None = None,
+          counts: Sequence[int] | None = None) -> RpcSplit:
+    """Place the layers over this machine (first) and the workers (in order). `counts`
+    forces the layers per device (local first); otherwise they follow memory."""
+    if not workers:
+        raise ValueError("split needs at least one worker")
+    n_layers = text.shape.n_layers
+    per_layer = max(text.layers, default=0) + kv_layer_bytes(text.shape, run)
+    budgets = [local_budget, *(w.budget for w in workers)]
+    if counts is None:
+        fixed = _fixed_costs(text, run, workers, vision)
+        counts = _counts([b - f for b, f in zip(budgets, fixed, strict=True)], per_layer,
+                         n_layers)
+        if sum(counts) < n_layers:  # short of memory: spread anyway, it will not fit
+            counts = _counts(budgets, 1, n_layers)
+            counts[0] += n_layers - sum(counts)
+    counts = list(counts)
+    if len(counts) != len(budgets) or sum(counts) != n_layers:
+        raise ValueError("counts must give every layer to one device")
+    remote = counts[1:]
+    n_gpu_layers = sum(remote) + 1
+    shares_for_llama = tuple(float(c) for c in remote[:-1]) + (float(remote[-1] + 1),)
+    names = [w.name for w in workers]
+    memory = estimate(text, run, n_gpu_layers=n_gpu_layers, gpus=names,
+                      split=shares_for_llama)
+    cpu = memory.on("CPU")
+    cpu = dataclasses.replace(cpu, projector=_projector_bytes(vision, run))
+    devices = (cpu, *(memory.on(n) for n in names))
+    memory = dataclasses.replace(memory, devices=tuple(d for d in devices
+                                                       if d.device == "CPU" or d.total))
+    shares, first = [], 0
+    for i, device in enumerate(devices):
+        shares.append(Share(device=device.device,
+                            endpoint=None if i == 0 else workers[i - 1].endpoint,
+                            first_layer=first, n_layers=counts[i],
+                            output=i == len(devices) - 1, memory=device,
+                            budget=budgets[i]))
+        first += counts[i]
+    active = sum(1 for c in remote if c) or 1
+    return RpcSplit(n_ctx=run.n_ctx, n_gpu_layers=n_gpu_layers,
+                    tensor_split=shares_for_llama, shares=tuple(shares), memory=memory,
+                    bytes_per_token=network_bytes_per_token(text, run, active),
+                    round_trips_per_token=ROUND_TRIPS_PER_WORKER * active)
+
+
+def best_split(text: TextWeights, runs: Sequence[RunShape], *, local_budget: int,
+               workers: Sequence[WorkerMemory],
+               vision: VisionWeights | None = None) -> RpcSplit:
+    """The split at the first (largest) context that fits, else at the last one."""
+    result = None
+    for run in runs:
+        result = split(text, run, local_budget=local_budget, workers=workers, vision=vision)
+        if result.fits:
+            return result
+    assert result is not None, "no context to try"
+    return result
