@@ -17,6 +17,7 @@ from localsmall.commands.options import (
     NoSystemOpt,
     NoVisionOpt,
     QuantOpt,
+    RpcOpt,
     SeedOpt,
     SystemOpt,
     TemperatureOpt,
@@ -70,6 +71,7 @@ def chat(
     max_tokens: MaxTokensOpt = None,
     system: SystemOpt = None,
     no_system: NoSystemOpt = False,
+    rpc: RpcOpt = None,
     verbose: VerboseOpt = False,
     yes: YesOpt = False,
 ) -> None:
@@ -83,7 +85,8 @@ def chat(
 
     options = run_options(model=model, model_path=model_path, mmproj=mmproj, quant=quant,
                           no_vision=no_vision, ctx=ctx, gpu_layers=gpu_layers, threads=threads,
-                          kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose)
+                          kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose,
+                          rpc=rpc)
     overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  max_tokens=max_tokens)
     with DownloadProgress() as download:

@@ -38,6 +38,10 @@ FlashAttnOpt = Annotated[bool | None, typer.Option(
     rich_help_panel="Engine", show_default=False)]
 BatchOpt = Annotated[int, typer.Option(
     "--batch", help="Prompt tokens evaluated per llama.cpp call.", rich_help_panel="Engine")]
+RpcOpt = Annotated[list[str] | None, typer.Option(
+    "--rpc", help="RPC workers (`localsmall worker` on other machines) that take part of the "
+    "model: HOST:PORT, comma-separated or repeated.", rich_help_panel="Engine",
+    show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Show llama.cpp's own logs.", rich_help_panel="Engine")]
 TemperatureOpt = Annotated[float | None, typer.Option(
@@ -62,14 +66,21 @@ NoSystemOpt = Annotated[bool, typer.Option(
 def run_options(*, model: str | None, model_path: Path | None, mmproj: Path | None,
                 quant: str | None, no_vision: bool, ctx: int | None, gpu_layers: int | None,
                 threads: int | None, kv_type: str, flash_attn: bool | None, batch: int,
-                verbose: bool) -> RunOptions:
+                verbose: bool, rpc: list[str] | None = None) -> RunOptions:
     """RunOptions from the shared flags, with the checks that need no model."""
     if kv_type not in KV_TYPES:
         raise UsageError(f"--kv-type must be one of {', '.join(KV_TYPES)}")
     return RunOptions(ref=model, quant=quant, model_path=model_path, mmproj_path=mmproj,
                       vision=not no_vision, n_ctx=ctx, n_gpu_layers=gpu_layers,
                       n_threads=threads, kv_type=kv_type, flash_attn=flash_attn,
-                      n_batch=batch, verbose=verbose)
+                      n_batch=batch, verbose=verbose, rpc=rpc_endpoints(rpc))
+
+
+def rpc_endpoints(values: list[str] | None) -> tuple[str, ...]:
+    """Worker endpoints from --rpc values (none: an empty tuple)."""
+    from localsmall.engine.rpc import parse_endpoints
+
+    return parse_endpoints(values) if values else ()
 
 
 def sampling_options(*, temperature: float | None, top_p: float | None, top_k: int | None,

@@ -22,6 +22,7 @@ from localsmall.commands.options import (
     NoSystemOpt,
     NoVisionOpt,
     QuantOpt,
+    RpcOpt,
     SeedOpt,
     SystemOpt,
     TemperatureOpt,
@@ -71,6 +72,7 @@ def run(
     no_system: NoSystemOpt = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text and stats) instead of streaming.")] = False,
+    rpc: RpcOpt = None,
     verbose: VerboseOpt = False,
     yes: YesOpt = False,
 ) -> None:
@@ -91,7 +93,8 @@ def run(
                           # The projector is loaded only when there are images to read.
                           no_vision=no_vision or not images, ctx=ctx, gpu_layers=gpu_layers,
                           threads=threads,
-                          kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose)
+                          kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose,
+                          rpc=rpc)
     overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  max_tokens=max_tokens)
     with DownloadProgress() as download:

@@ -21,9 +21,11 @@ trips per worker. `benchmarks/rpc_split.py` measures the real figure.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from localsmall.errors import UsageError
+from localsmall.models.catalog import Model
 from localsmall.plan.memory import (
     DeviceUse,
     MemoryEstimate,
@@ -35,6 +37,7 @@ from localsmall.plan.memory import (
     vision_compute_bytes,
     vision_work_bytes,
 )
+from localsmall.plan.rules import CLOSE_KLD, candidates, context_steps
 
 GIB = 1024**3
 MIB = 1024**2
@@ -172,7 +175,7 @@ def split(text: TextWeights, run: RunShape, *, local_budget: int,
         raise ValueError("counts must give every layer to one device")
     remote = counts[1:]
     n_gpu_layers = sum(remote) + 1
-    shares_for_llama = tuple(float(c) for c in remote[:-1]) + (float(remote[-1] + 1),)
+    shares_for_llama = (*(float(c) for c in remote[:-1]), float(remote[-1] + 1))
     names = [w.name for w in workers]
     memory = estimate(text, run, n_gpu_layers=n_gpu_layers, gpus=names,
                       split=shares_for_llama)
@@ -207,3 +210,89 @@ def best_split(text: TextWeights, runs: Sequence[RunShape], *, local_budget: int
             return result
     assert result is not None, "no context to try"
     return result
+
+
+# --- choosing a build for this machine and its workers ----------------------------------
+
+
+@dataclass(frozen=True)
+class RpcOption:
+    """How one build would be split."""
+
+    quant: str
+    split: RpcSplit
+    quality: int
+    kld: float
+    size: int
+    vision: bool
+    exact: bool
+
+
+@dataclass(frozen=True)
+class RpcPlan:
+    """Every build split over this machine and the workers, and the one to run."""
+
+    model_id: str
+    workers: tuple[WorkerMemory, ...]
+    local_budget: int
+    options: tuple[RpcOption, ...]
+    choice: RpcOption | None
+    reason: str
+
+
+def plan_rpc(model: Model, *, workers: Sequence[WorkerMemory], local_budget: int,
+             ctx: int | None = None, kv_type: str = "f16", n_batch: int = 512,
+             flash_attn: bool = True, vision: bool = True,
+             quants: Sequence[str] | None = None,
+             local: Mapping[str, TextWeights] | None = None,
+             local_vision: VisionWeights | None = None) -> RpcPlan:
+    """The best quality that fits over this machine and the workers: among the quants
+    close to the original, at the requested context or its half; else any quant at
+    any context down to the catalog's floor."""
+    builds = candidates(model, local=local, local_vision=local_vision, vision=vision,
+                        quants=quants)
+    steps = context_steps(model, ctx or model.default_context, ctx is not None)
+    options = []
+    for build in builds:
+        runs = [RunShape(n_ctx=n, kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn)
+                for n in steps]
+        result = best_split(build.text, runs, local_budget=local_budget, workers=workers,
+                            vision=build.vision)
+        options.append(RpcOption(build.quant.quant, result, build.quant.quality,
+                                 build.quant.kld, build.quant.remote.size,
+                                 build.vision is not None, build.text.exact))
+    long_enough = set(steps[:2])
+    choice = next((o for o in options if o.split.fits and o.kld <= CLOSE_KLD
+                   and o.split.n_ctx in long_enough), None)
+    choice = choice or next((o for o in options if o.split.fits), None)
+    total = local_budget + sum(w.budget for w in workers)
+    if choice is None:
+        smallest = min(options, key=lambda o: o.split.memory.total) if options else None
+        need = f" (the smallest needs about {smallest.split.memory.total / GIB:.1f} GiB)" \
+            if smallest else ""
+        reason = (f"No build fits in {total / GIB:.1f} GiB over this machine and "
+                  f"{len(workers)} remote device(s){need}; add a worker or free memory.")
+    else:
+        reason = (f"{choice.quant} at {choice.split.n_ctx:,} tokens: the best quality that "
+                  f"fits in {total / GIB:.1f} GiB over this machine and "
+                  f"{len(workers)} remote device(s).")
+    return RpcPlan(model.id, tuple(workers), local_budget, tuple(options), choice, reason)
+
+
+def parse_worker_memory(spec: str) -> WorkerMemory | None:
+    """`HOST:PORT=16GiB` (a simulated worker, for planning): None without `=`."""
+    address, sep, size = spec.partition("=")
+    if not sep:
+        return None
+    text = size.strip().lower().replace(" ", "")
+    units = {"tib": 1024**4, "gib": GIB, "mib": MIB, "tb": 10**12, "gb": 10**9, "mb": 10**6,
+             "t": 1024**4, "g": GIB, "m": MIB, "": 1}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            number = text[: len(text) - len(suffix)] if suffix else text
+            try:
+                value = int(float(number) * units[suffix])
+            except ValueError:
+                break
+            return WorkerMemory(address.strip(), "", value, value)
+    raise UsageError(f"bad worker memory {spec!r}; write HOST:PORT=16GiB")

@@ -36,6 +36,7 @@ class RunOptions:
     flash_attn: bool | None = None
     n_batch: int = 512
     verbose: bool = False
+    rpc: tuple[str, ...] = ()   # RPC workers (HOST:PORT) that take part of the model
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def engine_settings(build: LocalBuild, options: RunOptions) -> EngineSettings:
         model_path=build.model_path, mmproj_path=build.mmproj_path,
         n_ctx=n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
         n_gpu_layers=n_gpu_layers, kv_type=options.kv_type, flash_attn=options.flash_attn,
-        verbose=options.verbose)
+        verbose=options.verbose, rpc_servers=options.rpc, tensor_split=build.tensor_split)
 
 
 def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
@@ -89,6 +90,11 @@ def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
     from localsmall.runtime.choose import plan_build  # the planner: only when a run starts
 
     validate_run_options(options)
+    if options.rpc:
+        from localsmall.runtime.remote import plan_remote_build
+
+        return plan_remote_build(options, offer_pull=offer_pull, on_download=on_download,
+                                 hardware=hardware)
     return plan_build(options, offer_pull=offer_pull, on_download=on_download,
                       hardware=hardware)
 
