@@ -136,12 +136,14 @@ def _counts(capacity: Sequence[int], per_layer: int, n_layers: int) -> list[int]
 
 def _fixed_costs(text: TextWeights, run: RunShape, workers: Sequence[WorkerMemory],
                  vision: VisionWeights | None) -> list[int]:
-    """Memory each device needs before any repeating layer: the estimate with no layer
-    anywhere but the output head on the last worker."""
+    """Memory each device needs besides its repeating layers and their KV cache: the
+    estimate with every layer on this machine and the output head on the last worker,
+    less those layers."""
     names = [w.name for w in workers]
-    base = estimate(text, run, n_gpu_layers=1, gpus=names, split=[0.0] * (len(names) - 1)
-                    + [1.0])
-    fixed = [base.on("CPU").total + _projector_bytes(vision, run)]
+    base = estimate(text, run, n_gpu_layers=1, gpus=names,
+                    split=[0.0] * (len(names) - 1) + [1.0])
+    layers = sum(text.layers) + text.shape.n_layers * kv_layer_bytes(text.shape, run)
+    fixed = [base.on("CPU").total - layers + _projector_bytes(vision, run)]
     fixed += [base.on(n).total for n in names]
     return fixed
 
@@ -296,3 +298,28 @@ def parse_worker_memory(spec: str) -> WorkerMemory | None:
                 break
             return WorkerMemory(address.strip(), "", value, value)
     raise UsageError(f"bad worker memory {spec!r}; write HOST:PORT=16GiB")
+
+
+def rpc_plan_dict(result: RpcPlan) -> dict[str, object]:
+    """The plan as JSON-ready data (`plan --rpc --json`)."""
+
+    def share(s: Share) -> dict[str, object]:
+        m = s.memory
+        return {"device": s.device, "endpoint": s.endpoint, "first_layer": s.first_layer,
+                "n_layers": s.n_layers, "output": s.output, "weights": m.weights, "kv": m.kv,
+                "compute": m.compute, "projector": m.projector, "total": m.total,
+                "budget": s.budget, "fits": s.fits}
+
+    def option(o: RpcOption) -> dict[str, object]:
+        sp = o.split
+        return {"quant": o.quant, "fits": sp.fits, "n_ctx": sp.n_ctx, "size": o.size,
+                "kld": o.kld, "vision": o.vision, "exact": o.exact,
+                "n_gpu_layers": sp.n_gpu_layers, "tensor_split": list(sp.tensor_split),
+                "shares": [share(s) for s in sp.shares],
+                "network_bytes_per_token": sp.bytes_per_token,
+                "network_ms_per_token_1gbit": round(sp.network_seconds_per_token() * 1000, 3)}
+
+    return {"model": result.model_id, "local_budget": result.local_budget,
+            "workers": [dataclasses.asdict(w) for w in result.workers],
+            "choice": result.choice.quant if result.choice else None, "reason": result.reason,
+            "options": [option(o) for o in result.options]}
