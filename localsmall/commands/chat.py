@@ -39,12 +39,13 @@ if TYPE_CHECKING:
 def header_for(engine: Engine, build: LocalBuild) -> ChatHeader:
     """The banner: what runs, where, with how much context."""
     from localsmall.ui.chat_screen import ChatHeader
+    from localsmall.units import gib_fixed
 
     info = engine.info
     where = (f"GPU ({info.n_gpu_layers} layers offloaded)" if info.n_gpu_layers
              else f"CPU, {engine.n_threads} threads")
     details = [
-        f"{info.path.name} · {info.size_bytes / 2**30:.1f} GiB · {where}",
+        f"{info.path.name} · {gib_fixed(info.size_bytes)} · {where}",
         f"context {engine.n_ctx:,} tokens · vision {'on' if info.has_vision else 'off'}",
         "Type a message, /help for commands, Ctrl-D to leave.",
     ]
@@ -77,11 +78,9 @@ def chat(
 ) -> None:
     """Chat with Mistral Small 3.2 about text and images."""
     from localsmall import paths
-    from localsmall.chat.session import ChatSession
-    from localsmall.runtime.options import load_engine, prepare, sampling_for, system_prompt_for
+    from localsmall.commands.starting import started_session
+    from localsmall.runtime.start import SessionOptions
     from localsmall.ui.chat_screen import run_chat
-    from localsmall.ui.progress import DownloadProgress, WorkProgress
-    from localsmall.ui.questions import pull_offer_handler
 
     options = run_options(model=model, model_path=model_path, mmproj=mmproj, quant=quant,
                           no_vision=no_vision, ctx=ctx, gpu_layers=gpu_layers, threads=threads,
@@ -89,12 +88,6 @@ def chat(
                           rpc=rpc)
     overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  max_tokens=max_tokens)
-    with DownloadProgress() as download:
-        build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
-    with WorkProgress() as progress:
-        engine = load_engine(build, options, on_progress=progress)
-    with engine:
-        session = ChatSession(engine, system_prompt=system_prompt_for(build, system,
-                                                                      disabled=no_system),
-                              sampling=sampling_for(build, overrides), model_label=build.label)
-        run_chat(session, header_for(engine, build), history_path=paths.history_file())
+    talk = SessionOptions(sampling=overrides, system=system, no_system=no_system)
+    with started_session(options, talk, yes=yes) as (session, build, _):
+        run_chat(session, header_for(session.engine, build), history_path=paths.history_file())

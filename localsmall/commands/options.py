@@ -63,13 +63,18 @@ NoSystemOpt = Annotated[bool, typer.Option(
     "--no-system", help="Send no system prompt.", rich_help_panel="Sampling")]
 
 
+def check_kv_type(kv_type: str) -> None:
+    """--kv-type names a KV cache type llama.cpp has."""
+    if kv_type not in KV_TYPES:
+        raise UsageError(f"--kv-type must be one of {', '.join(KV_TYPES)}")
+
+
 def run_options(*, model: str | None, model_path: Path | None, mmproj: Path | None,
                 quant: str | None, no_vision: bool, ctx: int | None, gpu_layers: int | None,
                 threads: int | None, kv_type: str, flash_attn: bool | None, batch: int,
                 verbose: bool, rpc: list[str] | None = None) -> RunOptions:
     """RunOptions from the shared flags, with the checks that need no model."""
-    if kv_type not in KV_TYPES:
-        raise UsageError(f"--kv-type must be one of {', '.join(KV_TYPES)}")
+    check_kv_type(kv_type)
     return RunOptions(ref=model, quant=quant, model_path=model_path, mmproj_path=mmproj,
                       vision=not no_vision, n_ctx=ctx, n_gpu_layers=gpu_layers,
                       n_threads=threads, kv_type=kv_type, flash_attn=flash_attn,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -35,6 +33,9 @@ from localsmall.commands.options import (
     sampling_options,
 )
 from localsmall.errors import UsageError
+
+if TYPE_CHECKING:
+    from localsmall.models.resolve import LocalBuild
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -77,11 +78,9 @@ def run(
     yes: YesOpt = False,
 ) -> None:
     """Answer one prompt (with optional images) and exit."""
-    from localsmall.chat.session import ChatSession
-    from localsmall.runtime.options import load_engine, prepare, sampling_for, system_prompt_for
-    from localsmall.ui.console import stdout_write
-    from localsmall.ui.progress import DownloadProgress, WorkProgress
-    from localsmall.ui.questions import pull_offer_handler
+    from localsmall.commands.starting import started_session
+    from localsmall.runtime.start import SessionOptions
+    from localsmall.ui.console import print_json, stdout_write
 
     images = image or []
     if images and no_vision:
@@ -97,16 +96,14 @@ def run(
                           rpc=rpc)
     overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                  max_tokens=max_tokens)
-    with DownloadProgress() as download:
-        build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
-    if images and build.mmproj_path is None:
-        raise UsageError(f"--image needs a vision projector. {build.notice}")
-    with WorkProgress() as progress:
-        engine = load_engine(build, options, on_progress=progress)
-    with engine:
-        session = ChatSession(engine, system_prompt=system_prompt_for(build, system,
-                                                                      disabled=no_system),
-                              sampling=sampling_for(build, overrides), model_label=build.label)
+
+    def needs_projector(build: LocalBuild) -> None:
+        if images and build.mmproj_path is None:
+            raise UsageError(f"--image needs a vision projector. {build.notice}")
+
+    talk = SessionOptions(sampling=overrides, system=system, no_system=no_system)
+    with started_session(options, talk, yes=yes, check=needs_projector) as (
+            session, build, progress):
         for path in images:
             session.attach(str(path))
         session.on_progress = progress
@@ -120,10 +117,7 @@ def run(
                 stdout_write(piece)
         progress.stop()
         if as_json:
-            stats = dataclasses.asdict(reply.stats) | {
-                "prompt_tps": reply.stats.prompt_tps,
-                "generation_tps": reply.stats.generation_tps}
-            stdout_write(json.dumps({"model": build.label, "text": reply.text, "stats": stats},
-                                    ensure_ascii=False) + "\n")
+            print_json({"model": build.label, "text": reply.text,
+                        "stats": reply.stats.to_json()}, one_line=True)
         else:
             stdout_write("\n")

@@ -36,6 +36,7 @@ from localsmall.engine.read_progress import ReadProgress
 from localsmall.engine.rpc import RemoteDevice
 from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
 from localsmall.engine.types import (
+    KV_CACHE_TYPES,
     KV_TYPES,
     EngineSettings,
     ImageSlot,
@@ -53,8 +54,6 @@ from localsmall.engine.types import (
 from localsmall.engine.vision import Projector
 from localsmall.errors import ContextFullError, EngineError, ModelLoadError, ModelNotFoundError
 from localsmall.fileio import atomic_path
-
-_GGML_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 
 
 class Engine:
@@ -190,12 +189,12 @@ class Engine:
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = self.n_threads
         params.flash_attn_type = self._flash_attn_type()
-        params.type_k = params.type_v = _GGML_KV_TYPES[s.kv_type]
+        params.type_k = params.type_v = KV_CACHE_TYPES[s.kv_type].ggml_type
         params.no_perf = False
         ctx = llama.llama_init_from_model(self.model, params)
         if not ctx:
             hint = ""
-            if s.kv_type not in ("f16", "f32", "bf16") and s.flash_attn is False:
+            if KV_CACHE_TYPES[s.kv_type].quantized and s.flash_attn is False:
                 hint = "; a quantized KV cache needs flash attention"
             raise ModelLoadError(
                 f"llama.cpp could not create a context of {s.n_ctx} tokens for "

@@ -14,12 +14,13 @@ from localsmall.models.resolve import LocalBuild, projector_file, resolve_build
 from localsmall.plan.hardware import Hardware, detect
 from localsmall.plan.rpc import RpcPlan, RpcSplit, WorkerMemory, best_split, plan_rpc
 from localsmall.plan.rules import budget_for
-from localsmall.runtime.choose import PullOffer, WontFitError
+from localsmall.runtime.choose import WontFitError
+from localsmall.runtime.pull import build_request, pull_build
 
 if TYPE_CHECKING:
     from localsmall.hub.pull import PullCallback
-    from localsmall.runtime.choose import OfferPull
     from localsmall.runtime.options import RunOptions
+    from localsmall.runtime.pull import OfferPull
 
 
 def worker_memories(endpoints: Sequence[str]) -> tuple[WorkerMemory, ...]:
@@ -115,14 +116,9 @@ def _with_split(build: LocalBuild, split: RpcSplit) -> LocalBuild:
 
 def _pull(model: Model, quant: str, vision: bool, reason: str, offer_pull: OfferPull | None,
           on_download: PullCallback | None) -> None:
-    from localsmall.hub.pull import missing_bytes, pull
-
-    ref = f"{model.id}:{quant}"
-    files = [model.quant(quant).remote]
-    if vision and projector_file(model) is None:
-        files.append(model.projector.remote)
-    offer = PullOffer(ref, tuple(files), missing_bytes(files), reason)
-    if offer_pull is None or not offer_pull(offer):
+    projector = vision and projector_file(model) is None
+    request = build_request(model, model.quant(quant), projector=projector, reason=reason)
+    if offer_pull is None or not offer_pull(request):
         raise ModelNotFoundError(f"{model.name} {quant} is not downloaded yet; run "
-                                 f"`localsmall pull {ref}`")
-    pull(offer.files, pull_ref=ref, on_progress=on_download)
+                                 f"`localsmall pull {request.ref}`")
+    pull_build(request, on_progress=on_download)
