@@ -33,8 +33,11 @@ class LocalsmallGroup(TyperGroup):
     the app directly)."""
 
     def invoke(self, ctx: Any) -> Any:
+        from localsmall.engine.rpc import set_reporter
         from localsmall.ui.console import error
 
+        # A worker lost mid-reply ends the process from inside llama.cpp: same message.
+        set_reporter(lambda exc: error(str(exc)))
         try:
             return super().invoke(ctx)
         except LocalsmallError as exc:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localsmall import __version__, paths
+from localsmall.engine.rpc import PROTOCOL, RemoteDevice
 from localsmall.hub import cache as hubcache
 from localsmall.plan.hardware import Hardware, detect, to_json
 from localsmall.units import GIB, gib_fixed
@@ -33,6 +35,8 @@ class DoctorReport:
     offline: bool
     token_set: bool
     warnings: tuple[str, ...]
+    rpc_available: bool = False                 # llama.cpp built with its RPC backend
+    workers: tuple[RemoteDevice, ...] = ()      # devices of the workers asked about
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready findings (`localsmall doctor --json`)."""
@@ -41,7 +45,13 @@ class DoctorReport:
                 "cache_dir": str(self.cache_dir), "cache_free": self.cache_free,
                 "data_dir": str(self.data_dir), "endpoint": self.endpoint,
                 "offline": self.offline, "token_set": self.token_set,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings),
+                "rpc": {"available": self.rpc_available,
+                        "protocol": ".".join(map(str, PROTOCOL)),
+                        "workers": [{"endpoint": d.endpoint, "device": d.index,
+                                     "name": d.name, "memory_free": d.memory_free,
+                                     "memory_total": d.memory_total}
+                                    for d in self.workers]}}
 
 
 def _versions() -> dict[str, str]:
@@ -73,8 +83,10 @@ def _warnings(hardware: Hardware, cache_free: int) -> list[str]:
     return found
 
 
-def diagnose() -> DoctorReport:
-    """Look at everything `doctor` reports (loads llama.cpp to ask it about devices)."""
+def diagnose(*, rpc: Sequence[str] = ()) -> DoctorReport:
+    """Look at everything `doctor` reports (loads llama.cpp to ask it about devices),
+    and the devices of the RPC workers named (HOST:PORT)."""
+    from localsmall.engine import rpc as rpc_backend
     from localsmall.engine.devices import build_info, system_info
 
     hardware = detect()
@@ -86,4 +98,5 @@ def diagnose() -> DoctorReport:
         cache_dir=cache, cache_free=free, data_dir=paths.data_dir(),
         endpoint=hubcache.endpoint(), offline=hubcache.offline(),
         token_set=bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
-        warnings=tuple(_warnings(hardware, free)))
+        warnings=tuple(_warnings(hardware, free)), rpc_available=rpc_backend.available(),
+        workers=tuple(rpc_backend.connect(rpc)) if rpc else ())

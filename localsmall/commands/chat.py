@@ -44,6 +44,9 @@ def header_for(engine: Engine, build: LocalBuild) -> ChatHeader:
     info = engine.info
     where = (f"GPU ({info.n_gpu_layers} layers offloaded)" if info.n_gpu_layers
              else f"CPU, {engine.n_threads} threads")
+    if engine.remote_devices:
+        workers = ", ".join(dict.fromkeys(d.endpoint for d in engine.remote_devices))
+        where = f"CPU + workers {workers} ({info.n_gpu_layers} of {info.n_layers + 1} layers)"
     details = [
         f"{info.path.name} · {gib_fixed(info.size_bytes)} · {where}",
         f"context {engine.n_ctx:,} tokens · vision {'on' if info.has_vision else 'off'}",
@@ -90,4 +93,9 @@ def chat(
                                  max_tokens=max_tokens)
     talk = SessionOptions(sampling=overrides, system=system, no_system=no_system)
     with started_session(options, talk, yes=yes) as (session, build, _):
+        if options.rpc:
+            from localsmall.chat.rescue import rescue_conversation
+            from localsmall.engine.rpc import add_rescue
+
+            add_rescue(lambda: rescue_conversation(session))
         run_chat(session, header_for(session.engine, build), history_path=paths.history_file())
