@@ -31,6 +31,10 @@ def worker(
     verbose: VerboseOpt = False,
 ) -> None:
     """Serve this machine's devices to `localsmall chat/run/bench --rpc HOST:PORT`."""
+    # A worker waits most of the time: its OpenMP threads must sleep, not spin, or they
+    # steal the cores of the client and other workers on the same machine (measured: 35x
+    # slower generation over two loopback workers). Read when llama.cpp loads, below.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from localsmall import paths
     from localsmall.engine import native, rpc
     from localsmall.errors import UsageError
