@@ -41,8 +41,7 @@ class _Feature(ctypes.Structure):
 @cache
 def _ggml() -> Any:
     native.llama()  # loads and initialises the backends first
-    lib = ctypes.CDLL(os.path.join(native.lib_dir(), "libggml.so")
-                      if os.name != "nt" else os.path.join(native.lib_dir(), "ggml.dll"))
+    lib = native.load_ggml("ggml")  # the copy libllama uses: same device registry
     vp, size_t, cstr = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
     signatures: dict[str, tuple[list[Any], Any]] = {
         "ggml_backend_dev_count": ([], size_t),

@@ -170,8 +170,7 @@ def _version(v: tuple[int, int, int]) -> str:
 
 
 def reachable(address: str, *, timeout: float = 1.0) -> bool:
-    """Whether a worker still accepts connections (a plain TCP connect: the worker may
-    be busy serving us, so no handshake)."""
+    """Whether a worker accepts TCP connections (no handshake: it may be serving us)."""
     host, port = parse_endpoint(address)
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -180,11 +179,71 @@ def reachable(address: str, *, timeout: float = 1.0) -> bool:
         return False
 
 
+_TCP_CLOSE_WAIT = 8   # the peer closed its side: a worker that stopped or crashed
+
+
+def _our_connections(address: str) -> list[int] | None:
+    """TCP states of this process's sockets connected to `address` (Linux: read from
+    /proc), or None where that cannot be known."""
+    host, port = parse_endpoint(address)
+    try:
+        ips = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        inodes = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/self/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        states = []
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    remote, state, inode = fields[2], int(fields[3], 16), fields[9]
+                    if inode in inodes and _proc_address(remote) in {(ip, port) for ip in ips}:
+                        states.append(state)
+        return states
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _proc_address(text: str) -> tuple[str, int]:
+    """An address of /proc/net/tcp ("0100007F:C3A5") as (ip, port)."""
+    hex_ip, hex_port = text.split(":")
+    raw = bytes.fromhex(hex_ip)
+    if len(raw) == 4:
+        ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
+    else:  # four little-endian 32-bit words
+        words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        ip = socket.inet_ntop(socket.AF_INET6, words)
+        if ip.startswith("::ffff:"):
+            ip = ip[7:]
+    return ip, int(hex_port, 16)
+
+
+def lost(address: str) -> bool:
+    """Whether a worker this process talks to is gone: it closed our connection, or
+    (no connection open) it refuses new ones. A busy worker is not lost: it serves one
+    client at a time and leaves new connections waiting."""
+    states = _our_connections(address)
+    if states:
+        return _TCP_CLOSE_WAIT in states
+    host, port = parse_endpoint(address)
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return False
+    except (ConnectionRefusedError, ConnectionResetError):
+        return True
+    except OSError:
+        return False  # unknown (slow network, full queue): let llama.cpp find out
+
+
 def check_alive(endpoints: Sequence[str]) -> None:
-    """Raise WorkerLostError naming the workers that stopped accepting connections."""
-    lost = [ep for ep in endpoints if not reachable(ep)]
-    if lost:
-        raise WorkerLostError(_lost_message(lost, when="since the model was loaded"))
+    """Raise WorkerLostError naming the workers that are gone (see `lost`)."""
+    gone = [ep for ep in endpoints if lost(ep)]
+    if gone:
+        raise WorkerLostError(_lost_message(gone, when="since the model was loaded"))
 
 
 def _lost_message(lost: Sequence[str], *, when: str) -> str:
@@ -218,14 +277,14 @@ def _lib() -> Any:
 
 
 def _load(lib_dir: str) -> Any:
-    names = {"nt": ["ggml-rpc.dll"], "posix": ["libggml-rpc.dylib" if sys.platform == "darwin"
-                                               else "libggml-rpc.so"]}[os.name]
-    for name in names:
-        path = os.path.join(lib_dir, name)
-        if os.path.exists(path):
-            return ctypes.CDLL(path)
-    raise WorkerError("this llama.cpp build has no RPC backend (libggml-rpc); reinstall with "
-                      "`make install` (RPC is on by default) or CMAKE_ARGS=\"-DGGML_RPC=on\"")
+    from localsmall.engine import native
+
+    try:
+        return native.load_ggml("ggml-rpc")
+    except OSError:
+        raise WorkerError("this llama.cpp build has no RPC backend (libggml-rpc); reinstall "
+                          "with `make install` (RPC is on by default) or "
+                          "CMAKE_ARGS=\"-DGGML_RPC=on\"") from None
 
 
 def available() -> bool:
@@ -242,8 +301,7 @@ def available() -> bool:
 def _base() -> Any:
     from localsmall.engine import native
 
-    lib = ctypes.CDLL(os.path.join(native.lib_dir(), "libggml-base.so"
-                                   if sys.platform.startswith("linux") else "libggml-base.dylib"))
+    lib = native.load_ggml("ggml-base")
     lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -314,9 +372,7 @@ def guard_aborts(endpoints: Sequence[str]) -> None:
         return
     from localsmall.engine import native
 
-    base = ctypes.CDLL(os.path.join(native.lib_dir(), "libggml-base.so"
-                                    if sys.platform.startswith("linux")
-                                    else "libggml-base.dylib"))
+    base = native.load_ggml("ggml-base")
     prototype = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
     _abort_callback = prototype(_on_abort)
     base.ggml_set_abort_callback.argtypes = [prototype]
@@ -329,12 +385,12 @@ def _on_abort(message: bytes | None) -> None:
     if not any(marker in text for marker in _RPC_ABORTS):
         os.write(2, text.encode() + b"\n")
         return  # not ours: ggml aborts as it would have
-    lost = [ep for ep in _watched if not reachable(ep)] or list(_watched)
+    gone = [ep for ep in _watched if lost(ep)] or list(_watched)
     notes = []
     for rescue in list(_rescues):
         with contextlib.suppress(BaseException):
             notes.append(rescue())
-    exc = WorkerLostError(" ".join([_lost_message(lost, when="mid-reply"),
+    exc = WorkerLostError(" ".join([_lost_message(gone, when="mid-reply"),
                                     *[n for n in notes if n]]))
     for report in _reporter:
         with contextlib.suppress(BaseException):
