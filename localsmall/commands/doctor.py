@@ -16,7 +16,7 @@ def doctor(
     as_json: JsonOpt = False,
 ) -> None:
     """Show the devices, memory, CPU features, versions and download cache."""
-    from localsmall.doctor import diagnose
+    from localsmall.plan.doctor import diagnose
 
     report = diagnose(rpc=rpc_endpoints(rpc))
     if as_json:

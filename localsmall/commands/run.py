@@ -8,30 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from localsmall.commands.options import (
-    BatchOpt,
-    CtxOpt,
-    FlashAttnOpt,
-    GpuLayersOpt,
-    KvTypeOpt,
-    MaxTokensOpt,
-    MmprojOpt,
-    ModelPathOpt,
-    NoSystemOpt,
-    NoVisionOpt,
-    QuantOpt,
-    RpcOpt,
-    SeedOpt,
-    SystemOpt,
-    TemperatureOpt,
-    ThreadsOpt,
-    TopKOpt,
-    TopPOpt,
-    VerboseOpt,
-    YesOpt,
-    run_options,
-    sampling_options,
-)
+from localsmall.commands.options import RunFlags, with_run_flags
 from localsmall.errors import UsageError
 
 if TYPE_CHECKING:
@@ -46,6 +23,7 @@ def _read_prompt(prompt: str | None) -> str:
     return sys.stdin.read()
 
 
+@with_run_flags
 def run(
     prompt: Annotated[str | None, typer.Argument(
         help="The prompt; '-' or none reads stdin.", show_default=False)] = None,
@@ -54,56 +32,30 @@ def run(
     model: Annotated[str | None, typer.Option(
         "--model-name", help="Catalog model, optionally with a quant (MODEL[:QUANT]).",
         rich_help_panel="Model")] = None,
-    model_path: ModelPathOpt = None,
-    mmproj: MmprojOpt = None,
-    quant: QuantOpt = None,
-    no_vision: NoVisionOpt = False,
-    ctx: CtxOpt = None,
-    gpu_layers: GpuLayersOpt = None,
-    threads: ThreadsOpt = None,
-    kv_type: KvTypeOpt = "f16",
-    flash_attn: FlashAttnOpt = None,
-    batch: BatchOpt = 512,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    seed: SeedOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    system: SystemOpt = None,
-    no_system: NoSystemOpt = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text and stats) instead of streaming.")] = False,
-    rpc: RpcOpt = None,
-    verbose: VerboseOpt = False,
-    yes: YesOpt = False,
+    *,
+    flags: RunFlags,
 ) -> None:
     """Answer one prompt (with optional images) and exit."""
     from localsmall.commands.starting import started_session
-    from localsmall.runtime.start import SessionOptions
     from localsmall.ui.console import print_json, stdout_write
 
     images = image or []
-    if images and no_vision:
+    if images and flags.no_vision:
         raise UsageError("--image needs vision; drop --no-vision")
     text = _read_prompt(prompt)
     if not text.strip() and not images:
         raise UsageError("the prompt is empty")
-    options = run_options(model=model, model_path=model_path, mmproj=mmproj, quant=quant,
-                          # The projector is loaded only when there are images to read.
-                          no_vision=no_vision or not images, ctx=ctx, gpu_layers=gpu_layers,
-                          threads=threads,
-                          kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose,
-                          rpc=rpc)
-    overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                 max_tokens=max_tokens)
+    # The projector is loaded only when there are images to read.
+    options = flags.run_options(model, vision=bool(images))
 
     def needs_projector(build: LocalBuild) -> None:
         if images and build.mmproj_path is None:
             raise UsageError(f"--image needs a vision projector. {build.notice}")
 
-    talk = SessionOptions(sampling=overrides, system=system, no_system=no_system)
-    with started_session(options, talk, yes=yes, check=needs_projector) as (
-            session, build, progress):
+    with started_session(options, flags.session_options(), yes=flags.yes,
+                         check=needs_projector) as (session, build, progress):
         for path in images:
             session.attach(str(path))
         session.on_progress = progress

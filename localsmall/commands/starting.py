@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from localsmall.chat.session import ChatSession
     from localsmall.models.resolve import LocalBuild
-    from localsmall.runtime.options import RunOptions
-    from localsmall.runtime.start import SessionOptions
+    from localsmall.runtime.options import RunOptions, SessionOptions
     from localsmall.ui.progress import WorkProgress
 
 

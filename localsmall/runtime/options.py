@@ -4,7 +4,7 @@ settings, sampling and the system prompt. Shared by chat, run and bench."""
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from localsmall.engine.types import EngineSettings, SamplingSettings
@@ -42,6 +42,15 @@ class SamplingOptions:
     top_k: int | None = None
     seed: int | None = None
     max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How a chat session talks: sampling overrides and the system prompt."""
+
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    system: str | None = None        # the user's system prompt (None: the model's default)
+    no_system: bool = False          # send no system prompt at all
 
 
 def validate_run_options(options: RunOptions) -> None:

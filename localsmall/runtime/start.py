@@ -3,7 +3,6 @@ engine, and open a chat session on it. `chat`, `run` and `bench` start here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from localsmall.chat.session import ChatSession
@@ -14,7 +13,7 @@ from localsmall.plan.hardware import Hardware
 from localsmall.runtime.choose import plan_build
 from localsmall.runtime.options import (
     RunOptions,
-    SamplingOptions,
+    SessionOptions,
     engine_settings,
     sampling_for,
     system_prompt_for,
@@ -24,15 +23,6 @@ from localsmall.runtime.pull import OfferPull
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
-
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """How a chat session talks: sampling overrides and the system prompt."""
-
-    sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    system: str | None = None        # the user's system prompt (None: the model's default)
-    no_system: bool = False          # send no system prompt at all
 
 
 def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,

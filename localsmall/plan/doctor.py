@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from localsmall import __version__, paths
-from localsmall.engine.rpc import PROTOCOL, RemoteDevice
 from localsmall.hub import cache as hubcache
 from localsmall.plan.hardware import Hardware, detect, to_json
 from localsmall.units import GIB, gib_fixed
 
 if TYPE_CHECKING:
+    from localsmall.engine.rpc import RemoteDevice
     from localsmall.engine.devices import LlamaCppBuild
 
 LOW_DISK = 30 * GIB  # below this, a pull of the larger quants will not fit
@@ -47,11 +47,17 @@ class DoctorReport:
                 "offline": self.offline, "token_set": self.token_set,
                 "warnings": list(self.warnings),
                 "rpc": {"available": self.rpc_available,
-                        "protocol": ".".join(map(str, PROTOCOL)),
+                        "protocol": _rpc_protocol(),
                         "workers": [{"endpoint": d.endpoint, "device": d.index,
                                      "name": d.name, "memory_free": d.memory_free,
                                      "memory_total": d.memory_total}
                                     for d in self.workers]}}
+
+
+def _rpc_protocol() -> str:
+    from localsmall.engine.rpc import PROTOCOL  # plain data: llama.cpp is not loaded
+
+    return ".".join(map(str, PROTOCOL))
 
 
 def _versions() -> dict[str, str]:
