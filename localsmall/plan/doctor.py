@@ -16,8 +16,8 @@ from localsmall.plan.hardware import Hardware, detect, to_json
 from localsmall.units import GIB, gib_fixed
 
 if TYPE_CHECKING:
-    from localsmall.engine.rpc import RemoteDevice
     from localsmall.engine.devices import LlamaCppBuild
+    from localsmall.engine.rpc import RemoteDevice
 
 LOW_DISK = 30 * GIB  # below this, a pull of the larger quants will not fit
 _PACKAGES = ("llama-cpp-python", "huggingface-hub", "gguf", "typer", "rich")
