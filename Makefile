@@ -2,13 +2,22 @@
 #   make chat      set everything up, then chat with Mistral Small 3.2
 #   make test      set everything up, then run the whole test suite
 # GPU builds of llama.cpp: pass CMAKE_ARGS, e.g. `make install CMAKE_ARGS="-DGGML_CUDA=on"`.
+# llama.cpp's RPC backend (`localsmall worker`, --rpc) is always built: -DGGML_RPC=on is
+# added in front of CMAKE_ARGS (a later -DGGML_RPC=off in CMAKE_ARGS turns it off).
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 EXTRAS ?= dev,reference
+override CMAKE_ARGS := -DGGML_RPC=on $(CMAKE_ARGS)
 export CMAKE_ARGS
+# pip keeps the wheel it built from llama-cpp-python's source archive, keyed by the archive
+# alone: a wheel built with other CMAKE_ARGS (no RPC, another GPU backend) would be reused
+# silently. So llama-cpp-python gets a wheel cache of its own per set of flags.
+LLAMA_PIN   := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+LLAMA_CACHE := $(HOME)/.cache/localsmall/pip-llama-$(shell printf '%s' '$(CMAKE_ARGS)' | cksum | cut -d' ' -f1)
+WANT_RPC    := $(if $(findstring GGML_RPC=off,$(CMAKE_ARGS)),,yes)
 
 .PHONY: install chat test lint bench clean
 
@@ -17,7 +26,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# llama-cpp-python compiles llama.cpp (about 5 minutes on 2 cores; pip caches the wheel).
+	# llama-cpp-python compiles llama.cpp (about 5 minutes on 2 cores; cached per CMAKE_ARGS).
+	$(BIN)/python -m pip install --quiet --progress-bar off --cache-dir '$(LLAMA_CACHE)' '$(LLAMA_PIN)'
+	# An older .venv may hold a build without RPC: rebuild it then.
+	test -z '$(WANT_RPC)' \
+		|| $(BIN)/python -c 'import sys; import llama_cpp; sys.exit(not llama_cpp.llama_supports_rpc())' \
+		|| $(BIN)/python -m pip install --quiet --progress-bar off --force-reinstall --no-deps \
+		   --cache-dir '$(LLAMA_CACHE)' '$(LLAMA_PIN)'
 	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 

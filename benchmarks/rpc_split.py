@@ -1,0 +1,143 @@
+"""Splitting a model over two RPC workers on this machine (loopback) vs running it locally:
+prompt processing and generation tokens/s, their ratios, and the bytes that cross the
+network per prompt token and per generated token (read from the workers' /proc/PID/io:
+everything a worker receives or sends goes through its socket).
+
+    python benchmarks/rpc_split.py [--quant Q4_K_M] [--prompt 256] [--gen 64] [--tiny]
+
+The default model is the ~370M-parameter synthetic one (8 layers, 1024 wide, the real
+131072-token vocabulary); --tiny adds the test suite's model (2 layers, 256 wide) so the
+traffic can be split into what grows with the width and what does not. All layers go
+to the workers (half each, the output head on the second); this machine keeps the input
+embeddings, as llama.cpp does. Loopback has no bandwidth limit worth the name: the
+ratios show the protocol's own cost; the README turns the bytes into a 1 Gbit/s figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from synthetic import ROOT, medium_model, tiny_model
+
+from localsmall.engine import rpc
+from localsmall.engine.model import Engine
+from localsmall.engine.types import EngineSettings, SamplingSettings, TokenRun
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_worker(threads: int) -> tuple[str, subprocess.Popen[bytes]]:
+    port = free_port()
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "localsmall", "worker", "--port", str(port),
+                             "--threads", str(threads), "--no-cache"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            rpc.handshake(address, timeout=2)
+            return address, proc
+        except rpc.WorkerError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("a worker did not start")
+
+
+def io_bytes(procs: list[subprocess.Popen[bytes]]) -> int:
+    """Bytes the workers read and wrote so far (their socket traffic)."""
+    total = 0
+    for proc in procs:
+        for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines():
+            key, value = line.split(":")
+            if key in ("rchar", "wchar"):
+                total += int(value)
+    return total
+
+
+def turn(engine: Engine, prompt: list[int], n_gen: int) -> tuple[float, float, int]:
+    """(prompt tokens/s, generation tokens/s, tokens generated) from an empty cache."""
+    engine.reset()
+    result = engine.generate([TokenRun(tuple(prompt))],
+                             SamplingSettings(temperature=0, max_tokens=n_gen)).run()
+    return result.stats.prompt_tps, result.stats.generation_tps, len(result.token_ids)
+
+
+def measure(model: Path, *, n_prompt: int, n_gen: int, threads: int, reps: int,
+            endpoints: tuple[str, ...] = (), procs: list[subprocess.Popen[bytes]] | None = None
+            ) -> dict[str, float]:
+    settings = EngineSettings(model_path=model, n_ctx=2048, n_threads=threads,
+                              rpc_servers=endpoints,
+                              n_gpu_layers=0 if not endpoints else 999,
+                              tensor_split=(1.0, 1.0) if endpoints else ())
+    with Engine(settings) as engine:
+        text = "The quick brown fox jumps over the lazy dog. " * 200
+        prompt = engine.tokenize(text, special=False)[:n_prompt]
+        turn(engine, prompt[:16], 4)  # warm-up
+        pp, tg = [], []
+        for _ in range(reps):
+            p, g, _ = turn(engine, prompt, n_gen)
+            pp.append(p)
+            tg.append(g)
+        result = {"pp": max(pp), "tg": max(tg)}
+        if procs:
+            before = io_bytes(procs)
+            turn(engine, prompt, 1)
+            one = io_bytes(procs) - before
+            before = io_bytes(procs)
+            _, _, made = turn(engine, prompt, n_gen)
+            many = io_bytes(procs) - before
+            result["bytes_per_prompt_token"] = one / len(prompt)
+            result["bytes_per_gen_token"] = (many - one) / max(made - 1, 1)
+        buffers = [b for b in engine.buffers if b.kind == "model"]
+        result["remote_weight_mib"] = sum(b.size for b in buffers if not b.on_host) / 2**20
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quant", default="Q4_K_M")
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--gen", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="also the test suite's model")
+    args = parser.parse_args()
+    models = [("370M " + args.quant, medium_model(args.quant)[0])]
+    if args.tiny:
+        models.append(("tiny F16", tiny_model()[0]))
+    workers = [start_worker(args.threads) for _ in range(2)]
+    endpoints = tuple(a for a, _ in workers)
+    procs = [p for _, p in workers]
+    try:
+        for label, path in models:
+            local = measure(path, n_prompt=args.prompt, n_gen=args.gen, threads=args.threads,
+                            reps=args.reps)
+            split = measure(path, n_prompt=args.prompt, n_gen=args.gen, threads=args.threads,
+                            reps=args.reps, endpoints=endpoints, procs=procs)
+            print(f"== {label} ({path.name}), {args.prompt}-token prompt, {args.gen} "
+                  f"generated, {args.threads} threads, best of {args.reps}")
+            print(f"  weights on the workers: {split['remote_weight_mib']:.0f} MiB")
+            for key, name in (("pp", "prompt"), ("tg", "generation")):
+                print(f"  {name:10} local {local[key]:8.1f} tok/s   split {split[key]:8.1f} "
+                      f"tok/s   split/local {split[key] / local[key]:.2f}")
+            print(f"  network: {split['bytes_per_prompt_token'] / 1024:.1f} KiB per prompt "
+                  f"token, {split['bytes_per_gen_token'] / 1024:.1f} KiB per generated token")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()
