@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,14 +55,14 @@ def start_worker(threads: int) -> tuple[str, subprocess.Popen[bytes]]:
     raise SystemExit("a worker did not start")
 
 
-def io_bytes(procs: list[subprocess.Popen[bytes]]) -> int:
-    """Bytes the workers read and wrote so far (their socket traffic)."""
+def io_bytes(ports: list[int]) -> int:
+    """Bytes the workers' open connections have sent and received so far (TCP's own
+    counters, from `ss`: the socket calls do not show in /proc/PID/io)."""
     total = 0
-    for proc in procs:
-        for line in Path(f"/proc/{proc.pid}/io").read_text().splitlines():
-            key, value = line.split(":")
-            if key in ("rchar", "wchar"):
-                total += int(value)
+    for port in ports:
+        text = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+                              capture_output=True, text=True, check=True).stdout
+        total += sum(int(n) for n in re.findall(r"bytes_(?:sent|received):(\d+)", text))
     return total
 
 
@@ -74,8 +75,7 @@ def turn(engine: Engine, prompt: list[int], n_gen: int) -> tuple[float, float, i
 
 
 def measure(model: Path, *, n_prompt: int, n_gen: int, threads: int, reps: int,
-            endpoints: tuple[str, ...] = (), procs: list[subprocess.Popen[bytes]] | None = None
-            ) -> dict[str, float]:
+            endpoints: tuple[str, ...] = ()) -> dict[str, float]:
     settings = EngineSettings(model_path=model, n_ctx=2048, n_threads=threads,
                               rpc_servers=endpoints,
                               n_gpu_layers=0 if not endpoints else 999,
@@ -90,13 +90,14 @@ def measure(model: Path, *, n_prompt: int, n_gen: int, threads: int, reps: int,
             pp.append(p)
             tg.append(g)
         result = {"pp": max(pp), "tg": max(tg)}
-        if procs:
-            before = io_bytes(procs)
+        if endpoints:
+            ports = [int(e.rsplit(":", 1)[1]) for e in endpoints]
+            before = io_bytes(ports)
             turn(engine, prompt, 1)
-            one = io_bytes(procs) - before
-            before = io_bytes(procs)
+            one = io_bytes(ports) - before
+            before = io_bytes(ports)
             _, _, made = turn(engine, prompt, n_gen)
-            many = io_bytes(procs) - before
+            many = io_bytes(ports) - before
             result["bytes_per_prompt_token"] = one / len(prompt)
             result["bytes_per_gen_token"] = (many - one) / max(made - 1, 1)
         buffers = [b for b in engine.buffers if b.kind == "model"]
@@ -110,7 +111,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="per process (1: a shared machine's cores are not oversubscribed)")
     parser.add_argument("--tiny", action="store_true", help="also the test suite's model")
     args = parser.parse_args()
     models = [("370M " + args.quant, medium_model(args.quant)[0])]
@@ -124,7 +126,7 @@ def main() -> None:
             local = measure(path, n_prompt=args.prompt, n_gen=args.gen, threads=args.threads,
                             reps=args.reps)
             split = measure(path, n_prompt=args.prompt, n_gen=args.gen, threads=args.threads,
-                            reps=args.reps, endpoints=endpoints, procs=procs)
+                            reps=args.reps, endpoints=endpoints)
             print(f"== {label} ({path.name}), {args.prompt}-token prompt, {args.gen} "
                   f"generated, {args.threads} threads, best of {args.reps}")
             print(f"  weights on the workers: {split['remote_weight_mib']:.0f} MiB")

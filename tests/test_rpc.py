@@ -243,3 +243,34 @@ def test_doctor_lists_the_workers_devices(two_workers) -> None:
     assert data["available"] is True
     assert [w["endpoint"] for w in data["workers"]] == list(two_workers)
     assert all(w["memory_total"] > 0 for w in data["workers"])
+
+
+def test_chat_saves_the_conversation_when_a_worker_dies_mid_reply(tiny, isolated_home) -> None:
+    import pexpect
+
+    from localsmall.chat.conversation import load_conversation
+
+    with workers(2) as procs:
+        env = dict(os.environ, PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm-256color",
+                   PYTHONPATH=str(ROOT))
+        args = ["-m", "localsmall", "chat", "--model", str(tiny.f16), "--ctx", "2048",
+                "--threads", "1", "--temperature", "0", "-n", "1500",
+                "--rpc", ",".join(e for e, _ in procs)]
+        child = pexpect.spawn(sys.executable, args, env=env, encoding="utf-8",
+                              dimensions=(40, 220), timeout=120)
+        child.expect("you ›")
+        child.send("Tell me a very long story.\r")
+        child.expect("mistral ›")
+        child.expect(r"\S{3}")  # the reply is streaming
+        victim, proc = procs[1]
+        proc.kill()
+        child.expect(f"error: worker {victim} stopped")
+        child.expect(pexpect.EOF)
+        child.close()
+        said = " ".join((child.before or "").split())
+    assert "mid-reply" in said and "/load" in said
+    assert child.exitstatus == 1
+    saved = list((isolated_home / "localsmall" / "state").glob("rescued-chat-*.json"))
+    assert len(saved) == 1
+    messages = load_conversation(saved[0]).messages
+    assert [m.text for m in messages if m.role == "user"] == ["Tell me a very long story."]
