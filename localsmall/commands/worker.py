@@ -36,7 +36,7 @@ def worker(
     # slower generation over two loopback workers). Read when llama.cpp loads, below.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from localsmall import paths
-    from localsmall.engine import native, rpc
+    from localsmall.engine import native, rpc, rpc_worker
     from localsmall.errors import UsageError
     from localsmall.ui.console import notice
     from localsmall.ui.worker_view import show_worker
@@ -48,14 +48,14 @@ def worker(
                               "`make install` (RPC is on by default)")
     native.set_verbose(verbose)
     cache_dir = None if no_cache else (cache or paths.cache_dir() / "rpc")
-    spec = rpc.worker_spec(host=host, port=port, devices=device, cache_dir=cache_dir,
+    spec = rpc_worker.worker_spec(host=host, port=port, devices=device, cache_dir=cache_dir,
                            n_threads=threads)
     show_worker(spec, host=host, port=port, loopback=rpc.is_loopback(host))
     # llama.cpp's server prints its own banner and each connection on stdout: keep
     # stdout for ours, send its lines to stderr with --verbose, else drop them.
     target = 2 if verbose else os.open(os.devnull, os.O_WRONLY)
     os.dup2(target, 1)
-    running = rpc.serve(spec)
+    running = rpc_worker.serve(spec)
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -6,7 +6,8 @@ import socket
 
 from rich.markup import escape
 
-from localsmall.engine.rpc import PROTOCOL, WorkerSpec
+from localsmall.engine.rpc import PROTOCOL
+from localsmall.engine.rpc_worker import WorkerSpec
 from localsmall.ui.console import err, out
 from localsmall.units import gib
 
