@@ -256,6 +256,7 @@ def _lost_message(lost: Sequence[str], *, when: str) -> str:
 
 @cache
 def library() -> Any:
+    """libggml-rpc with the calls localsmall uses declared (loads llama.cpp)."""
     from localsmall.engine import native
 
     native.llama()
