@@ -1,7 +1,7 @@
 """Splitting a model over two RPC workers on this machine (loopback) vs running it locally:
 prompt processing and generation tokens/s, their ratios, and the bytes that cross the
-network per prompt token and per generated token (read from the workers' /proc/PID/io:
-everything a worker receives or sends goes through its socket).
+network per prompt token and per generated token (TCP's counters for the workers'
+connections, read with `ss`).
 
     python benchmarks/rpc_split.py [--quant Q4_K_M] [--prompt 256] [--gen 64] [--tiny]
 
@@ -11,6 +11,8 @@ traffic can be split into what grows with the width and what does not. All layer
 to the workers (half each, the output head on the second); this machine keeps the input
 embeddings, as llama.cpp does. Loopback has no bandwidth limit worth the name: the
 ratios show the protocol's own cost; the README turns the bytes into a 1 Gbit/s figure.
+Everything runs pinned to one CPU (--cpu) and local and split turns alternate: on a shared
+machine three processes would otherwise get three shares of the CPU against one.
 """
 
 from __future__ import annotations
@@ -74,34 +76,40 @@ def turn(engine: Engine, prompt: list[int], n_gen: int) -> tuple[float, float, i
     return result.stats.prompt_tps, result.stats.generation_tps, len(result.token_ids)
 
 
+def settings_for(model: Path, threads: int, endpoints: tuple[str, ...] = ()) -> EngineSettings:
+    return EngineSettings(model_path=model, n_ctx=2048, n_threads=threads, rpc_servers=endpoints,
+                          n_gpu_layers=999 if endpoints else 0,
+                          tensor_split=(1.0, 1.0) if endpoints else ())
+
+
 def measure(model: Path, *, n_prompt: int, n_gen: int, threads: int, reps: int,
-            endpoints: tuple[str, ...] = ()) -> dict[str, float]:
-    settings = EngineSettings(model_path=model, n_ctx=2048, n_threads=threads,
-                              rpc_servers=endpoints,
-                              n_gpu_layers=0 if not endpoints else 999,
-                              tensor_split=(1.0, 1.0) if endpoints else ())
-    with Engine(settings) as engine:
+            endpoints: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Local and split turns taken in turn (the machine's load then weighs on both)."""
+    with Engine(settings_for(model, threads)) as local, \
+            Engine(settings_for(model, threads, endpoints)) as split:
         text = "The quick brown fox jumps over the lazy dog. " * 200
-        prompt = engine.tokenize(text, special=False)[:n_prompt]
-        turn(engine, prompt[:16], 4)  # warm-up
-        pp, tg = [], []
+        prompt = local.tokenize(text, special=False)[:n_prompt]
+        runs: dict[str, dict[str, list[float]]] = {"local": {"pp": [], "tg": []},
+                                                   "split": {"pp": [], "tg": []}}
+        for engine in (local, split):
+            turn(engine, prompt[:16], 4)  # warm-up
         for _ in range(reps):
-            p, g, _ = turn(engine, prompt, n_gen)
-            pp.append(p)
-            tg.append(g)
-        result = {"pp": max(pp), "tg": max(tg)}
-        if endpoints:
-            ports = [int(e.rsplit(":", 1)[1]) for e in endpoints]
-            before = io_bytes(ports)
-            turn(engine, prompt, 1)
-            one = io_bytes(ports) - before
-            before = io_bytes(ports)
-            _, _, made = turn(engine, prompt, n_gen)
-            many = io_bytes(ports) - before
-            result["bytes_per_prompt_token"] = one / len(prompt)
-            result["bytes_per_gen_token"] = (many - one) / max(made - 1, 1)
-        buffers = [b for b in engine.buffers if b.kind == "model"]
-        result["remote_weight_mib"] = sum(b.size for b in buffers if not b.on_host) / 2**20
+            for name, engine in (("local", local), ("split", split)):
+                pp, tg, _ = turn(engine, prompt, n_gen)
+                runs[name]["pp"].append(pp)
+                runs[name]["tg"].append(tg)
+        result = {name: {k: max(v) for k, v in r.items()} for name, r in runs.items()}
+        ports = [int(e.rsplit(":", 1)[1]) for e in endpoints]
+        before = io_bytes(ports)
+        turn(split, prompt, 1)
+        one = io_bytes(ports) - before
+        before = io_bytes(ports)
+        _, _, made = turn(split, prompt, n_gen)
+        many = io_bytes(ports) - before
+        result["split"]["bytes_per_prompt_token"] = one / len(prompt)
+        result["split"]["bytes_per_gen_token"] = (many - one) / max(made - 1, 1)
+        result["split"]["remote_weight_mib"] = sum(
+            b.size for b in split.buffers if b.kind == "model" and not b.on_host) / 2**20
         return result
 
 
@@ -114,21 +122,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="per process (1: a shared machine's cores are not oversubscribed)")
     parser.add_argument("--tiny", action="store_true", help="also the test suite's model")
+    parser.add_argument("--cpu", type=int, default=0,
+                        help="pin everything to this CPU (-1: no pinning), so that local and "
+                        "split runs get the same CPU time on a shared machine")
     args = parser.parse_args()
+    args.cpu = None if args.cpu < 0 else args.cpu
     models = [("370M " + args.quant, medium_model(args.quant)[0])]
     if args.tiny:
         models.append(("tiny F16", tiny_model()[0]))
+    if args.cpu is not None:  # this process and the workers (inherited) share one core
+        os.sched_setaffinity(0, {args.cpu})
     workers = [start_worker(args.threads) for _ in range(2)]
     endpoints = tuple(a for a, _ in workers)
     procs = [p for _, p in workers]
     try:
         for label, path in models:
-            local = measure(path, n_prompt=args.prompt, n_gen=args.gen, threads=args.threads,
-                            reps=args.reps)
-            split = measure(path, n_prompt=args.prompt, n_gen=args.gen, threads=args.threads,
-                            reps=args.reps, endpoints=endpoints)
+            result = measure(path, n_prompt=args.prompt, n_gen=args.gen, threads=args.threads,
+                             reps=args.reps, endpoints=endpoints)
+            local, split = result["local"], result["split"]
             print(f"== {label} ({path.name}), {args.prompt}-token prompt, {args.gen} "
-                  f"generated, {args.threads} threads, best of {args.reps}")
+                  f"generated, {args.threads} thread(s) per process, best of {args.reps}"
+                  + (f", all on CPU {args.cpu}" if args.cpu is not None else ""))
             print(f"  weights on the workers: {split['remote_weight_mib']:.0f} MiB")
             for key, name in (("pp", "prompt"), ("tg", "generation")):
                 print(f"  {name:10} local {local[key]:8.1f} tok/s   split {split[key]:8.1f} "
