@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -173,30 +174,6 @@ def test_another_protocol_version_is_refused_in_words() -> None:
     thread.join(5)
 
 
-def test_a_worker_killed_mid_reply_ends_the_run_with_one_clean_error(tiny) -> None:
-    with workers(2) as procs:
-        endpoints = ",".join(e for e, _ in procs)
-        env = os.environ | {"PYTHONPATH": str(ROOT)}
-        client = subprocess.Popen(
-            [sys.executable, "-m", "localsmall", "run", "Write a long story",
-             "--model", str(tiny.f16), "--ctx", "2048", "--threads", "1", "-n", "1500",
-             "--temperature", "0", "--rpc", endpoints],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert client.stdout is not None
-        first = client.stdout.read(1)  # the reply has started
-        assert first, client.stderr.read()  # type: ignore[union-attr]
-        victim, proc = procs[1]
-        proc.kill()
-        _, err = client.communicate(timeout=120)
-    assert client.returncode == 1
-    text = err.decode()
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert lines[0].startswith("error: worker"), text
-    assert victim in " ".join(text.split())
-    assert "mid-reply" in text
-    assert "Traceback" not in text and "Aborted" not in text and "ggml" not in text
-
-
 def test_a_worker_lost_between_turns_keeps_the_conversation(tiny) -> None:
     from localsmall.chat.session import ChatSession
     from localsmall.engine.model import Engine
@@ -245,7 +222,10 @@ def test_doctor_lists_the_workers_devices(two_workers) -> None:
     assert all(w["memory_total"] > 0 for w in data["workers"])
 
 
-def test_chat_saves_the_conversation_when_a_worker_dies_mid_reply(tiny, isolated_home) -> None:
+def test_a_worker_killed_mid_reply_ends_the_chat_with_one_clean_error_and_saves_it(
+        tiny, isolated_home) -> None:
+    # llama.cpp's RPC client aborts the process when a worker stops answering: localsmall
+    # turns that into its one-line error after saving the conversation.
     import pexpect
 
     from localsmall.chat.conversation import load_conversation
@@ -264,11 +244,12 @@ def test_chat_saves_the_conversation_when_a_worker_dies_mid_reply(tiny, isolated
         child.expect(r"\S{3}")  # the reply is streaming
         victim, proc = procs[1]
         proc.kill()
-        child.expect(f"error: worker {victim} stopped")
+        child.expect(r"error:\S*\s+worker " + re.escape(victim) + " stopped")  # after colours
         child.expect(pexpect.EOF)
         child.close()
         said = " ".join((child.before or "").split())
     assert "mid-reply" in said and "/load" in said
+    assert "Traceback" not in said and "Aborted" not in said and "ggml" not in said
     assert child.exitstatus == 1
     saved = list((isolated_home / "localsmall" / "state").glob("rescued-chat-*.json"))
     assert len(saved) == 1
