@@ -255,3 +255,44 @@ def test_a_worker_killed_mid_reply_ends_the_chat_with_one_clean_error_and_saves_
     assert len(saved) == 1
     messages = load_conversation(saved[0]).messages
     assert [m.text for m in messages if m.role == "user"] == ["Tell me a very long story."]
+
+
+def test_plan_reads_the_workers_memory(two_workers) -> None:
+    result = runner.invoke(app, ["plan", "--json", "--rpc", ",".join(two_workers)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [w["endpoint"] for w in data["workers"]] == list(two_workers)
+    assert all(w["memory_free"] > 0 for w in data["workers"])
+    assert data["options"]
+
+
+def test_worker_refuses_a_device_it_does_not_have() -> None:
+    result = runner.invoke(app, ["worker", "--port", str(free_port()), "--device", "NOPE0"])
+    assert result.exit_code == 2
+    assert "no device NOPE0 here" in result.stderr
+
+
+def test_worker_tensor_cache_spares_a_restarted_client_the_weights(tiny, tmp_path) -> None:
+    cache, log = tmp_path / "cache", tmp_path / "worker.log"
+    port = free_port()
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    with log.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "localsmall", "worker", "--port",
+                                 str(port), "--threads", "1", "--cache", str(cache),
+                                 "--verbose"], env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        while not rpc.reachable(f"127.0.0.1:{port}"):
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        settings = EngineSettings(model_path=tiny.f16, n_ctx=1024, n_threads=1,
+                                  rpc_servers=(f"127.0.0.1:{port}",), n_gpu_layers=3)
+        prompt = _prompt(tiny, with_image=False)
+        first, _ = _reply(settings, prompt)
+        saved = log.read_text().count("saved to")
+        # The output head (131072 x 256 F16, 64 MiB) is over llama.cpp's 10 MiB threshold.
+        assert saved >= 1 and any(cache.iterdir())
+        again, _ = _reply(settings, prompt)  # a new client: weights come from the cache
+        assert log.read_text().count("saved to") == saved
+        assert again == first
+    finally:
+        stop(proc)
