@@ -132,10 +132,13 @@ def main() -> None:
         models.append(("tiny F16", tiny_model()[0]))
     if args.cpu is not None:  # this process and the workers (inherited) share one core
         os.sched_setaffinity(0, {args.cpu})
-    workers = [start_worker(args.threads) for _ in range(2)]
-    endpoints = tuple(a for a, _ in workers)
-    procs = [p for _, p in workers]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        endpoints: tuple[str, ...] = ()
+        for _ in range(2):
+            address, proc = start_worker(args.threads)
+            procs.append(proc)
+            endpoints += (address,)
         for label, path in models:
             result = measure(path, n_prompt=args.prompt, n_gen=args.gen, threads=args.threads,
                              reps=args.reps, endpoints=endpoints)
