@@ -65,16 +65,13 @@ def _plan_rpc(model: Model, specs: list[str], *, ctx: int | None, kv_type: str, 
     from localsmall.runtime.remote import plan_for_workers, worker_memories
 
     parts = [p.strip() for spec in specs for p in spec.split(",") if p.strip()]
-    simulated = [parse_worker_memory(p) for p in parts]
-    real = [p for p, sim in zip(parts, simulated, strict=True) if sim is None]
-    connected = iter(worker_memories(real) if real else ())
     workers = []
-    for i, sim in enumerate(simulated):
-        if sim is None:
-            workers.append(next(connected))
+    for i, part in enumerate(parts):
+        simulated = parse_worker_memory(part)
+        if simulated is None:  # a running worker: each of its devices, as llama.cpp sees it
+            workers.extend(worker_memories([part]))
         else:
-            workers.append(dataclasses.replace(sim, name=f"RPC{i}"))
-    workers.extend(connected)  # a worker may expose several devices
+            workers.append(dataclasses.replace(simulated, name=f"sim{i}"))
     options = RunOptions(n_ctx=ctx, kv_type=kv_type, vision=vision)
     result = plan_for_workers(model, options, workers, detect(),
                               quants=(model.quant(quant).quant,) if quant else None)
