@@ -60,12 +60,12 @@ def _plan_rpc(model: Model, specs: list[str], *, ctx: int | None, kv_type: str, 
               quant: str | None, as_json: bool) -> None:
     from localsmall.models.resolve import local_builds
     from localsmall.plan.hardware import detect
-    from localsmall.plan.rpc import parse_worker_memory
+    from localsmall.plan.rpc import WorkerMemory, parse_worker_memory
     from localsmall.runtime.options import RunOptions
     from localsmall.runtime.remote import plan_for_workers, worker_memories
 
     parts = [p.strip() for spec in specs for p in spec.split(",") if p.strip()]
-    workers = []
+    workers: list[WorkerMemory] = []
     for i, part in enumerate(parts):
         simulated = parse_worker_memory(part)
         if simulated is None:  # a running worker: each of its devices, as llama.cpp sees it
