@@ -63,21 +63,27 @@ class Reply:
         self._commit = commit    # adds the reply to the conversation
         self._done = False
 
-    def stream(self, on_progress: ProgressCallback | None = None) -> Iterator[str]:
+    def stream(self, on_progress: ProgressCallback | None = None, *,
+               spelled: bool = False) -> Iterator[str]:
         """Start the reply: image encoding and prompt reading report to `on_progress`,
-        then the text comes piece by piece."""
+        then the text comes piece by piece (`spelled`: control tokens spelled out)."""
         if self.generation is not None or self._done:
             raise RuntimeError("a reply streams only once")
         self.generation = self._start(on_progress)
-        return self._pieces(self.generation)
+        return self._pieces(self.generation, spelled)
 
     def __iter__(self) -> Iterator[str]:
         return self.stream()
 
-    def _pieces(self, generation: Generation) -> Iterator[str]:
+    def pieces(self, on_progress: ProgressCallback | None = None) -> Iterator[str]:
+        """Like `stream`, with control tokens spelled out ("[TOOL_CALLS]"): what the
+        tool-call parser reads."""
+        return self.stream(on_progress, spelled=True)
+
+    def _pieces(self, generation: Generation, spelled: bool) -> Iterator[str]:
         try:
             for event in generation:
-                yield event.text
+                yield event.piece if spelled else event.text
         finally:
             self._finish()
 

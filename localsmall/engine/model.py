@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from localsmall.engine import native
+from localsmall.engine import native, rpc
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
+from localsmall.engine.constrain import ConstrainedSampler, constraint_accepts
 from localsmall.engine.devices import default_threads
 from localsmall.engine.kvcache import (
     CacheItem,
@@ -35,6 +36,7 @@ from localsmall.engine.state import StateMeta, engine_fingerprint, load_kv_state
 from localsmall.engine.tokenizer import Tokenizer
 from localsmall.engine.types import (
     KV_TYPES,
+    Constraint,
     EngineSettings,
     ImageSlot,
     ProgressCallback,
@@ -62,7 +64,11 @@ class Engine:
             if path is not None and not Path(path).is_file():
                 raise ModelNotFoundError(f"{what} file not found: {path}")
         self.settings = settings
+        self._rpc_lost = False
         self._llama = native.llama()
+        # Workers (--rpc) are checked and registered before llama.cpp sees them.
+        self.remote_devices = tuple(rpc.connect(settings.rpc_servers)
+                                    if settings.rpc_servers else ())
         native.set_verbose(settings.verbose)
         self.n_threads = settings.n_threads or default_threads()
         self.repack_note = ""
@@ -70,7 +76,9 @@ class Engine:
         self.projector: Projector | None = None
         # llama.cpp reports every buffer it allocates in its log: keep those numbers.
         with native.capture_log() as log_lines:
-            self.model, self.repack_note = load_model(self._llama, settings, on_progress)
+            self.model, self.repack_note = load_model(
+                self._llama, settings, on_progress,
+                remote=tuple(d.handle for d in self.remote_devices))
             self.vocab = self._llama.llama_model_get_vocab(self.model)
             self.tokenizer = Tokenizer(self._llama, self.vocab)
             try:
@@ -104,6 +112,16 @@ class Engine:
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return self.tokenizer.detokenize(tokens, special=special)
+
+    @property
+    def control_tokens(self) -> dict[str, int]:
+        """Every control token of the vocabulary by its text ("[TOOL_CALLS]": 9)."""
+        return self.tokenizer.control_tokens
+
+    def constraint_accepts(self, constraint: Constraint, tokens: Sequence[int]) -> bool:
+        """Whether a reply of exactly `tokens` meets `constraint` (for tests and checks)."""
+        return constraint_accepts(self._llama, self.vocab, constraint, self.control_tokens,
+                                  list(tokens))
 
     @property
     def bos_token(self) -> str:
@@ -275,6 +293,7 @@ class Engine:
         (float32, one per vocabulary entry). For checking a model against a reference."""
         if not tokens:
             raise EngineError("logits_for needs at least one token")
+        self._check_workers()
         self.reset()
         self._decode_tokens(list(tokens), logits_last=True)
         n_vocab = self.tokenizer.n_tokens
@@ -296,16 +315,26 @@ class Engine:
         llama = self._llama
         turn_start = time.perf_counter()
         items = self.layout(prompt)
+        self._check_workers()
         stats = self._evaluate(items, prompt, on_progress)
         result.stats = stats
         sampler = sampler_chain(llama, self.tokenizer.n_tokens, sampling)
+        constrained = None
+        if sampling.constraint is not None:
+            try:
+                constrained = ConstrainedSampler(llama, self.vocab, sampler,
+                                                 sampling.constraint, self.control_tokens)
+            except BaseException:
+                llama.llama_sampler_free(sampler)
+                raise
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop: StopReason = ""
         first_token_at = 0.0
         gen_start = time.perf_counter()
         try:
             while True:
-                token = llama.llama_sampler_sample(sampler, self.ctx, -1)
+                token = (constrained.sample(self.ctx) if constrained is not None
+                         else llama.llama_sampler_sample(sampler, self.ctx, -1))
                 if not result.token_ids:
                     first_token_at = time.perf_counter()
                     gen_start = first_token_at
@@ -315,7 +344,9 @@ class Engine:
                 text = decoder.decode(self.tokenizer.token_bytes(token))
                 result.token_ids.append(token)
                 result.text += text
-                yield TokenEvent(token, text)
+                piece = self.tokenizer.token_piece(token) if self.tokenizer.is_control(token) \
+                    else text
+                yield TokenEvent(token, text, piece)
                 if sampling.max_tokens is not None and len(result.token_ids) >= sampling.max_tokens:
                     stop = "length"
                     break
@@ -329,7 +360,10 @@ class Engine:
         finally:
             tail = decoder.decode(b"", final=True)
             result.text += tail
-            llama.llama_sampler_free(sampler)
+            if constrained is not None:
+                constrained.free()  # frees the chain too
+            else:
+                llama.llama_sampler_free(sampler)
             now = time.perf_counter()
             result.stats = replace(
                 result.stats, generated_tokens=len(result.token_ids), stop_reason=stop,
@@ -361,9 +395,28 @@ class Engine:
 
     # --- lifetime ------------------------------------------------------------------------
 
+    def _check_workers(self) -> None:
+        """Before touching remote buffers: a worker that is gone would make llama.cpp
+        abort the process, so say so while the caller can still keep its state."""
+        if not self.settings.rpc_servers:
+            return
+        if self._rpc_lost:
+            raise rpc.WorkerLostError("a worker was lost earlier in this session; restart "
+                                      "it and start again")
+        try:
+            rpc.check_alive(self.settings.rpc_servers)
+        except rpc.WorkerLostError:
+            self._rpc_lost = True
+            raise
+
     def close(self) -> None:
         """Free the projector, context and model."""
         llama = self._llama
+        if getattr(self, "_rpc_lost", False):
+            # Freeing remote buffers needs the lost worker (llama.cpp would abort):
+            # leave them to the end of the process.
+            self.projector = self._batch = self.ctx = self.model = None
+            return
         if getattr(self, "projector", None) is not None:
             self.projector.close()  # type: ignore[union-attr]
             self.projector = None
