@@ -280,6 +280,7 @@ class ChatSession:
 
     def _start_reply(self, abandon: Callable[[], None]) -> Reply:
         prompt, notices = self._fit_context()
+        notices = self.template.take_notices() + notices  # a template fallback, once
         generation = self.engine.generate(prompt, self.sampling, self.on_progress)
         return Reply(self, generation, notices, abandon)
 

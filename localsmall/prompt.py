@@ -10,8 +10,6 @@ on its own, and "[IMG]" in the template's output marks where each image goes.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,13 +17,16 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from localsmall.conversation import Message
 from localsmall.engine.types import ImageSlot, PromptPiece, TokenRun
 from localsmall.errors import EngineError
 from localsmall.images import PreparedImage
+from localsmall.template_sandbox import (
+    MAX_OUTPUT_CHARS,
+    TemplateLimitError,
+    compile_template,
+    render_bounded,
+)
 
 IMAGE_MARK = "[IMG]"
 _SLOT = re.compile("\ue000(\\d+)\ue001")
@@ -49,35 +50,36 @@ class _Text:
     token_ids: tuple[int, ...] | None = None
 
 
-def _raise(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return dt.datetime.now().strftime(fmt)
-
-
-@cache
-def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    # mistral-common serialises with json.dumps(ensure_ascii=False): match it.
-    env.filters["tojson"] = lambda value, **_: json.dumps(value, ensure_ascii=False)
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
-
-
 class ChatTemplate:
-    """A compiled chat template that turns messages into prompt pieces."""
+    """A compiled chat template that turns messages into prompt pieces.
+
+    A model's template is untrusted: it renders in a sandbox bounded in time and output
+    (see template_sandbox); when it does not compile, fails or breaks a bound, the
+    built-in template takes over for the rest of the session and `take_notices` says so."""
 
     def __init__(self, source: str | None) -> None:
         self.is_builtin = not source
         self.source = source or builtin_template()
+        self._notices: list[str] = []
         try:
-            self._template = _compile(self.source)
-        except jinja2.TemplateError as exc:
-            raise EngineError(f"the model's chat template does not compile ({exc})") from None
+            self._template = compile_template(self.source)
+        except TemplateLimitError as exc:
+            if self.is_builtin:
+                raise EngineError(f"the built-in chat template does not compile ({exc})") \
+                    from None
+            self._fall_back(f"the model's chat template does not compile ({exc})")
+
+    def _fall_back(self, reason: str) -> None:
+        self._notices.append(f"{reason[:300]}; using localsmall's built-in Mistral Small 3.2 "
+                             "template instead.")
+        self.is_builtin = True
+        self.source = builtin_template()
+        self._template = compile_template(self.source)
+
+    def take_notices(self) -> list[str]:
+        """Notices about a fallback to the built-in template, each given once."""
+        notices, self._notices = self._notices, []
+        return notices
 
     def _template_messages(self, messages: Sequence[Message],
                            slots: list[_Text]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
@@ -111,12 +113,19 @@ class ChatTemplate:
         """The prompt as segments: (template text, True), message text, images."""
         slots: list[_Text] = []
         template_messages, images = self._template_messages(messages, slots)
+        variables = {"messages": template_messages, "bos_token": bos, "eos_token": eos,
+                     "tools": tools, "add_generation_prompt": True}
+        # The prompt is the messages' text in the template's frame: anything far larger
+        # is a runaway template.
+        limit = MAX_OUTPUT_CHARS + 2 * sum(len(t.text) for t in slots)
         try:
-            rendered = self._template.render(messages=template_messages, bos_token=bos,
-                                             eos_token=eos, tools=tools,
-                                             add_generation_prompt=True)
-        except jinja2.TemplateError as exc:
-            raise EngineError(f"the chat template refused the conversation: {exc}") from None
+            rendered = render_bounded(self._template, variables, max_chars=limit)
+        except TemplateLimitError as exc:
+            if self.is_builtin:
+                raise EngineError(f"the chat template refused the conversation: {exc}") \
+                    from None
+            self._fall_back(f"the model's chat template failed ({exc})")
+            return self.render(messages, bos=bos, eos=eos, tools=tools)
         segments: list[tuple[str, bool] | _Text | PreparedImage] = []
         remaining = iter(images)
         pos = 0
