@@ -356,8 +356,10 @@ class ChatSession:
         """Load a saved chat; restore its KV cache when it matches this model exactly."""
         path = Path(path).expanduser()
         conversation = load_conversation(path)
-        # Generated token ids are kept only when they still spell the saved text.
-        messages = [m if m.token_ids is None or self.engine.detokenize(m.token_ids) == m.text
+        # Generated token ids are kept only when they belong to this vocabulary and still
+        # spell the saved text (ids out of range must never reach llama.cpp).
+        messages = [m if m.token_ids is None or (self.engine.valid_tokens(m.token_ids) and
+                                                 self.engine.detokenize(m.token_ids) == m.text)
                     else replace(m, token_ids=None) for m in conversation.messages]
         self.conversation = Conversation(system=conversation.system, messages=messages)
         self.window_start = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import functools
+import hmac
 import os
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -33,7 +34,13 @@ from localsmall.engine.kvcache import (
     positions,
 )
 from localsmall.engine.progress import ReadProgress
-from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
+from localsmall.engine.state import (
+    StateMeta,
+    engine_fingerprint,
+    read_state_bytes,
+    state_mac,
+    user_secret,
+)
 from localsmall.engine.types import (
     KV_TYPES,
     EngineSettings,
@@ -50,8 +57,14 @@ from localsmall.engine.types import (
     TurnStats,
 )
 from localsmall.engine.vision import Projector
-from localsmall.errors import ContextFullError, EngineError, ModelLoadError, ModelNotFoundError
-from localsmall.fileio import atomic_path
+from localsmall.errors import (
+    ContextFullError,
+    EngineError,
+    LocalsmallError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
+from localsmall.fileio import atomic_output, atomic_path
 
 _GGML_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 
@@ -78,6 +91,7 @@ class Engine:
         with native.capture_log() as log_lines:
             self.model = self._load_model(on_progress)
             self.vocab = self._llama.llama_model_get_vocab(self.model)
+            self.n_vocab = int(self._llama.llama_vocab_n_tokens(self.vocab))
             try:
                 native.take_graph_nodes()
                 self.ctx = self._new_context()
@@ -208,8 +222,19 @@ class Engine:
             raise EngineError("tokenization failed")
         return list(buf[:n])
 
+    def valid_tokens(self, tokens: Sequence[int]) -> bool:
+        """Whether every id is in this vocabulary. llama.cpp looks token ids up with
+        `at()`: one out of range throws inside C++ and aborts the whole process."""
+        return all(isinstance(t, int) and 0 <= t < self.n_vocab for t in tokens)
+
+    def _check_tokens(self, tokens: Sequence[int]) -> None:
+        if not self.valid_tokens(tokens):
+            raise EngineError(f"token ids outside this model's {self.n_vocab}-token "
+                              "vocabulary; the saved chat or prompt does not belong to it")
+
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token stands for (control tokens render only with special=True)."""
+        self._check_tokens((token,))
         buf = ctypes.create_string_buffer(256)
         n = self._llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -241,6 +266,7 @@ class Engine:
         items: list[CacheItem] = []
         for piece in prompt:
             if isinstance(piece, TokenRun):
+                self._check_tokens(piece.ids)
                 items.extend(piece.ids)
             else:
                 if self.projector is None:
@@ -497,48 +523,66 @@ class Engine:
                                   else None, s.kv_type, llama_cpp.__version__)
 
     def save_state(self, path: Path) -> StateMeta:
-        """Write the KV cache to `path` (atomically) and describe it."""
-        empty = (self._llama.llama_token * 1)()
+        """Write the KV cache to `path` (atomically) and describe it, signed with this
+        user's key (see engine.state)."""
+        key = user_secret()
+        llama = self._llama
         items = items_to_json(self.kv.items)
-        with atomic_path(Path(path)) as tmp:
-            written = self._llama.llama_state_seq_save_file(self.ctx, str(tmp).encode(), 0,
-                                                            empty, 0)
-            if written == 0:
-                raise EngineError(f"llama.cpp could not save the KV cache to {path}")
-            checksum = state_checksum(tmp, items)
-        return StateMeta(fingerprint=self.fingerprint, items=items, checksum=checksum,
+        size = int(llama.llama_state_seq_get_size(self.ctx, 0))
+        buffer = (ctypes.c_uint8 * size)()
+        written = int(llama.llama_state_seq_get_data(self.ctx, buffer, size, 0))
+        if written == 0 or written > size:
+            raise EngineError(f"llama.cpp could not save the KV cache to {path}")
+        data = memoryview(buffer).cast("B")[:written]
+        mac = state_mac(key, self.fingerprint, items, self.kv.n_past, data)
+        with atomic_output(Path(path)) as handle:
+            handle.write(data)
+        return StateMeta(fingerprint=self.fingerprint, items=items, mac=mac,
                          n_pos=self.kv.n_past)
+
+    def _state_bound(self) -> int:
+        """The most bytes a state of this context can take (K and V of every position
+        at 4 bytes per value, and room for llama.cpp's headers)."""
+        llama, m = self._llama, self.model
+        per_position = 2 * 4 * llama.llama_model_n_layer(m) * max(
+            llama.llama_model_n_embd(m), 1024)
+        return per_position * self.n_ctx + (64 << 20)
 
     def load_state(self, path: Path, meta: StateMeta) -> str | None:
         """Restore a KV cache saved by `save_state`. Returns None when it was restored, or
-        the reason it was refused (the cache is then empty and the chat is re-read)."""
-        reason = self._check_state(Path(path), meta)
-        if reason is not None:
-            return reason
+        the reason it was refused (the cache is then empty and the chat is re-read).
+        The file is read once: the bytes whose signature is checked are the bytes
+        llama.cpp loads."""
+        if meta.fingerprint != self.fingerprint:
+            return "it was saved with another model, projector, KV cache type or llama.cpp"
+        if meta.n_pos >= self.n_ctx:
+            return f"it holds {meta.n_pos} tokens, more than this {self.n_ctx}-token context"
         items = items_from_json(meta.items)
-        if items is None or positions(items) != meta.n_pos:
+        if items is None or positions(items) != meta.n_pos or \
+                not self.valid_tokens([t for t in items if isinstance(t, int)]):
             return "its description is damaged"
+        try:
+            key = user_secret()
+        except LocalsmallError as exc:
+            return str(exc)
+        try:
+            data = read_state_bytes(Path(path), self._state_bound())
+        except FileNotFoundError:
+            return "the state file is missing"
+        except OSError as exc:
+            return f"the state file cannot be read ({exc.strerror or exc})"
+        expected = state_mac(key, meta.fingerprint, meta.items, meta.n_pos, data)
+        if not hmac.compare_digest(expected, meta.mac):
+            return ("the state file or its description is damaged, or it was not saved by "
+                    "this account")
         self.reset()
-        tokens = (self._llama.llama_token * 1)()
-        count = ctypes.c_size_t(0)
-        read = self._llama.llama_state_seq_load_file(self.ctx, str(path).encode(), 0, tokens, 1,
-                                                     ctypes.byref(count))
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        read = self._llama.llama_state_seq_set_data(self.ctx, buffer, len(data), 0)
         mem = self._llama.llama_get_memory(self.ctx)
         if read == 0 or self._llama.llama_memory_seq_pos_max(mem, 0) != meta.n_pos - 1:
             self._llama.llama_memory_clear(mem, True)
             return "llama.cpp could not read it"
         self.kv.restored(items, meta.n_pos)
-        return None
-
-    def _check_state(self, path: Path, meta: StateMeta) -> str | None:
-        if meta.fingerprint != self.fingerprint:
-            return "it was saved with another model, projector, KV cache type or llama.cpp"
-        if not path.is_file():
-            return "the state file is missing"
-        if meta.n_pos >= self.n_ctx:
-            return f"it holds {meta.n_pos} tokens, more than this {self.n_ctx}-token context"
-        if state_checksum(path, meta.items) != meta.checksum:
-            return "the state file or its description is damaged"
         return None
 
     # --- lifetime ------------------------------------------------------------------------
