@@ -64,7 +64,7 @@ from localsmall.errors import (
     ModelLoadError,
     ModelNotFoundError,
 )
-from localsmall.fileio import atomic_output, atomic_path
+from localsmall.fileio import atomic_output
 
 _GGML_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 
