@@ -17,11 +17,11 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from localsmall.conversation import Message
+from localsmall.chat.conversation import Message
 from localsmall.engine.types import ImageSlot, PromptPiece, TokenRun
 from localsmall.errors import EngineError
 from localsmall.images import PreparedImage
-from localsmall.template_sandbox import (
+from localsmall.chat.template_sandbox import (
     MAX_OUTPUT_CHARS,
     TemplateLimitError,
     compile_template,

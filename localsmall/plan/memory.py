@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from localsmall.catalog import Model, Quant
 from localsmall.errors import ModelLoadError
 from localsmall.gguf_header import GgufHeader, read_header, type_bytes
+from localsmall.models.catalog import Model, Quant
 
 MIB = 1024 * 1024
 KV_PAD = 256                   # llama.cpp pads n_ctx to a multiple of this
