@@ -18,15 +18,15 @@ from importlib import resources
 from typing import Any
 
 from localsmall.chat.conversation import Message
-from localsmall.engine.types import ImageSlot, PromptPiece, TokenRun
-from localsmall.errors import EngineError
-from localsmall.images import PreparedImage
 from localsmall.chat.template_sandbox import (
     MAX_OUTPUT_CHARS,
     TemplateLimitError,
     compile_template,
     render_bounded,
 )
+from localsmall.engine.types import ImageSlot, PromptPiece, TokenRun
+from localsmall.errors import EngineError
+from localsmall.images import PreparedImage
 
 IMAGE_MARK = "[IMG]"
 _SLOT = re.compile("\ue000(\\d+)\ue001")

@@ -78,7 +78,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             return _bounded_power(left, right)
         return super().call_binop(context, operator, left, right)
 
-    def call(__self, __context: Any, __obj: Any, *args: Any,  # noqa: N805 - jinja's API
+    def call(__self, __context: Any, __obj: Any, *args: Any,
              **kwargs: Any) -> Any:
         _check_int_args(args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)

@@ -121,7 +121,7 @@ def _read_secret(path: Path) -> bytes:
 
 
 def state_mac(key: bytes, fingerprint: str, items: list[Any], n_pos: int,
-              state: memoryview | bytes) -> str:
+              state: memoryview | bytes | bytearray) -> str:
     """HMAC-SHA256 binding a state's bytes to its description and model fingerprint."""
     mac = hmac.new(key, _MAC_DOMAIN, hashlib.sha256)
     head = json.dumps([fingerprint, items, n_pos], separators=(",", ":")).encode()
