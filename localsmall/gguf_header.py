@@ -107,7 +107,7 @@ class _Cursor:
     """Reads values from the header, refusing every length that points past the end of
     the file before acting on it (so a declared length never costs memory or time)."""
 
-    def __init__(self, data: mmap.mmap, order: str) -> None:
+    def __init__(self, data: mmap.mmap | bytes, order: str) -> None:
         self.data, self.order, self.pos = data, order, 0
         self.size = len(data)
 
@@ -171,14 +171,24 @@ def read_header(path: Path) -> GgufHeader:
     try:
         with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0,
                                                    access=mmap.ACCESS_READ) as data:
-            return _parse(path, data)
-    except (OSError, ValueError, struct.error, KeyError, UnicodeDecodeError,
-            OverflowError) as exc:
+            return parse_header(data, path)
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); it is "
                              "incomplete or damaged") from None
 
 
-def _parse(path: Path, data: mmap.mmap) -> GgufHeader:
+def parse_header(data: mmap.mmap | bytes, path: Path) -> GgufHeader:
+    """Parse a GGUF header from the file's bytes (`path` names it in errors). Every
+    declared length is checked against the data's size before it is used, so time and
+    memory stay proportional to the data. Raises ModelLoadError."""
+    try:
+        return _parse(path, data)
+    except (ValueError, struct.error, KeyError, UnicodeDecodeError, OverflowError) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); it is "
+                             "incomplete or damaged") from None
+
+
+def _parse(path: Path, data: mmap.mmap | bytes) -> GgufHeader:
     if data[:4] != GGUF_MAGIC:
         raise ValueError("no GGUF magic")
     # The version is small: if it reads huge, the file is big-endian.
