@@ -207,7 +207,11 @@ def _layer_index(name: str, n_layers: int, path: Path) -> int:
 def text_weights_from_file(path: Path) -> TextWeights:
     """Exact weight bytes from a local GGUF's tensor table. Raises ModelLoadError for a
     file that is not a readable model (odd or missing hyper-parameters included)."""
-    header = read_header(path)
+    return text_weights_from_header(read_header(path))
+
+
+def text_weights_from_header(header: GgufHeader) -> TextWeights:
+    """`text_weights_from_file` for a header already read."""
     shape = text_shape_from_header(header)
     layers = [0] * shape.n_layers
     matrices: list[dict[str, int]] = [{} for _ in range(shape.n_layers)]
