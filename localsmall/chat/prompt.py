@@ -82,9 +82,12 @@ class ChatTemplate:
         return notices
 
     def _template_messages(self, messages: Sequence[Message],
-                           slots: list[_Text]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
-        """Messages in the shape chat templates expect, text swapped for placeholders."""
+                           slots: list[_Text]
+                           ) -> tuple[list[dict[str, Any]], list[PreparedImage], int]:
+        """Messages in the shape chat templates expect, text swapped for placeholders;
+        and the index of the last message's first placeholder."""
         images: list[PreparedImage] = []
+        last_start = 0
 
         def slot(text: str, token_ids: tuple[int, ...] | None = None) -> str:
             slots.append(_Text(text, token_ids))
@@ -92,6 +95,7 @@ class ChatTemplate:
 
         out: list[dict[str, Any]] = []
         for m in messages:
+            last_start = len(slots)
             if m.role == "assistant":
                 out.append({"role": "assistant", "content": slot(m.text, m.token_ids)})
             elif m.role == "system" or not m.images:
@@ -105,14 +109,14 @@ class ChatTemplate:
                         images.append(part)
                         blocks.append({"type": "image"})
                 out.append({"role": "user", "content": blocks})
-        return out, images
+        return out, images, last_start
 
     def render(self, messages: Sequence[Message], *, bos: str, eos: str,
                tools: list[dict[str, Any]] | None = None) -> list[tuple[str, bool] | _Text
                                                              | PreparedImage]:
         """The prompt as segments: (template text, True), message text, images."""
         slots: list[_Text] = []
-        template_messages, images = self._template_messages(messages, slots)
+        template_messages, images, last_start = self._template_messages(messages, slots)
         variables = {"messages": template_messages, "bos_token": bos, "eos_token": eos,
                      "tools": tools, "add_generation_prompt": True}
         # The prompt is the messages' text in the template's frame: anything far larger
@@ -120,32 +124,49 @@ class ChatTemplate:
         limit = MAX_OUTPUT_CHARS + 2 * sum(len(t.text) for t in slots)
         try:
             rendered = render_bounded(self._template, variables, max_chars=limit)
-        except TemplateLimitError as exc:
+            segments = _segments(rendered, slots, images)
+            last = {id(s) for s in slots[last_start:]}
+            if last and not any(id(s) in last for s in segments):
+                raise _LayoutError("it left the conversation's last message out")
+            return segments
+        except (TemplateLimitError, _LayoutError) as exc:
             if self.is_builtin:
                 raise EngineError(f"the chat template refused the conversation: {exc}") \
                     from None
             self._fall_back(f"the model's chat template failed ({exc})")
             return self.render(messages, bos=bos, eos=eos, tools=tools)
-        segments: list[tuple[str, bool] | _Text | PreparedImage] = []
-        remaining = iter(images)
-        pos = 0
-        for match in [*_SLOT.finditer(rendered), None]:
-            end = match.start() if match else len(rendered)
-            for k, text in enumerate(rendered[pos:end].split(IMAGE_MARK)):
-                if k:
-                    image = next(remaining, None)
-                    if image is None:
-                        raise EngineError("the chat template placed more images than the "
-                                          "conversation has")
-                    segments.append(image)
-                if text:
-                    segments.append((text, True))
-            if match:
-                segments.append(slots[int(match.group(1))])
-                pos = match.end()
-        if next(remaining, None) is not None:
-            raise EngineError("the model's chat template dropped an image from the prompt")
-        return segments
+
+
+class _LayoutError(Exception):
+    """The rendered prompt does not place the conversation's text and images right."""
+
+
+def _segments(rendered: str, slots: list[_Text], images: list[PreparedImage]
+              ) -> list[tuple[str, bool] | _Text | PreparedImage]:
+    """Split a rendered prompt into template text, message text (by placeholder) and
+    images (by [IMG] mark), checking that each image is placed exactly once."""
+    segments: list[tuple[str, bool] | _Text | PreparedImage] = []
+    remaining = iter(images)
+    pos = 0
+    for match in [*_SLOT.finditer(rendered), None]:
+        end = match.start() if match else len(rendered)
+        for k, text in enumerate(rendered[pos:end].split(IMAGE_MARK)):
+            if k:
+                image = next(remaining, None)
+                if image is None:
+                    raise _LayoutError("it placed more images than the conversation has")
+                segments.append(image)
+            if text:
+                segments.append((text, True))
+        if match:
+            index = int(match.group(1))
+            if index >= len(slots):
+                raise _LayoutError("it wrote a placeholder of its own")
+            segments.append(slots[index])
+            pos = match.end()
+    if next(remaining, None) is not None:
+        raise _LayoutError("it dropped an image from the prompt")
+    return segments
 
 
 def build_prompt(template: ChatTemplate, messages: Sequence[Message], *, tokenize: Tokenize,
