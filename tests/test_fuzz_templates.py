@@ -49,10 +49,12 @@ def _prompt(source: str) -> tuple[ChatTemplate, list]:
     return template, pieces
 
 
+NESTED_LOOPS = ("{% for i in range(100000) %}{% for j in range(100000) %}"
+                "{% for k in range(100000) %}{% endfor %}{% endfor %}{% endfor %}")  # 10^15
+LONG_OUTPUT = "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}"
 RUNAWAYS = [
-    # nested range loops (10^15 iterations)
-    "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}"
-    "{% endfor %}{% endfor %}{% endfor %}",
+    NESTED_LOOPS,
+    LONG_OUTPUT,
     "{{ lipsum(10**6) }}",
     "{{ lipsum(1000000, false, 1000, 1000) }}",
     "{{ 'x' * 10**9 }}",
@@ -61,9 +63,14 @@ RUNAWAYS = [
     "{{ 'x'.center(10**9) }}",
     "{{ 'x'|indent(10**9) }}",
     "{{ 10 ** 10 ** 10 }}",
+    "{{ '%1000000000s' % 'x' }}",
+    "{{ '%*s' % (1000000000, 'x') }}",
+    "{{ '{:1000000000}'.format('x') }}",
+    "{{ '{:{}}'.format('x', 1000000000) }}",
+    "{{ '%1000000000s'|format('x') }}",
+    "{% set l = range(100000)|list %}{% for i in range(40) %}{% set l = l + l %}{% endfor %}",
     "{% set s = namespace(v='x') %}{% for i in range(60) %}{% set s.v = s.v ~ s.v %}"
     "{% endfor %}{{ s.v }}",
-    "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     "{{ raise_exception('no') }}",
     "{{ messages[99]['content'] }}",
@@ -84,11 +91,13 @@ def test_runaway_templates_stop_and_fall_back(source: str) -> None:
 
 def test_bounds_without_fallback() -> None:
     with pytest.raises(TemplateLimitError, match="seconds"):
-        render_bounded(compile_template(RUNAWAYS[0]), {}, seconds=0.5)
+        render_bounded(compile_template(NESTED_LOOPS), {}, seconds=0.5)
     with pytest.raises(TemplateLimitError, match="characters"):
-        render_bounded(compile_template(RUNAWAYS[10]), {}, max_chars=10_000)
-    assert render_bounded(compile_template("{{ 'ab' * 3 }}{{ lipsum(1) | length > 0 }}"),
-                          {}) == "abababTrue"
+        render_bounded(compile_template(LONG_OUTPUT), {}, max_chars=10_000)
+    assert render_bounded(compile_template("{{ 'ab' * 3 }}{{ lipsum(1) | length > 0 }}"
+                                           "{{ '%5s|%-3d' % ('x', 7) }}{{ '{:>4}'.format(1) }}"
+                                           "{{ 'a' ~ 1 ~ 'b' }}{{ [1] + [2] }}"),
+                          {}) == "abababTrue    x|7     1a1b[1, 2]"
 
 
 PIECES = st.sampled_from([

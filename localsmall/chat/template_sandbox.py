@@ -7,8 +7,9 @@ or `"x"|center(10**9)` are all legal. Here every bound is enforced:
 - time: while a template renders, a trace function checks a deadline on every line the
   render executes (template code and the Python helpers it calls), so no loop outlives it;
 - size: the output is collected chunk by chunk and stops at a bound; string and list
-  repetition, powers and every integer argument of a call or filter are capped, so no
-  single step can allocate more than the bound either.
+  repetition and concatenation (`*`, `+`, `~`), powers, format widths and every
+  integer argument of a call or filter are capped, so no single step can allocate more
+  than the bound either.
 
 Any failure (syntax, runtime, a bound) is a TemplateLimitError with a one-line reason.
 """
@@ -19,6 +20,7 @@ import datetime as dt
 import functools
 import json
 import operator
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -51,6 +53,43 @@ def _check_int_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
             raise jinja2.TemplateError(f"the number {value} is too large for a chat template")
 
 
+# A width or precision of a million or more, or one taken from the arguments, in
+# %-formatting and in str.format fields.
+_BIG_WIDTH = re.compile(r"%[-#0 +]*(\*|\d{7,}|\d*\.(\*|\d{7,}))|\{[^{}]*:[^{}]*(\d{7,}|\{)")
+
+
+def _check_format(text: Any) -> None:
+    if isinstance(text, str) and _BIG_WIDTH.search(text):
+        raise jinja2.TemplateError("a format width in the chat template is too large")
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str | bytes | list | tuple) else 0
+
+
+def _bounded_add(left: Any, right: Any) -> Any:
+    if _size(left) + _size(right) > MAX_OUTPUT_CHARS:
+        raise jinja2.TemplateError("a concatenation in the chat template is too large")
+    return operator.add(left, right)
+
+
+def _bounded_modulo(left: Any, right: Any) -> Any:
+    _check_format(left)
+    return operator.mod(left, right)
+
+
+def _bounded_join(join: Callable[[Any], str]) -> Callable[[Any], str]:
+    """jinja's `~` operator (str_join / markup_join), refusing results over the bound."""
+
+    def bounded(seq: Any) -> str:
+        parts = list(seq)
+        if sum(len(str(p)) for p in parts) > MAX_OUTPUT_CHARS:
+            raise jinja2.TemplateError("a concatenation in the chat template is too large")
+        return join(parts)
+
+    return bounded
+
+
 def _bounded_multiply(left: Any, right: Any) -> Any:
     for seq, count in ((left, right), (right, left)):
         if isinstance(seq, str | bytes | list | tuple) and isinstance(count, int) and \
@@ -69,25 +108,31 @@ def _bounded_power(left: Any, right: Any) -> Any:
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, with repetition, powers and call arguments bounded."""
 
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+    _bounded = {"*": _bounded_multiply, "**": _bounded_power, "+": _bounded_add,
+                "%": _bounded_modulo}
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            return _bounded_multiply(left, right)
-        if operator == "**":
-            return _bounded_power(left, right)
-        return super().call_binop(context, operator, left, right)
+        return self._bounded[operator](left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any,
              **kwargs: Any) -> Any:
         _check_int_args(args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
 
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        wrapped = super().wrap_str_format(value)  # str.format / format_map, sandboxed
+        if wrapped is not None:
+            _check_format(value.__self__)
+        return wrapped
 
-def _bounded_filter(function: Callable[..., Any]) -> Callable[..., Any]:
+
+def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(function)  # keeps jinja's pass_context/... markers
     def bounded(*args: Any, **kwargs: Any) -> Any:
         _check_int_args(args[1:], kwargs)
+        if name == "format":
+            _check_format(args[0])
         return function(*args, **kwargs)
 
     return bounded
@@ -108,13 +153,18 @@ def compile_template(source: str) -> jinja2.Template:
                           extensions=["jinja2.ext.loopcontrols"])
     # mistral-common serialises with json.dumps(ensure_ascii=False): match it.
     env.filters["tojson"] = lambda value, **_: json.dumps(value, ensure_ascii=False)
-    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source)
+        template = env.from_string(source)
     except (jinja2.TemplateError, RecursionError, MemoryError, ValueError, TypeError) as exc:
         raise TemplateLimitError(_one_line(exc)) from None
+    # `~` compiles to calls of these two helpers, looked up in the template's globals.
+    namespace = template.root_render_func.__globals__
+    for name in ("str_join", "markup_join"):
+        namespace[name] = _bounded_join(namespace[name])
+    return template
 
 
 def _one_line(exc: BaseException) -> str:
