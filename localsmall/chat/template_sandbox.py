@@ -4,8 +4,8 @@ jinja2's sandbox stops a template from reaching Python internals, not from runni
 minutes or filling memory: `range` loops nested three deep, `lipsum(10**6)`, `"x" * 10**9`
 or `"x"|center(10**9)` are all legal. Here every bound is enforced:
 
-- time: while a template renders, a trace function checks a deadline on every line the
-  render executes (template code and the Python helpers it calls), so no loop outlives it;
+- time: while a template renders, a trace function checks a deadline on every line of
+  template code and on every Python function call, so no loop outlives it;
 - size: the output is collected chunk by chunk and stops at a bound; string and list
   repetition and concatenation (`*`, `+`, `~`), powers, format widths and every
   integer argument of a call or filter are capped, so no single step can allocate more
@@ -179,9 +179,11 @@ def render_bounded(template: jinja2.Template, variables: Mapping[str, Any], *,
     deadline = time.monotonic() + seconds
 
     def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        # Called at every function call, and at every line of the template's own code
+        # (its loops); Python helpers it calls are checked at each call they make.
         if time.monotonic() > deadline:
             raise _Timeout
-        return tracer
+        return tracer if frame.f_code.co_filename == "<template>" else None
 
     previous = sys.gettrace()
     chunks: list[str] = []
