@@ -83,7 +83,7 @@ RUNAWAYS = [
 
 @pytest.mark.parametrize("source", RUNAWAYS)
 def test_runaway_templates_stop_and_fall_back(source: str) -> None:
-    template, pieces = _prompt(source)
+    template, _ = _prompt(source)
     notices = template.take_notices()
     if notices:
         assert template.is_builtin and "built-in" in notices[0]

@@ -26,8 +26,8 @@ from PIL import Image
 from localsmall.chat.conversation import Message
 from localsmall.chat.prompt import ChatTemplate, build_prompt
 from localsmall.engine.kvcache import ImageSpan
-from localsmall.engine.types import ImageSlot
 from localsmall.engine.model import Engine
+from localsmall.engine.types import ImageSlot
 from localsmall.images import PreparedImage, prepare_image_bytes
 from tests import tinymodels as tm
 from tests.tinymodels import image_bytes

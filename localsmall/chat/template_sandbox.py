@@ -105,15 +105,17 @@ def _bounded_power(left: Any, right: Any) -> Any:
     return operator.pow(left, right)
 
 
+_BOUNDED_BINOPS: dict[str, Callable[[Any, Any], Any]] = {
+    "*": _bounded_multiply, "**": _bounded_power, "+": _bounded_add, "%": _bounded_modulo}
+
+
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, with repetition, powers and call arguments bounded."""
 
-    intercepted_binops = frozenset(["*", "**", "+", "%"])
-    _bounded = {"*": _bounded_multiply, "**": _bounded_power, "+": _bounded_add,
-                "%": _bounded_modulo}
+    intercepted_binops = frozenset(_BOUNDED_BINOPS)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        return self._bounded[operator](left, right)
+        return _BOUNDED_BINOPS[operator](left, right)
 
     def call(__self, __context: Any, __obj: Any, *args: Any,
              **kwargs: Any) -> Any:

@@ -50,7 +50,7 @@ def read_imatrix(path: Path) -> ImportanceMatrix:
         raise ConversionError(f"{path} holds no importance data")
     for name, values in matrix.entries.items():
         if not np.isfinite(values).all():
-            raise ConversionError(f"{path}: the importance data of {name} is not finite; "
+            raise ConversionError(f"{path}: the importance data of {name!r:.100} is not finite; "
                                   "the imatrix is damaged")
     return matrix
 
@@ -84,8 +84,8 @@ def _read_gguf(path: Path) -> ImportanceMatrix:
         elif tensor.name.endswith(".counts"):
             counts[tensor.name.removesuffix(".counts")] = np.asarray(tensor.data, np.float32)
     if sums.keys() != counts.keys():
-        odd = sorted(sums.keys() ^ counts.keys())
-        raise ConversionError(f"{path}: sums and counts do not pair up ({', '.join(odd[:3])})")
+        odd = ", ".join(repr(n) for n in sorted(sums.keys() ^ counts.keys())[:3])
+        raise ConversionError(f"{path}: sums and counts do not pair up ({odd})")
     entries = {name: _normalise(sums[name].ravel(), np.rint(counts[name].ravel()))
                for name in sums}
     names = tuple(str(d) for d in datasets) if isinstance(datasets, list) else (str(datasets),)
@@ -126,7 +126,7 @@ def _read_legacy(path: Path, data: bytes) -> ImportanceMatrix:
         name = take(f"<{length}s")[0].decode("utf-8", errors="replace")
         ncall, nval = take("<ii")
         if nval < 1:
-            raise ConversionError(f"{path} is damaged (entry {name:.100} has no values)")
+            raise ConversionError(f"{path} is damaged (entry {name!r:.100} has no values)")
         if pos + 4 * nval > len(data):
             raise ConversionError(f"{path} is truncated")
         values = np.frombuffer(data, np.float32, nval, pos).copy()

@@ -230,14 +230,16 @@ def _transformers_weights(directory: Path) -> dict[str, TensorEntry]:
         names = sorted({str(f) for f in weight_map.values()})
         missing = [f for f in names if not (directory / f).is_file()]
         if missing:
+            listed = ", ".join(repr(n) for n in missing[:3])
             raise ConversionError(f"{len(missing)} weight file(s) listed in {index.name} are "
-                                  f"missing from {directory}: {', '.join(missing[:3])}")
+                                  f"missing from {directory}: {listed}")
         tensors = read_headers(directory / f for f in names)
         absent = [n for n, f in weight_map.items()
                   if n not in tensors or tensors[n].file.name != Path(f).name]
         if absent:
+            listed = ", ".join(repr(n) for n in absent[:3])
             raise ConversionError(f"{index.name} lists tensors its files do not hold "
-                                  f"({', '.join(absent[:3])}); the download is incomplete")
+                                  f"({listed}); the download is incomplete")
         return tensors
     files = sorted(directory.glob("model*.safetensors"))
     if not files:

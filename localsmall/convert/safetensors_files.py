@@ -106,20 +106,20 @@ def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> T
     ok = ok and isinstance(shape_raw, list) and all(_whole(d) and d >= 0 for d in shape_raw) \
         and isinstance(offsets, list) and len(offsets) == 2 and all(_whole(x) for x in offsets)
     if not ok or not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
-        raise ConversionError(f"{path}: malformed header entry for {name:.100}")
+        raise ConversionError(f"{path}: malformed header entry for {name!r:.100}")
     dtype = str(info["dtype"])
     shape = tuple(shape_raw)  # type: ignore[arg-type]
     begin, end = offsets  # type: ignore[misc]
     if dtype not in DTYPES:
         raise ConversionError(
-            f"{path}: tensor {name:.100} has dtype {dtype:.20}; only F32, F16 and BF16 "
+            f"{path}: tensor {name!r:.100} has dtype {dtype!r:.20}; only F32, F16 and BF16 "
             "checkpoints can be converted (quantized checkpoints such as FP8 cannot)")
     expected = math.prod(shape) * DTYPES[dtype][1]
     if begin < 0 or end - begin != expected:
-        raise ConversionError(f"{path}: tensor {name:.100} has {end - begin} bytes for shape "
+        raise ConversionError(f"{path}: tensor {name!r:.100} has {end - begin} bytes for shape "
                               f"{list(shape)} ({dtype}); the file is damaged")
     if data_start + end > size:
-        raise ConversionError(f"{path} is truncated (tensor {name:.100} ends past the end of "
+        raise ConversionError(f"{path} is truncated (tensor {name!r:.100} ends past the end of "
                               "the file); download it again")
     return TensorEntry(name=name, file=path, dtype=dtype, shape=shape,
                        offset=data_start + begin, nbytes=end - begin)
@@ -131,8 +131,8 @@ def read_headers(paths: Iterable[Path]) -> dict[str, TensorEntry]:
     for path in paths:
         for name, entry in read_header(path).items():
             if name in entries:
-                raise ConversionError(f"tensor {name} appears in both {entries[name].file.name} "
-                                      f"and {path.name}")
+                raise ConversionError(f"tensor {name!r:.100} appears in both "
+                                      f"{entries[name].file.name} and {path.name}")
             entries[name] = entry
     return entries
 
