@@ -367,7 +367,8 @@ class ChatSession:
         meta = StateMeta.from_json(conversation.kv_state)
         if meta is None:
             return LoadedChat(self.conversation, 0, "it was saved without one"
-                              if conversation.kv_state is None else "its description is damaged")
+                              if conversation.kv_state is None else
+                              "its description is damaged or unsigned (an older localsmall)")
         reason = self.engine.load_state(state_path_for(path), meta)
         return LoadedChat(self.conversation, 0 if reason else meta.n_pos, reason or "")
 
