@@ -208,12 +208,7 @@ def _transformers_vision(config: dict[str, Any], text: TextHParams, directory: P
     mean, std = _image_norm(directory)
     activation = str(vision.get("hidden_act", "silu"))[:40]
     return VisionHParams(
-        n_layers=_int(vision, "num_hidden_layers", vwhere, high=MAX_LAYERS),
-        n_embd=_int(vision, "hidden_size", vwhere),
-        n_head=_int(vision, "num_attention_heads", vwhere),
-        n_ff=_int(vision, "intermediate_size", vwhere),
-        projection_dim=text.n_embd,
-        patch_size=_int(vision, "patch_size", vwhere, 14, high=1024),
+        **_vision_shape(vision, vwhere, text),
         image_size=_int(vision, "image_size", vwhere, 1540, high=1 << 16),
         spatial_merge_size=_int(config, "spatial_merge_size", where, 2, high=64),
         rms_eps=_float(vision, "layer_norm_eps", vwhere, 1e-5),
@@ -295,6 +290,16 @@ def _native_text(params: dict[str, Any], where: str) -> TextHParams:
         rms_eps=_float(params, "norm_eps", where, 1e-5))
 
 
+def _vision_shape(vision: dict[str, Any], vwhere: str, text: TextHParams) -> dict[str, Any]:
+    """The encoder's dimensions, named alike in both layouts."""
+    return {"n_layers": _int(vision, "num_hidden_layers", vwhere, high=MAX_LAYERS),
+            "n_embd": _int(vision, "hidden_size", vwhere),
+            "n_head": _int(vision, "num_attention_heads", vwhere),
+            "n_ff": _int(vision, "intermediate_size", vwhere),
+            "projection_dim": text.n_embd,
+            "patch_size": _int(vision, "patch_size", vwhere, 14, high=1024)}
+
+
 def _native_vision(params: dict[str, Any], text: TextHParams, where: str) -> VisionHParams:
     vision = _section(params, "vision_encoder", where)
     vwhere = f"{where} (vision_encoder)"
@@ -303,12 +308,7 @@ def _native_vision(params: dict[str, Any], text: TextHParams, where: str) -> Vis
                               "not supported (Mistral Small 3.x uses patch_merge)")
     _check_vision_rope(_float(vision, "rope_theta", vwhere, PIXTRAL_ROPE_THETA), vwhere)
     return VisionHParams(
-        n_layers=_int(vision, "num_hidden_layers", vwhere, high=MAX_LAYERS),
-        n_embd=_int(vision, "hidden_size", vwhere),
-        n_head=_int(vision, "num_attention_heads", vwhere),
-        n_ff=_int(vision, "intermediate_size", vwhere),
-        projection_dim=text.n_embd,
-        patch_size=_int(vision, "patch_size", vwhere, 14, high=1024),
+        **_vision_shape(vision, vwhere, text),
         image_size=_int(vision, "image_size", vwhere, _int(
             vision, "max_image_size", vwhere, 1540, high=1 << 16), high=1 << 16),
         spatial_merge_size=_int(vision, "spatial_merge_size", vwhere, 1, high=64),
@@ -322,7 +322,8 @@ def read_mistral(directory: Path) -> Checkpoint:
     params = _read_json(directory / "params.json")
     if params.get("quantization"):
         raise ConversionError(f"{where}: the weights are quantized "
-                              f"({params['quantization']!s:.60}); convert the BF16 release instead")
+                              f"({params['quantization']!s:.60}); convert the BF16 release "
+                              "instead")
     if params.get("moe"):
         raise ConversionError(f"{where} describes a mixture-of-experts model; localsmall "
                               "converts dense Mistral models only")

@@ -12,25 +12,27 @@ produce a wrong answer.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import hmac
 import json
 import os
-import secrets
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from localsmall.errors import LocalsmallError
-from localsmall.paths import data_dir
+from localsmall.engine.kvcache import KvCache, items_from_json, items_to_json, positions
+from localsmall.engine.state_key import SECRET_BYTES, SECRET_FILE, user_secret
+from localsmall.errors import EngineError, LocalsmallError
+from localsmall.fileio import atomic_output
+
+__all__ = ["SECRET_BYTES", "SECRET_FILE", "StateMeta", "load_kv_state", "save_kv_state",
+           "state_mac", "state_path_for", "user_secret"]
 
 STATE_FORMAT = 2   # 1 had an unkeyed checksum: such states are refused
 _SAMPLE = 1 << 20  # bytes hashed at each end of a model file for its fingerprint
-SECRET_FILE = "kvstate.key"
-SECRET_BYTES = 32
 _MAC_DOMAIN = b"localsmall kvstate v2\0"
 
 
@@ -63,61 +65,6 @@ class StateMeta:
                 and n_pos >= 0):
             return None
         return cls(fingerprint=fingerprint, items=items, mac=mac, n_pos=n_pos)
-
-
-def _secret_path() -> Path:
-    return data_dir() / SECRET_FILE
-
-
-def user_secret() -> bytes:
-    """This user's key for signing KV states, created on first use: random bytes in a
-    file of mode 0600, written under a temporary name and linked into place (so two
-    sessions starting at once agree on one key, and no half-written key is ever read).
-    Raises LocalsmallError when it cannot be read or created."""
-    path = _secret_path()
-    for _ in range(3):
-        try:
-            return _read_secret(path)
-        except FileNotFoundError:
-            pass
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{SECRET_FILE}.", dir=path.parent)  # 0600
-            try:
-                os.write(fd, secrets.token_bytes(SECRET_BYTES))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, path)  # fails if another session created it first
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
-        except OSError as exc:
-            raise LocalsmallError(f"cannot create the key that signs saved KV states in "
-                                  f"{path.parent}: {exc.strerror or exc}") from None
-    return _read_secret(path)
-
-
-def _read_secret(path: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise FileNotFoundError(path) from None
-        raise LocalsmallError(f"cannot read the KV state key {path}: "
-                              f"{exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        key = os.read(fd, SECRET_BYTES + 1)
-    finally:
-        os.close(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077 or len(key) != SECRET_BYTES \
-            or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
-        raise LocalsmallError(f"the KV state key {path} is not a private {SECRET_BYTES}-byte "
-                              "file of yours; delete it (saved KV states will be re-read)")
-    return key
 
 
 def state_mac(key: bytes, fingerprint: str, items: list[Any], n_pos: int,
@@ -178,3 +125,60 @@ def engine_fingerprint(model_path: Path, mmproj_path: Path | None, kv_type: str,
 def state_path_for(conversation_path: Path) -> Path:
     """Where the KV state of a saved chat lives: beside it."""
     return conversation_path.with_name(conversation_path.name + ".kvstate")
+
+
+def save_kv_state(llama: Any, ctx: Any, kv: KvCache, path: Path, *,
+                  fingerprint: str) -> StateMeta:
+    """Write the context's KV cache (sequence 0) to `path` (atomically) and describe it,
+    signed with this user's key."""
+    key = user_secret()
+    items = items_to_json(kv.items)
+    size = int(llama.llama_state_seq_get_size(ctx, 0))
+    buffer = (ctypes.c_uint8 * size)()
+    written = int(llama.llama_state_seq_get_data(ctx, buffer, size, 0))
+    if written == 0 or written > size:
+        raise EngineError(f"llama.cpp could not save the KV cache to {path}")
+    data = memoryview(buffer).cast("B")[:written]
+    mac = state_mac(key, fingerprint, items, kv.n_past, data)
+    with atomic_output(Path(path)) as handle:
+        handle.write(data)
+    return StateMeta(fingerprint=fingerprint, items=items, mac=mac, n_pos=kv.n_past)
+
+
+def load_kv_state(llama: Any, ctx: Any, kv: KvCache, path: Path, meta: StateMeta, *,
+                  fingerprint: str, n_ctx: int, n_vocab: int, max_bytes: int) -> str | None:
+    """Restore a KV cache saved by `save_kv_state`. Returns None when it was restored, or
+    the reason it was refused (the cache is then empty and the chat is re-read). The file
+    is read once, at most `max_bytes`: the bytes whose signature is checked are the bytes
+    llama.cpp loads (no check-then-reopen)."""
+    if meta.fingerprint != fingerprint:
+        return "it was saved with another model, projector, KV cache type or llama.cpp"
+    if meta.n_pos >= n_ctx:
+        return f"it holds {meta.n_pos} tokens, more than this {n_ctx}-token context"
+    items = items_from_json(meta.items)
+    if items is None or positions(items) != meta.n_pos or not all(
+            0 <= t < n_vocab for t in items if isinstance(t, int)):
+        return "its description is damaged"
+    try:
+        key = user_secret()
+    except LocalsmallError as exc:
+        return str(exc)
+    try:
+        data = read_state_bytes(Path(path), max_bytes)
+    except FileNotFoundError:
+        return "the state file is missing"
+    except OSError as exc:
+        return f"the state file cannot be read ({exc.strerror or exc})"
+    expected = state_mac(key, meta.fingerprint, meta.items, meta.n_pos, data)
+    if not hmac.compare_digest(expected, meta.mac):
+        return ("the state file or its description is damaged, or it was not saved by this "
+                "account")
+    kv.truncate(0)
+    buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
+    read = llama.llama_state_seq_set_data(ctx, buffer, len(data), 0)
+    mem = llama.llama_get_memory(ctx)
+    if read == 0 or llama.llama_memory_seq_pos_max(mem, 0) != meta.n_pos - 1:
+        llama.llama_memory_clear(mem, True)
+        return "llama.cpp could not read it"
+    kv.restored(items, meta.n_pos)
+    return None
