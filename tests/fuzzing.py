@@ -44,6 +44,7 @@ class CaseLog:
     """Cases run and the longest one, for the fuzz report."""
 
     cases: int = 0
+    failures: int = 0         # cases that raised another exception or broke a bound
     longest_s: float = 0.0
 
 
@@ -63,8 +64,13 @@ def only_own_errors(target: str, call: Callable[[], T], *,
         result: T | LocalsmallError = call()
     except LocalsmallError as exc:
         message = str(exc)
-        assert message and "\n" not in message, f"not a one-line error: {message!r}"
+        if not message or "\n" in message:
+            log.failures += 1
+            raise AssertionError(f"not a one-line error: {message!r}") from None
         result = exc
+    except BaseException:
+        log.failures += 1
+        raise
     finally:
         elapsed = time.perf_counter() - start
         log.cases += 1
@@ -72,8 +78,9 @@ def only_own_errors(target: str, call: Callable[[], T], *,
         if max_peak_bytes is not None:
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-    if max_peak_bytes is not None:
-        assert peak <= max_peak_bytes, f"{peak} bytes allocated (bound {max_peak_bytes})"
+    if max_peak_bytes is not None and peak > max_peak_bytes:
+        log.failures += 1
+        raise AssertionError(f"{peak} bytes allocated (bound {max_peak_bytes})")
     return result
 
 
