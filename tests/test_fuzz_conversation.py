@@ -68,7 +68,7 @@ def _parse(data: Any) -> Conversation | ConversationFileError:
 
 
 @given(document=chat_documents())
-@fuzz_settings(max_examples=1500)
+@fuzz_settings(max_examples=1000)
 def test_documents_near_the_schema(document: Any) -> None:
     result = _parse(document)
     if isinstance(result, Conversation):
@@ -123,6 +123,19 @@ def test_image_paths_that_are_not_regular_files(tmp_path: Path, name: str) -> No
     chat.write_text(json.dumps(doc))
     result = _load(chat)
     assert isinstance(result, ConversationFileError)
+
+
+def test_image_errors_stay_on_one_line(tmp_path: Path) -> None:
+    import base64
+
+    from tests.tinymodels import image_bytes
+
+    png = base64.b64encode(image_bytes(56, 56)).decode()
+    for part in ({"type": "image", "png_base64": png, "source": "a\nb", "sha256": "x"},
+                 {"type": "image", "path": str(tmp_path / "no\nfile.png")}):
+        doc = {"format": "localsmall-chat", "version": 1, "system": "",
+               "messages": [{"role": "user", "content": [part]}]}
+        assert isinstance(_parse(doc), ConversationFileError)  # one line: checked by _parse
 
 
 # --- token ids through the real engine ---------------------------------------------------

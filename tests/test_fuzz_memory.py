@@ -88,12 +88,13 @@ def _weights(tmp_path: Path, data: bytes, *, on_disk: bool = False
 
 @given(values=st.fixed_dictionaries({k: ODD_VALUE for k in KEYS}),
        tensors=st.lists(st.tuples(TENSOR_NAMES, st.lists(st.integers(0, 64), max_size=3)),
-                        max_size=4))
+                        max_size=4),
+       arch=st.sampled_from(["llama", "", "ll\nama\x1b[2J"]))
 @fuzz_settings(max_examples=1500)
 def test_odd_hyper_parameters(tmp_path: Path, values: dict[str, Any],
-                              tensors: list[tuple[str, list[int]]]) -> None:
+                              tensors: list[tuple[str, list[int]]], arch: str) -> None:
     present = {k: v for k, v in values.items() if v is not None}
-    _weights(tmp_path, gguf_model(present, [(n, tuple(s)) for n, s in tensors]))
+    _weights(tmp_path, gguf_model(present, [(n, tuple(s)) for n, s in tensors], arch))
 
 
 @given(key=st.sampled_from(KEYS), value=ODD_VALUE)

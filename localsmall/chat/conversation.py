@@ -126,15 +126,16 @@ def _image_from_json(entry: dict[str, Any], where: str) -> PreparedImage:
     try:
         if "png_base64" in entry:
             data = base64.b64decode(_string(entry["png_base64"], "png_base64"), validate=True)
-            image = prepare_image_bytes(data, str(entry.get("source", "embedded image")))
+            source = " ".join(str(entry.get("source", "")).split())[:200]
+            image = prepare_image_bytes(data, source or "embedded image")
         else:
             image = prepare_image(_string(entry["path"], "path"))
     except (KeyError, binascii.Error) as exc:
         raise ConversationFileError(f"{where}: image entry is malformed ({exc})") from None
     except ImageError as exc:
-        raise ConversationFileError(f"{where}: {exc}") from None
+        raise ConversationFileError(f"{where}: {' '.join(str(exc).split())}") from None
     if image.key != entry.get("sha256", image.key):
-        raise ConversationFileError(f"{where}: the image {image.source} has changed since the "
+        raise ConversationFileError(f"{where}: the image {image.source!r} has changed since the "
                                     "chat was saved")
     return image
 

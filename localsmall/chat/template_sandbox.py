@@ -5,7 +5,7 @@ minutes or filling memory: `range` loops nested three deep, `lipsum(10**6)`, `"x
 or `"x"|center(10**9)` are all legal. Here every bound is enforced:
 
 - time: while a template renders, a trace function checks a deadline on every line of
-  template code and on every Python function call, so no loop outlives it;
+  template code and of jinja's own helpers, so no loop outlives it;
 - size: the output is collected chunk by chunk and stops at a bound; string and list
   repetition and concatenation (`*`, `+`, `~`), powers, format widths and every
   integer argument of a call or filter are capped, so no single step can allocate more
@@ -20,6 +20,7 @@ import datetime as dt
 import functools
 import json
 import operator
+import os
 import re
 import sys
 import time
@@ -35,6 +36,9 @@ TEMPLATE_SECONDS = 2.0         # a real chat template renders in milliseconds
 MAX_OUTPUT_CHARS = 1 << 20     # beyond the messages' own text
 MAX_INT_ARGUMENT = 100_000     # widths, counts and repeats a template may ask for
 MAX_EXPONENT_BITS = 4096
+
+
+_JINJA_DIR = os.path.dirname(jinja2.__file__)
 
 
 class TemplateLimitError(Exception):
@@ -181,11 +185,16 @@ def render_bounded(template: jinja2.Template, variables: Mapping[str, Any], *,
     deadline = time.monotonic() + seconds
 
     def tracer(frame: FrameType, event: str, arg: Any) -> Any:
-        # Called at every function call, and at every line of the template's own code
-        # (its loops); Python helpers it calls are checked at each call they make.
+        # Called at every function call; traces every line of the template's code and of
+        # jinja's helpers (their loops: lipsum, filters). The deadline is enforced only
+        # there: an exception raised in another frame (a garbage-collector callback,
+        # say) could be swallowed, and would switch tracing off.
+        filename = frame.f_code.co_filename
+        if filename != "<template>" and not filename.startswith(_JINJA_DIR):
+            return None
         if time.monotonic() > deadline:
             raise _Timeout
-        return tracer if frame.f_code.co_filename == "<template>" else None
+        return tracer
 
     previous = sys.gettrace()
     chunks: list[str] = []

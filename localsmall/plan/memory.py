@@ -157,12 +157,13 @@ def _hparam(header: GgufHeader, key: str, default: int | None = None, *,
             minimum: int = 1, maximum: int = MAX_DIMENSION) -> int:
     """An integer hyper-parameter of the file's architecture, checked to be sane."""
     value = header.arch_value(key, default)
+    name = f"{' '.join(header.architecture.split())[:40]}.{key}"  # the file names it
     if value is None:
-        raise ModelLoadError(f"{header.path} has no {header.architecture}.{key}; the file is "
+        raise ModelLoadError(f"{header.path} has no {name}; the file is "
                              "damaged or not a model localsmall can run")
     if isinstance(value, bool) or not isinstance(value, int) or \
             not minimum <= value <= maximum:
-        raise ModelLoadError(f"{header.path} has {header.architecture}.{key} = {value!r}, "
+        raise ModelLoadError(f"{header.path} has {name} = {value!r:.60}, "
                              f"expected a whole number from {minimum} to {maximum}; the file "
                              "is damaged")
     return value
