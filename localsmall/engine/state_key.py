@@ -14,7 +14,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from localsmall.errors import LocalsmallError
+from localsmall.errors import DiskSpaceError, LocalsmallError
 from localsmall.paths import data_dir
 
 SECRET_FILE = "kvstate.key"
@@ -51,6 +51,9 @@ def user_secret() -> bytes:
             finally:
                 os.unlink(tmp)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskSpaceError(f"no space left on the disk to write {path}; free some "
+                                     "space and try again") from None
             raise LocalsmallError(f"cannot create the key that signs saved KV states in "
                                   f"{path.parent}: {exc.strerror or exc}") from None
     return _read_secret(path)
