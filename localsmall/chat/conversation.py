@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from localsmall.chat.tools import ToolCall
 from localsmall.errors import ConversationFileError, ImageError
 from localsmall.fileio import atomic_write_bytes, read_regular_file
 from localsmall.images import PreparedImage, prepare_image, prepare_image_bytes
@@ -23,7 +24,7 @@ FILE_VERSION = 1
 MAX_FILE_BYTES = 1 << 30       # a chat with a few embedded images is far smaller
 MAX_TOKEN_ID = (1 << 31) - 1   # llama_token is an int32; the engine checks its vocabulary
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 Part = str | PreparedImage
 
 
@@ -31,12 +32,16 @@ Part = str | PreparedImage
 class Message:
     """One message. `parts` holds text and images in order. For assistant messages,
     `token_ids` are the tokens the model generated (reused verbatim in later prompts,
-    so the KV cache matches); `interrupted` marks a reply stopped by the user."""
+    so the KV cache matches); `interrupted` marks a reply stopped by the user.
+    An assistant message may carry `tool_calls`; a "tool" message is the result of the
+    call `tool_call_id`, its text in `parts`."""
 
     role: Role
     parts: tuple[Part, ...]
     token_ids: tuple[int, ...] | None = None
     interrupted: bool = False
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     @property
     def text(self) -> str:
@@ -57,8 +62,13 @@ class Message:
 
     @classmethod
     def assistant(cls, text: str, token_ids: tuple[int, ...] | None = None,
-                  interrupted: bool = False) -> Message:
-        return cls("assistant", (text,), token_ids, interrupted)
+                  interrupted: bool = False, tool_calls: tuple[ToolCall, ...] = ()) -> Message:
+        return cls("assistant", (text,), token_ids, interrupted, tuple(tool_calls))
+
+    @classmethod
+    def tool_result(cls, call_id: str, text: str) -> Message:
+        """The result of the tool call `call_id`."""
+        return cls("tool", (text,), tool_call_id=call_id)
 
 
 @dataclass
@@ -105,6 +115,11 @@ def to_json(conversation: Conversation, *, embed_images: bool = False) -> dict[s
             entry["token_ids"] = list(m.token_ids)
         if m.interrupted:
             entry["interrupted"] = True
+        if m.tool_calls:
+            entry["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                                   for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            entry["tool_call_id"] = m.tool_call_id
         messages.append(entry)
     data = {"format": FILE_FORMAT, "version": FILE_VERSION,
             "system": conversation.system, "messages": messages}
@@ -163,7 +178,7 @@ def _message(entry: Any, i: int, where: str) -> Message:
     if not isinstance(entry, dict):
         raise TypeError(f"message {i} is not an object")
     role = entry["role"]
-    if role not in ("user", "assistant"):
+    if role not in ("user", "assistant", "tool"):
         raise ConversationFileError(f"{where}: message {i} has unknown role {role!r:.40}")
     content = entry["content"]
     if not isinstance(content, list):
@@ -178,8 +193,16 @@ def _message(entry: Any, i: int, where: str) -> Message:
             parts.append(_image_from_json(part, f"{where}: message {i}"))
         else:
             raise ConversationFileError(f"{where}: unknown part type {part['type']!r:.40}")
+    calls = entry.get("tool_calls", [])
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise TypeError(f"message {i} has tool_calls that are not a list of objects")
+    call_id = entry.get("tool_call_id")
     return Message(role, tuple(parts), _token_ids(entry.get("token_ids")),
-                   entry.get("interrupted", False) is True)
+                   entry.get("interrupted", False) is True,
+                   tuple(ToolCall(_string(c["id"], "a tool call id"),
+                                  _string(c["name"], "a tool name"),
+                                  _string(c["arguments"], "tool arguments")) for c in calls),
+                   None if call_id is None else _string(call_id, "tool_call_id"))
 
 
 def from_json(data: Any, where: str = "conversation") -> Conversation:

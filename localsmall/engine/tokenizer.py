@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +44,8 @@ class Tokenizer:
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token stands for (control tokens render only with special=True)."""
-        self.check((token,))
+        if not (isinstance(token, int) and 0 <= token < self._n_tokens):
+            self.check((token,))  # raises, with the reason
         buf = ctypes.create_string_buffer(256)
         n = self._llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -71,6 +73,15 @@ class Tokenizer:
     @property
     def n_tokens(self) -> int:
         return self._n_tokens
+
+    def is_control(self, token: int) -> bool:
+        """A control token ([INST], [TOOL_CALLS], ...): it renders as text only when asked."""
+        return bool(self._llama.llama_vocab_is_control(self.vocab, token))
+
+    @functools.cached_property
+    def control_tokens(self) -> dict[str, int]:
+        """Every control token by its text ("[TOOL_CALLS]": 9)."""
+        return {self.token_piece(i): i for i in range(self.n_tokens) if self.is_control(i)}
 
     def is_end(self, token: int) -> bool:
         """An end-of-generation token (end of sequence, end of turn)."""
