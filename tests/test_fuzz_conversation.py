@@ -55,7 +55,11 @@ def chat_documents(draw: st.DrawFn) -> Any:
         ODD), max_size=3)
     messages = st.lists(st.fixed_dictionaries(
         {"role": st.sampled_from(["user", "assistant", "system", "tool"]), "content": parts},
-        optional={"token_ids": TOKEN_IDS, "interrupted": ODD}), max_size=3)
+        optional={"token_ids": TOKEN_IDS, "interrupted": ODD,
+                  "tool_calls": st.one_of(ODD, st.lists(st.fixed_dictionaries(
+                      {"id": st.text(max_size=9), "name": st.text(max_size=5),
+                       "arguments": st.one_of(st.text(max_size=8), ODD)}), max_size=2)),
+                  "tool_call_id": st.one_of(st.text(max_size=9), ODD)}), max_size=3)
     return {"format": maybe(st.just("localsmall-chat")), "version": maybe(st.just(1)),
             "system": maybe(st.text(max_size=10)), "messages": maybe(messages),
             "kv_state": maybe(st.none())}
@@ -73,7 +77,7 @@ def test_documents_near_the_schema(document: Any) -> None:
     result = _parse(document)
     if isinstance(result, Conversation):
         for message in result.messages:
-            assert message.role in ("user", "assistant")
+            assert message.role in ("user", "assistant", "tool")
             assert all(isinstance(p, str) for p in message.parts if not hasattr(p, "rgb"))
             assert message.token_ids is None or all(
                 type(t) is int and 0 <= t < 2**31 for t in message.token_ids)
