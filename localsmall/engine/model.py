@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from localsmall.engine import native
+from localsmall.engine import native, rpc
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
 from localsmall.engine.constrain import ConstrainedSampler, constraint_accepts
 from localsmall.engine.devices import default_threads
@@ -64,7 +64,11 @@ class Engine:
             if path is not None and not Path(path).is_file():
                 raise ModelNotFoundError(f"{what} file not found: {path}")
         self.settings = settings
+        self._rpc_lost = False
         self._llama = native.llama()
+        # Workers (--rpc) are checked and registered before llama.cpp sees them.
+        self.remote_devices = tuple(rpc.connect(settings.rpc_servers)
+                                    if settings.rpc_servers else ())
         native.set_verbose(settings.verbose)
         self.n_threads = settings.n_threads or default_threads()
         self.repack_note = ""
@@ -72,7 +76,9 @@ class Engine:
         self.projector: Projector | None = None
         # llama.cpp reports every buffer it allocates in its log: keep those numbers.
         with native.capture_log() as log_lines:
-            self.model, self.repack_note = load_model(self._llama, settings, on_progress)
+            self.model, self.repack_note = load_model(
+                self._llama, settings, on_progress,
+                remote=tuple(d.handle for d in self.remote_devices))
             self.vocab = self._llama.llama_model_get_vocab(self.model)
             self.tokenizer = Tokenizer(self._llama, self.vocab)
             try:
@@ -293,6 +299,7 @@ class Engine:
         (float32, one per vocabulary entry). For checking a model against a reference."""
         if not tokens:
             raise EngineError("logits_for needs at least one token")
+        self._check_workers()
         self.reset()
         self._decode_tokens(list(tokens), logits_last=True)
         n_vocab = self.tokenizer.n_tokens
@@ -314,6 +321,7 @@ class Engine:
         llama = self._llama
         turn_start = time.perf_counter()
         items = self.layout(prompt)
+        self._check_workers()
         stats = self._evaluate(items, prompt, on_progress)
         result.stats = stats
         sampler = sampler_chain(llama, self.tokenizer.n_tokens, sampling)
@@ -403,9 +411,28 @@ class Engine:
 
     # --- lifetime ------------------------------------------------------------------------
 
+    def _check_workers(self) -> None:
+        """Before touching remote buffers: a worker that is gone would make llama.cpp
+        abort the process, so say so while the caller can still keep its state."""
+        if not self.settings.rpc_servers:
+            return
+        if self._rpc_lost:
+            raise rpc.WorkerLostError("a worker was lost earlier in this session; restart "
+                                      "it and start again")
+        try:
+            rpc.check_alive(self.settings.rpc_servers)
+        except rpc.WorkerLostError:
+            self._rpc_lost = True
+            raise
+
     def close(self) -> None:
         """Free the projector, context and model."""
         llama = self._llama
+        if getattr(self, "_rpc_lost", False):
+            # Freeing remote buffers needs the lost worker (llama.cpp would abort):
+            # leave them to the end of the process.
+            self.projector = self._batch = self.ctx = self.model = None
+            return
         if getattr(self, "projector", None) is not None:
             self.projector.close()  # type: ignore[union-attr]
             self.projector = None

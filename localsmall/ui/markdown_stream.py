@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.live import Live
@@ -23,13 +24,17 @@ MIN_INTERVAL_S = 0.08   # redraw at most ~12 times a second
 
 
 class MarkdownStream:
-    """Feed it the reply text so far; call `finish()` at the end."""
+    """Feed it the reply text so far; call `finish()` at the end. Redraws happen at most
+    once per `min_interval_s` of `clock` (tests pass their own clock)."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, *, min_interval_s: float = MIN_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.console = console
+        self.min_interval_s = min_interval_s
+        self._clock = clock
         self._printed = 0
         self._live: Live | None = None
-        self._last_draw = 0.0
+        self._last_draw: float | None = None
         self._text = ""
 
     def _render_lines(self, text: str) -> list[str]:
@@ -42,8 +47,8 @@ class MarkdownStream:
 
     def update(self, text: str) -> None:
         self._text = text
-        now = time.monotonic()
-        if now - self._last_draw < MIN_INTERVAL_S:
+        now = self._clock()
+        if self._last_draw is not None and now - self._last_draw < self.min_interval_s:
             return
         self._last_draw = now
         self._draw(final=False)
