@@ -138,3 +138,19 @@ def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """After a run with fuzz tests: each target's cases, failures and longest case."""
+    import sys
+
+    fuzzing = sys.modules.get("tests.fuzzing")
+    logs = getattr(fuzzing, "LOGS", None)
+    if not logs:
+        return
+    terminalreporter.section("fuzz targets")
+    terminalreporter.write_line(f"{'target':<26} {'cases':>8} {'failures':>9} "
+                                f"{'longest case':>13}")
+    for target, log in sorted(logs.items()):
+        terminalreporter.write_line(f"{target:<26} {log.cases:>8} {log.failures:>9} "
+                                    f"{log.longest_s * 1000:>10.1f} ms")

@@ -300,7 +300,7 @@ def test_chat_template_matches_mistral_common_with_tool_calls(converted: Convert
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 
-    from localsmall.chat.prompt import _compile
+    from localsmall.chat.template_sandbox import compile_template as _compile
 
     call = {"id": "abc123def", "function": {"name": "get_weather",
                                             "arguments": {"city": "Paris"}}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,27 @@ def test_prepared_images_remember_their_budget(make_image) -> None:
     assert small.max_tokens == 100 and small.key != full.key
     with pytest.raises(ImageError, match="at least 16"):
         prepare_image(path, max_tokens=8)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 0), (32768, 128), (65535, 255),
+                                                 (257 * 64, 64)])
+def test_16_bit_grayscale_is_scaled_not_clamped(tmp_path: Path, value: int,
+                                                expected: int) -> None:
+    """Pillow's own conversion clamps I;16 values above 255: mid-gray became white."""
+    import numpy as np
+
+    path = tmp_path / "gray16.png"
+    Image.fromarray(np.full((84, 112), value, dtype=np.uint16)).save(path, "PNG")
+    with Image.open(path) as opened:
+        assert opened.mode in ("I;16", "I")  # really a 16-bit file
+    image = prepare_image(path)
+    pixels = set(image.rgb)
+    assert pixels == {expected}, pixels
+
+
+def test_devices_and_fifos_are_not_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ImageError, match="not a regular file"):
+            prepare_image(path)

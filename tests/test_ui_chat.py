@@ -97,3 +97,30 @@ def test_status_line() -> None:
     line = status_line(stats)
     assert "first token 3.40s = 1 image encoded 1.2s + prompt read 2.0s" in line
     assert "prompt 1,100 cached + 100 new (50 tok/s)" in line
+
+
+def test_loaded_chats_cannot_drive_the_terminal(tmp_path) -> None:
+    """Escape and control sequences in a loaded chat are shown, not obeyed."""
+    import stat
+
+    from localsmall.chat.conversation import Conversation, Message
+    from localsmall.ui.chat_screen import ChatScreen, _history
+    from localsmall.ui.console import terminal_safe
+
+    evil = "hi\x1b]0;pwned\x07\x1b[2J\x9b31m\rX\x08\x7f\ttab\nline"
+    assert terminal_safe(evil) == "hi␛]0;pwned␇␛[2J\ufffd31m␍X␈␡\ttab\nline"
+    console, buffer = _console()
+    screen = ChatScreen.__new__(ChatScreen)  # only its console is needed to replay
+    screen.console = console
+    screen.replay(Conversation(system="", messages=[Message.user(evil),
+                                                    Message.assistant(evil)]))
+    shown = buffer.getvalue()
+    assert not any(c in shown for c in "\x1b\x07\x08\x7f\r\x9b")
+    assert shown.count("␛]0;pwned") == 2
+
+    history = tmp_path / "state" / "chat_history"
+    _history(history)
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
+    history.chmod(0o644)  # an older, wider file is narrowed
+    _history(history)
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600

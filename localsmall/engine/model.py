@@ -114,6 +114,14 @@ class Engine:
         return self.tokenizer.detokenize(tokens, special=special)
 
     @property
+    def n_vocab(self) -> int:
+        return self.tokenizer.n_tokens
+
+    def valid_tokens(self, tokens: Sequence[int]) -> bool:
+        """Whether every id is in the vocabulary (ids outside must never reach llama.cpp)."""
+        return self.tokenizer.valid(tokens)
+
+    @property
     def control_tokens(self) -> dict[str, int]:
         """Every control token of the vocabulary by its text ("[TOOL_CALLS]": 9)."""
         return self.tokenizer.control_tokens
@@ -138,6 +146,7 @@ class Engine:
         items: list[CacheItem] = []
         for piece in prompt:
             if isinstance(piece, TokenRun):
+                self.tokenizer.check(piece.ids)
                 items.extend(piece.ids)
             else:
                 if self.projector is None:
@@ -384,14 +393,24 @@ class Engine:
                                   else None, s.kv_type, llama_cpp.__version__)
 
     def save_state(self, path: Path) -> StateMeta:
-        """Write the KV cache to `path` (atomically) and describe it."""
+        """Write the KV cache to `path` (atomically) and describe it, signed with this
+        user's key (see engine.state)."""
         return save_kv_state(self._llama, self.ctx, self.kv, path, fingerprint=self.fingerprint)
 
     def load_state(self, path: Path, meta: StateMeta) -> str | None:
         """Restore a KV cache saved by `save_state`: None when restored, else the reason it
         was refused (the cache is then empty and the chat is re-read)."""
         return load_kv_state(self._llama, self.ctx, self.kv, path, meta,
-                             fingerprint=self.fingerprint, n_ctx=self.n_ctx)
+                             fingerprint=self.fingerprint, n_ctx=self.n_ctx,
+                             n_vocab=self.n_vocab, max_bytes=self._state_bound())
+
+    def _state_bound(self) -> int:
+        """The most bytes a state of this context can take: K and V of every position at
+        4 bytes per value (no cache is wider), and room for llama.cpp's headers."""
+        llama, m = self._llama, self.model
+        per_position = 2 * 4 * llama.llama_model_n_layer(m) * max(
+            llama.llama_model_n_embd(m), 1024)
+        return per_position * self.n_ctx + (64 << 20)
 
     # --- lifetime ------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
+from localsmall.ui.console import terminal_safe
+
 LIVE_LINES = 8          # lines at the bottom that stay editable
 MIN_INTERVAL_S = 0.08   # redraw at most ~12 times a second
 
@@ -40,7 +42,7 @@ class MarkdownStream:
         scratch = Console(file=buffer, width=self.console.width, force_terminal=True,
                           color_system="truecolor" if self.console.color_system else None,
                           highlight=False)
-        scratch.print(Markdown(text, code_theme="monokai"))
+        scratch.print(Markdown(terminal_safe(text), code_theme="monokai"))
         return buffer.getvalue().splitlines()
 
     def update(self, text: str) -> None:
