@@ -13,7 +13,7 @@ import ctypes
 import functools
 import os
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,13 @@ class Engine:
                 self.close()
                 raise
         self.buffers: tuple[BufferReport, ...] = parse_buffer_lines(log_lines)
-        self.kv = KvCache(self._llama, self.ctx)
+        # One KV bookkeeping per llama.cpp sequence; `kv` is the one in use.
+        self.sequences = tuple(KvCache(self._llama, self.ctx, seq)
+                               for seq in range(max(settings.n_seq, 1)))
+        self.kv = self.sequences[0]
+        # Called when llama.cpp finds no free cell for a batch (several sequences share
+        # the context): returns True once it made room, and the batch is tried again.
+        self.on_cache_full: Callable[[], bool] | None = None
         self._interrupted = False
         self._reading: ReadProgress | None = None
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
@@ -152,7 +158,11 @@ class Engine:
         params.n_ctx = min(s.n_ctx, llama.llama_model_n_ctx_train(self.model)) or s.n_ctx
         params.n_batch = s.n_batch
         params.n_ubatch = min(s.n_batch, 512)
-        params.n_seq_max = 1
+        params.n_seq_max = max(s.n_seq, 1)
+        if s.n_seq > 1:
+            # Sequences share all n_ctx cells (each may grow to the whole context)
+            # instead of splitting the context into n_seq fixed parts.
+            params.kv_unified = True
         params.n_threads = params.n_threads_batch = self.n_threads
         params.flash_attn_type = self._flash_attn_type()
         params.type_k = params.type_v = _GGML_KV_TYPES[s.kv_type]
@@ -276,9 +286,19 @@ class Engine:
             self._interrupted = True
             return True
 
+    def interrupt(self) -> None:
+        """Ask a prompt evaluation or generation running in another thread to stop: it
+        raises KeyboardInterrupt at the next graph node or token."""
+        self._interrupted = True
+
     def reset(self) -> None:
-        """Empty the KV cache."""
+        """Empty the KV cache of the sequence in use."""
         self.kv.truncate(0)
+
+    def use_sequence(self, seq_id: int) -> None:
+        """Work on another sequence of the context (see EngineSettings.n_seq): prompts,
+        generation and saved states then use its cache."""
+        self.kv = self.sequences[seq_id]
 
     def reuse_estimate(self, prompt: Sequence[PromptPiece]) -> tuple[int, int]:
         """(positions reused from the cache, positions to evaluate) if `prompt` ran now."""
@@ -306,11 +326,13 @@ class Engine:
                 batch.token[i] = token
                 batch.pos[i] = self.kv.n_past + i
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
+                batch.seq_id[i][0] = self.kv.seq_id
                 batch.logits[i] = False
             if logits_last and start + len(part) == len(tokens):
                 batch.logits[len(part) - 1] = True
             status = llama.llama_decode(self.ctx, batch)
+            while status == 1 and self.on_cache_full is not None and self.on_cache_full():
+                status = llama.llama_decode(self.ctx, batch)
             if status == 2 or self._interrupted:
                 raise KeyboardInterrupt
             if status != 0:
@@ -381,7 +403,8 @@ class Engine:
             return 0
 
         reading.begin_batch(min(n_batch, remaining))
-        end = self.projector.decode(self.ctx, encoded, self.kv.n_past, n_batch, after_batch)
+        end = self.projector.decode(self.ctx, encoded, self.kv.n_past, n_batch, after_batch,
+                                     seq_id=self.kv.seq_id)
         if end != self.kv.n_past + span.n_pos:
             raise EngineError(f"the projector placed {image.source} over {end - self.kv.n_past}"
                               f" positions instead of {span.n_pos}")
@@ -412,10 +435,12 @@ class Engine:
         llama = self._llama
         chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
         add = llama.llama_sampler_chain_add
-        if sampling.repeat_penalty != 1.0:
+        if (sampling.repeat_penalty != 1.0 or sampling.presence_penalty
+                or sampling.frequency_penalty):
             n_vocab = llama.llama_vocab_n_tokens(self.vocab)
-            add(chain, llama.llama_sampler_init_penalties(n_vocab, 64, sampling.repeat_penalty,
-                                                          0.0, 0.0))
+            add(chain, llama.llama_sampler_init_penalties(
+                n_vocab, 64, sampling.repeat_penalty, sampling.frequency_penalty,
+                sampling.presence_penalty))
         if sampling.temperature <= 0:
             add(chain, llama.llama_sampler_init_greedy())
             return chain
@@ -501,8 +526,8 @@ class Engine:
         empty = (self._llama.llama_token * 1)()
         items = items_to_json(self.kv.items)
         with atomic_path(Path(path)) as tmp:
-            written = self._llama.llama_state_seq_save_file(self.ctx, str(tmp).encode(), 0,
-                                                            empty, 0)
+            written = self._llama.llama_state_seq_save_file(self.ctx, str(tmp).encode(),
+                                                            self.kv.seq_id, empty, 0)
             if written == 0:
                 raise EngineError(f"llama.cpp could not save the KV cache to {path}")
             checksum = state_checksum(tmp, items)
@@ -521,11 +546,13 @@ class Engine:
         self.reset()
         tokens = (self._llama.llama_token * 1)()
         count = ctypes.c_size_t(0)
-        read = self._llama.llama_state_seq_load_file(self.ctx, str(path).encode(), 0, tokens, 1,
+        read = self._llama.llama_state_seq_load_file(self.ctx, str(path).encode(),
+                                                     self.kv.seq_id, tokens, 1,
                                                      ctypes.byref(count))
         mem = self._llama.llama_get_memory(self.ctx)
-        if read == 0 or self._llama.llama_memory_seq_pos_max(mem, 0) != meta.n_pos - 1:
-            self._llama.llama_memory_clear(mem, True)
+        seq = self.kv.seq_id
+        if read == 0 or self._llama.llama_memory_seq_pos_max(mem, seq) != meta.n_pos - 1:
+            self._llama.llama_memory_seq_rm(mem, self.kv.seq_id, -1, -1)
             return "llama.cpp could not read it"
         self.kv.restored(items, meta.n_pos)
         return None

@@ -1,0 +1,128 @@
+"""`localsmall serve`: an OpenAI-compatible API (chat completions, models, health)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from localsmall.commands.options import (
+    BatchOpt,
+    CtxOpt,
+    FlashAttnOpt,
+    GpuLayersOpt,
+    KvTypeOpt,
+    MaxTokensOpt,
+    MmprojOpt,
+    ModelArg,
+    ModelPathOpt,
+    NoSystemOpt,
+    NoVisionOpt,
+    QuantOpt,
+    SeedOpt,
+    SystemOpt,
+    TemperatureOpt,
+    ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
+    VerboseOpt,
+    YesOpt,
+    run_options,
+    sampling_options,
+)
+from localsmall.errors import UsageError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    model: ModelArg = None,
+    host: Annotated[str, typer.Option(
+        "--host", help="Address to listen on (another than 127.0.0.1 lets the network in).",
+        rich_help_panel="Server")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port.",
+                                      rich_help_panel="Server")] = 8080,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", envvar="LOCALSMALL_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every API call.",
+        rich_help_panel="Server")] = None,
+    slots: Annotated[int | None, typer.Option(
+        "--slots", help="Conversations kept warm in the KV cache (default: one per 4096 "
+        "tokens of context, up to 8).", rich_help_panel="Server")] = None,
+    queue: Annotated[int, typer.Option(
+        "--queue", help="Requests that may wait; more get 429.",
+        rich_help_panel="Server")] = 16,
+    cors: Annotated[list[str] | None, typer.Option(
+        "--cors", help="Allow browser pages from this origin (repeatable; '*' for any).",
+        rich_help_panel="Server")] = None,
+    model_path: ModelPathOpt = None,
+    mmproj: MmprojOpt = None,
+    quant: QuantOpt = None,
+    no_vision: NoVisionOpt = False,
+    ctx: CtxOpt = None,
+    gpu_layers: GpuLayersOpt = None,
+    threads: ThreadsOpt = None,
+    kv_type: KvTypeOpt = "f16",
+    flash_attn: FlashAttnOpt = None,
+    batch: BatchOpt = 512,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    seed: SeedOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    system: SystemOpt = None,
+    no_system: NoSystemOpt = False,
+    verbose: VerboseOpt = False,
+    yes: YesOpt = False,
+) -> None:
+    """Serve an OpenAI-compatible API (for editors, Open WebUI, the openai client...)."""
+    import dataclasses
+
+    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
+    from localsmall.server.app import ServerConfig
+    from localsmall.server.runner import bind, serve
+    from localsmall.server.slots import default_slots
+    from localsmall.ui.progress import DownloadProgress, WorkProgress
+    from localsmall.ui.prompts import pull_offer_handler
+    from localsmall.ui.serve_view import show_listening, show_request
+
+    if not 0 <= port <= 65535:
+        raise UsageError("--port must be between 0 and 65535")
+    if slots is not None and not 1 <= slots <= 64:
+        raise UsageError("--slots must be between 1 and 64")
+    if queue < 1:
+        raise UsageError("--queue must be at least 1")
+    api_key = api_key or os.environ.get("LOCALSMALL_API_KEY") or None
+    bind(host, port).close()  # a port in use fails now, not after loading the model
+    options = run_options(model=model, model_path=model_path, mmproj=mmproj, quant=quant,
+                          no_vision=no_vision, ctx=ctx, gpu_layers=gpu_layers, threads=threads,
+                          kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose)
+    overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                 max_tokens=max_tokens)
+    with DownloadProgress() as download:
+        build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
+    sampling = sampling_for(build, overrides)
+    n_ctx = options.n_ctx or build.n_ctx or 32768
+    n_slots = slots or default_slots(n_ctx)
+    with WorkProgress() as progress:
+        engine = load_engine(build, dataclasses.replace(options, n_seq=n_slots),
+                             on_progress=progress)
+    with engine:
+        config = ServerConfig(model_ids=model_ids(build.label, build.model.id if build.model
+                                                  else None),
+                              api_key=api_key, cors_origins=tuple(cors or ()),
+                              sampling=sampling)
+        serve(engine, config=config, host=host, port=port, max_queue=queue,
+              system_prompt=system_prompt_for(build, system, disabled=no_system),
+              on_listening=lambda listening: show_listening(
+                  listening, api_key=bool(api_key), public=host not in LOCAL_HOSTS),
+              on_log=show_request)
+
+
+def model_ids(label: str, catalog_id: str | None) -> tuple[str, ...]:
+    """The id clients send: the build's label first, the catalog model as an alias."""
+    ids = [label]
+    if catalog_id and catalog_id not in ids:
+        ids.append(catalog_id)
+    return tuple(ids)

@@ -1,0 +1,64 @@
+"""The JSON shapes OpenAI clients expect: completions, stream chunks, usage, models."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from localsmall.engine.types import TurnStats
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage(stats: TurnStats, completion_tokens: int) -> dict[str, Any]:
+    """Token counts; `cached_tokens` are prompt positions found in the KV cache."""
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": stats.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
+
+
+def completion(*, id: str, model: str, created: int, message: dict[str, Any],
+               finish_reason: str, usage: dict[str, Any]) -> dict[str, Any]:
+    return {"id": id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage}
+
+
+def chunk(*, id: str, model: str, created: int, delta: dict[str, Any],
+          finish_reason: str | None = None, with_usage: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                     "finish_reason": finish_reason}]}
+    if with_usage:
+        body["usage"] = None
+    return body
+
+
+def usage_chunk(*, id: str, model: str, created: int, usage: dict[str, Any]) -> dict[str, Any]:
+    """The last chunk when stream_options.include_usage is set: no choices, the usage."""
+    return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None, "choices": [], "usage": usage}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n".encode()
+
+
+def model_list(model_ids: tuple[str, ...], created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [
+        {"id": m, "object": "model", "created": created, "owned_by": "localsmall"}
+        for m in model_ids]}
+
+
+def now() -> int:
+    return int(time.time())
