@@ -53,6 +53,12 @@ def serve(
     queue: Annotated[int, typer.Option(
         "--queue", help="Requests that may wait; more get 429.",
         rich_help_panel="Server")] = 16,
+    max_body_mb: Annotated[int, typer.Option(
+        "--max-body-mb", help="Largest request body accepted (MiB); larger ones get 413.",
+        rich_help_panel="Server")] = 32,
+    max_image_mb: Annotated[int, typer.Option(
+        "--max-image-mb", help="Largest image accepted, decoded or downloaded (MiB).",
+        rich_help_panel="Server")] = 20,
     cors: Annotated[list[str] | None, typer.Option(
         "--cors", help="Allow browser pages from this origin (repeatable; '*' for any).",
         rich_help_panel="Server")] = None,
@@ -81,6 +87,7 @@ def serve(
 
     from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
     from localsmall.server.app import ServerConfig
+    from localsmall.server.image_urls import ImageLimits
     from localsmall.server.runner import bind, serve
     from localsmall.server.slots import default_slots
     from localsmall.ui.progress import DownloadProgress, WorkProgress
@@ -93,6 +100,8 @@ def serve(
         raise UsageError("--slots must be between 1 and 64")
     if queue < 1:
         raise UsageError("--queue must be at least 1")
+    if max_body_mb < 1 or max_image_mb < 1:
+        raise UsageError("--max-body-mb and --max-image-mb must be at least 1")
     api_key = api_key or os.environ.get("LOCALSMALL_API_KEY") or None
     bind(host, port).close()  # a port in use fails now, not after loading the model
     options = run_options(model=model, model_path=model_path, mmproj=mmproj, quant=quant,
@@ -112,6 +121,8 @@ def serve(
         config = ServerConfig(model_ids=model_ids(build.label, build.model.id if build.model
                                                   else None),
                               api_key=api_key, cors_origins=tuple(cors or ()),
+                              max_body_bytes=max_body_mb * 2**20,
+                              image_limits=ImageLimits(max_bytes=max_image_mb * 2**20),
                               sampling=sampling)
         serve(engine, config=config, host=host, port=port, max_queue=queue,
               system_prompt=system_prompt_for(build, system, disabled=no_system),

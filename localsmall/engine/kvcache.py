@@ -1,8 +1,8 @@
 """What llama.cpp's KV cache holds, item by item: text tokens and image spans.
 
 The engine keeps one list per llama.cpp sequence in step with its cache (a chat uses
-sequence 0; the server keeps several conversations in sequences of one context). A new prompt is laid
-out the same way; the longest common prefix of the two is what can be reused, and
+sequence 0; the server keeps several conversations in sequences of one context). A new
+prompt is laid out the same way; the longest common prefix of the two is what can be reused, and
 everything after it is removed from llama.cpp's cache before the rest is evaluated.
 """
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -88,10 +89,9 @@ class Job:
     submitted_at: float = field(default_factory=time.perf_counter)
 
     def post(self, event: Event) -> None:
-        try:
+        # RuntimeError: the event loop is already closed, nobody is listening.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is already closed: nobody is listening
-            pass
 
 
 class Scheduler:
@@ -181,10 +181,8 @@ class Scheduler:
 
     def _log(self, entry: RequestLog) -> None:
         if self.on_log is not None:
-            try:
+            with contextlib.suppress(Exception):  # a display problem must not stop serving
                 self.on_log(entry)
-            except Exception:  # a display problem must not stop serving
-                pass
 
     def _run(self, job: Job) -> None:
         engine = self.engine
