@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from synthetic import medium_model, timed_answer, tiny_model
 
-from localsmall.chat import ChatSession
+from localsmall.chat.session import ChatSession
 from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings, SamplingSettings
 from localsmall.images import prepare_image_bytes

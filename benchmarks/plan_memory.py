@@ -40,7 +40,7 @@ from localsmall.engine.devices import cpu_has_amx_repack, list_devices
 from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings, SamplingSettings, TokenRun
 from localsmall.errors import ModelLoadError
-from localsmall.memory import (
+from localsmall.plan.memory import (
     RunShape,
     VisionWeights,
     estimate,

@@ -16,8 +16,8 @@ import time
 
 from synthetic import medium_model, timed_answer
 
-from localsmall.chat import ChatSession
-from localsmall.conversation import Message
+from localsmall.chat.conversation import Message
+from localsmall.chat.session import ChatSession
 from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings, SamplingSettings
 

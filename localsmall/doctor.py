@@ -9,8 +9,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localsmall import __version__, hubcache, paths
-from localsmall.hardware import Hardware, detect
+from localsmall import __version__, paths
+from localsmall.hub import cache as hubcache
+from localsmall.plan.hardware import Hardware, detect
 
 if TYPE_CHECKING:
     from localsmall.engine.devices import BuildInfo

@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from localsmall.catalog import _catalog_text, load_catalog, parse_catalog, parse_model_ref
 from localsmall.errors import CatalogError
+from localsmall.models.catalog import _catalog_text, load_catalog, parse_catalog, parse_model_ref
 
 
 def test_shipped_catalog_is_valid() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from localsmall.chat import ChatSession, CommandResult, Reply
+from localsmall.chat.session import ChatSession, CommandResult, Reply
 from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings, SamplingSettings
 from localsmall.errors import ContextFullError, ConversationFileError, ImageError, UsageError

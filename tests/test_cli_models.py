@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from localsmall.catalog import load_catalog
 from localsmall.cli import app
+from localsmall.models.catalog import load_catalog
 from tests.conftest import LocalHub, go_offline
 from tests.hubserver import write_small_gguf
 
@@ -90,7 +90,7 @@ def test_pull_errors_are_one_line(hub: LocalHub, small_files: dict[str, bytes],
 
 def test_doctor_reports_machine_and_cache(monkeypatch: pytest.MonkeyPatch,
                                           isolated_home: Path) -> None:
-    from localsmall import hardware
+    from localsmall.plan import hardware
 
     text = invoke("doctor")
     assert text.exit_code == 0 and "test CPU" in text.stdout and "download cache" in text.stdout

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from localsmall.catalog import load_catalog
 from localsmall.cli import app
+from localsmall.models.catalog import load_catalog
 
 runner = CliRunner()
 

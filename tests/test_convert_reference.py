@@ -27,7 +27,7 @@ from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings, ImageSlot, SamplingSettings, TokenRun
 from localsmall.gguf_header import GgufHeader, read_header
 from localsmall.images import PreparedImage, prepare_image_bytes
-from localsmall.registry import RegisteredBuild, list_registered
+from localsmall.models.registry import RegisteredBuild, list_registered
 from tests.reference_model import BASE_NAME, IMAGE_SIZE, Reference, build_reference
 from tests.tinymodels import write_v11_tekken
 
@@ -243,8 +243,8 @@ def test_chat_template_matches_mistral_common_with_images(converted: Converted,
     )
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-    from localsmall.conversation import Message
-    from localsmall.prompt import ChatTemplate, build_prompt
+    from localsmall.chat.conversation import Message
+    from localsmall.chat.prompt import ChatTemplate, build_prompt
 
     image = _prepared(converted.ref.image_rgb)
     pil = Image.frombytes("RGB", IMAGE_SIZE, converted.ref.image_rgb)
@@ -277,7 +277,7 @@ def test_chat_template_matches_mistral_common_with_tool_calls(converted: Convert
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
 
-    from localsmall.prompt import _compile
+    from localsmall.chat.prompt import _compile
 
     call = {"id": "abc123def", "function": {"name": "get_weather",
                                             "arguments": {"city": "Paris"}}}

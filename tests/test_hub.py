@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from localsmall import hub, hubcache
-from localsmall.catalog import RemoteFile
 from localsmall.errors import DiskSpaceError, HubError, VerificationError
+from localsmall.hub import cache as hubcache
+from localsmall.hub import pull as hub
+from localsmall.models.catalog import RemoteFile
 from tests.conftest import LocalHub, go_offline
 from tests.hubserver import write_small_gguf
 
@@ -25,7 +26,7 @@ MIB = 1024 * 1024
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    from localsmall import download
+    from localsmall.hub import download
 
     monkeypatch.setattr(download, "RETRY_WAIT_S", 0.01)
 
@@ -84,7 +85,8 @@ def test_a_killed_process_is_resumed_by_the_next_one(hub: LocalHub, gguf_bytes: 
     blobs.mkdir(parents=True)
     orphan = blobs / "0badc0de.1234abcd.incomplete"
     orphan.write_bytes(b"x" * 100)
-    script = (f"from localsmall import hub; from localsmall.catalog import RemoteFile; "
+    script = ("from localsmall.hub import pull as hub; "
+              "from localsmall.models.catalog import RemoteFile; "
               f"hub.pull([RemoteFile({REPO!r}, {FILE!r}, {len(gguf_bytes)})], pull_ref='x')")
     child = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(),
                              cwd=Path(__file__).parent.parent)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from localsmall.chat import ChatSession, Reply
-from localsmall.conversation import Message
+from localsmall.chat.conversation import Message
+from localsmall.chat.session import ChatSession, Reply
 from localsmall.engine.model import Engine
 from localsmall.engine.state import state_path_for
 from localsmall.engine.types import EngineSettings, SamplingSettings, TurnStats

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from localsmall import builds, hardware, hubcache, paths
-from localsmall.catalog import load_catalog
+from localsmall import paths
 from localsmall.errors import ModelNotFoundError
-from localsmall.hardware import CpuInfo, GpuDevice, Hardware
-from localsmall.launch import WontFitError
-from localsmall.registry import RegisteredBuild, register_build
-from localsmall.runtime import RunOptions, engine_settings, prepare
+from localsmall.hub import cache as hubcache
+from localsmall.models import inventory as builds
+from localsmall.models.catalog import load_catalog
+from localsmall.models.registry import RegisteredBuild, register_build
+from localsmall.plan import hardware
+from localsmall.plan.hardware import CpuInfo, GpuDevice, Hardware
+from localsmall.runtime.choose import WontFitError
+from localsmall.runtime.options import RunOptions, engine_settings, prepare
 
 GIB = 1024**3
 MODEL = load_catalog().default

@@ -19,7 +19,7 @@ from localsmall.engine.buffers import BufferReport, total
 from localsmall.engine.devices import cpu_has_amx_repack, list_devices
 from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings
-from localsmall.memory import (
+from localsmall.plan.memory import (
     RunShape,
     estimate,
     repack_types,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from localsmall.catalog import load_catalog
-from localsmall.hardware import CpuInfo, GpuDevice, Hardware
-from localsmall.memory import (
+from localsmall.models.catalog import load_catalog
+from localsmall.plan.hardware import CpuInfo, GpuDevice, Hardware
+from localsmall.plan.memory import (
     RunShape,
     estimate,
     kv_layer_bytes,
@@ -15,7 +15,7 @@ from localsmall.memory import (
     shape_from_catalog,
     text_weights_from_catalog,
 )
-from localsmall.planner import budget_for, plan
+from localsmall.plan.rules import budget_for, plan
 
 GIB = 1024**3
 MIB = 1024**2

@@ -23,11 +23,11 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
 
-from localsmall.conversation import Message
+from localsmall.chat.conversation import Message
+from localsmall.chat.prompt import ChatTemplate, build_prompt
 from localsmall.engine.kvcache import ImageSpan
 from localsmall.engine.model import Engine
 from localsmall.images import PreparedImage, prepare_image_bytes
-from localsmall.prompt import ChatTemplate, build_prompt
 from tests import tinymodels as tm
 from tests.tinymodels import image_bytes
 

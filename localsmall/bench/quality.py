@@ -39,11 +39,11 @@ from localsmall.bench.types import QualityRequest, QualityResult
 from localsmall.engine.types import ProgressCallback
 from localsmall.errors import LocalsmallError, UsageError
 from localsmall.fileio import atomic_output
-from localsmall.runtime import RunOptions, open_engine
+from localsmall.runtime.options import RunOptions, open_engine
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
-    from localsmall.resolve import LocalBuild
+    from localsmall.models.resolve import LocalBuild
 
 DEFAULT_TEXT_NAME = "localsmall eval.txt"
 MAGIC = b"LSKLDREF"

@@ -22,8 +22,8 @@ from localsmall.bench.types import (
 from localsmall.engine.types import KV_TYPES, Progress
 from localsmall.errors import CatalogError, ModelNotFoundError, UsageError
 from localsmall.images import prepare_image
-from localsmall.resolve import LocalBuild
-from localsmall.runtime import RunOptions, resolve
+from localsmall.models.resolve import LocalBuild
+from localsmall.runtime.options import RunOptions, resolve
 
 # Builds tried as the quality reference beyond the ones being measured, best first;
 # among those found the largest file wins (for quants of one model, more bytes means

@@ -11,19 +11,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from localsmall.bench import memory
+from localsmall.bench import peak_memory as memory
 from localsmall.bench.stats import Measurement, rates
 from localsmall.bench.types import BenchRequest, SpeedResult
-from localsmall.conversation import Message
+from localsmall.chat.conversation import Message
 from localsmall.engine.types import ProgressCallback, SamplingSettings
 from localsmall.errors import ContextFullError
 from localsmall.images import PreparedImage, prepare_image, prepare_image_bytes
-from localsmall.runtime import RunOptions, open_engine, system_prompt_for
+from localsmall.runtime.options import RunOptions, open_engine, system_prompt_for
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
     from localsmall.engine.timing import DecodeTimer
-    from localsmall.resolve import LocalBuild
+    from localsmall.models.resolve import LocalBuild
 
 
 class Steps(Protocol):
@@ -113,7 +113,7 @@ def _first_token(engine: Engine, build: LocalBuild, reps: int,
                  steps: Steps) -> tuple[Measurement, int]:
     """Seconds from a new chat's first message to its first reply token: the chat
     template, tokenization, reading the prompt and sampling, from an empty cache."""
-    from localsmall.prompt import ChatTemplate, build_prompt
+    from localsmall.chat.prompt import ChatTemplate, build_prompt
 
     template = ChatTemplate(engine.info.chat_template)
     messages = [Message.system(system_prompt_for(build, None)), Message.user(CHAT_QUESTION)]

@@ -9,7 +9,7 @@ from pathlib import Path
 from localsmall.bench.stats import Measurement
 from localsmall.bench.system import SystemSnapshot
 from localsmall.engine.types import Progress
-from localsmall.runtime import RunOptions
+from localsmall.runtime.options import RunOptions
 
 QUALITY_CHUNK = 512        # tokens per perplexity chunk (llama-perplexity's usual -c 512)
 QUICK_QUALITY_CHUNKS = 2   # chunks scored with --quick

@@ -128,7 +128,7 @@ def bench(
     from localsmall.bench.runner import run_bench
     from localsmall.bench.types import QUICK_QUALITY_CHUNKS, BenchRequest, QualityRequest
     from localsmall.fileio import atomic_write_bytes
-    from localsmall.runtime import RunOptions
+    from localsmall.runtime.options import RunOptions
     from localsmall.ui.bench_view import BenchProgress, show_report
     from localsmall.ui.console import notice, stdout_write
 

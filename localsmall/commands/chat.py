@@ -31,7 +31,7 @@ from localsmall.commands.options import (
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
-    from localsmall.resolve import LocalBuild
+    from localsmall.models.resolve import LocalBuild
     from localsmall.ui.chat_screen import ChatHeader
 
 
@@ -75,11 +75,11 @@ def chat(
 ) -> None:
     """Chat with Mistral Small 3.2 about text and images."""
     from localsmall import paths
-    from localsmall.chat import ChatSession
-    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
+    from localsmall.chat.session import ChatSession
+    from localsmall.runtime.options import load_engine, prepare, sampling_for, system_prompt_for
     from localsmall.ui.chat_screen import run_chat
     from localsmall.ui.progress import DownloadProgress, WorkProgress
-    from localsmall.ui.prompts import pull_offer_handler
+    from localsmall.ui.questions import pull_offer_handler
 
     options = run_options(model=model, model_path=model_path, mmproj=mmproj, quant=quant,
                           no_vision=no_vision, ctx=ctx, gpu_layers=gpu_layers, threads=threads,

@@ -13,7 +13,7 @@ def doctor(as_json: JsonOpt = False) -> None:
     if as_json:
         import json
 
-        from localsmall.hardware import to_json
+        from localsmall.plan.hardware import to_json
         from localsmall.ui.console import stdout_write
 
         data = {"hardware": to_json(report.hardware), "versions": report.versions,

@@ -7,8 +7,8 @@ from localsmall.commands.options import JsonOpt
 
 def list_builds(as_json: JsonOpt = False) -> None:
     """Show local builds: quant, size, whether verified, whether the projector is there."""
-    from localsmall.builds import list_builds as find_builds
-    from localsmall.catalog import load_catalog
+    from localsmall.models.catalog import load_catalog
+    from localsmall.models.inventory import list_builds as find_builds
 
     builds = find_builds(load_catalog())
     if as_json:

@@ -9,7 +9,7 @@ import typer
 
 from localsmall.engine.types import KV_TYPES
 from localsmall.errors import UsageError
-from localsmall.runtime import RunOptions, SamplingOptions
+from localsmall.runtime.options import RunOptions, SamplingOptions
 
 ModelArg = Annotated[str | None, typer.Argument(
     metavar="[MODEL[:QUANT]]", help="Catalog model (default mistral-small-3.2), optionally "

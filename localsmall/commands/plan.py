@@ -20,10 +20,10 @@ def plan(
     as_json: JsonOpt = False,
 ) -> None:
     """Show every quant with where it would run, memory, speed and quality; mark the best."""
-    from localsmall.catalog import load_catalog, parse_model_ref
     from localsmall.engine.types import KV_TYPES
-    from localsmall.plans import PlanRequest, make_plan
-    from localsmall.resolve import local_builds
+    from localsmall.models.catalog import load_catalog, parse_model_ref
+    from localsmall.models.resolve import local_builds
+    from localsmall.plan.machine import PlanRequest, make_plan
 
     if kv_type not in KV_TYPES:
         raise UsageError(f"--kv-type must be one of {', '.join(KV_TYPES)}")
@@ -36,7 +36,7 @@ def plan(
     if as_json:
         import json
 
-        from localsmall.planner import plan_dict
+        from localsmall.plan.rules import plan_dict
         from localsmall.ui.console import stdout_write
 
         data = plan_dict(result)

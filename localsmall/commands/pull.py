@@ -9,12 +9,12 @@ from localsmall.commands.options import ModelArg, NoVisionOpt, YesOpt
 
 def pull(model: ModelArg = None, no_vision: NoVisionOpt = False, yes: YesOpt = False) -> None:
     """Download a build into the Hugging Face cache, verified and resumable."""
-    from localsmall.catalog import load_catalog
-    from localsmall.pulls import pull_build, pull_request
+    from localsmall.models.catalog import load_catalog
+    from localsmall.runtime.pull import pull_build, pull_request
     from localsmall.ui.console import muted, notice
     from localsmall.ui.progress import DownloadProgress
-    from localsmall.ui.prompts import confirm
-    from localsmall.ui.units import gib
+    from localsmall.ui.questions import confirm
+    from localsmall.units import gib
 
     request = pull_request(load_catalog(), model, projector=not no_vision)
     if request.reason:

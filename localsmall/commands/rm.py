@@ -11,10 +11,10 @@ def rm(ref: Annotated[str, typer.Argument(
         metavar="MODEL:QUANT", help="The build to delete, e.g. mistral-small-3.2:Q4_K_M "
         "(MODEL:projector deletes the vision projector).", show_default=False)]) -> None:
     """Delete a downloaded (or registered) build and any unfinished download of it."""
-    from localsmall.builds import remove_build
-    from localsmall.catalog import load_catalog
+    from localsmall.models.catalog import load_catalog
+    from localsmall.models.inventory import remove_build
     from localsmall.ui.console import notice, warn
-    from localsmall.ui.units import gib
+    from localsmall.units import gib
 
     removed = remove_build(load_catalog(), ref)
     notice(f"removed {removed.label} ({gib(removed.freed)} freed)")

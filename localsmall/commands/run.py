@@ -75,11 +75,11 @@ def run(
     yes: YesOpt = False,
 ) -> None:
     """Answer one prompt (with optional images) and exit."""
-    from localsmall.chat import ChatSession
-    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
+    from localsmall.chat.session import ChatSession
+    from localsmall.runtime.options import load_engine, prepare, sampling_for, system_prompt_for
     from localsmall.ui.console import stdout_write
     from localsmall.ui.progress import DownloadProgress, WorkProgress
-    from localsmall.ui.prompts import pull_offer_handler
+    from localsmall.ui.questions import pull_offer_handler
 
     images = image or []
     if images and no_vision:

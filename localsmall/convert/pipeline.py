@@ -45,7 +45,7 @@ from localsmall.convert.types import (
     Stage,
 )
 from localsmall.errors import ConversionError, DiskSpaceError, UsageError
-from localsmall.hub import PullCallback
+from localsmall.hub.pull import PullCallback
 
 Q = gguf.GGMLQuantizationType
 # Chat templates by tekken version; other versions get none (localsmall's built-in
@@ -266,7 +266,7 @@ def _quantize(job: _Job, request: ConvertRequest,
 
 def _catalog_model(source: Source) -> tuple[str, str] | None:
     """(catalog id, licence) of the catalog model this checkpoint is, if any."""
-    from localsmall.catalog import load_catalog
+    from localsmall.models.catalog import load_catalog
 
     names = {source.base_name.lower()}
     if source.repo_id:
@@ -285,7 +285,7 @@ def _catalog_license(source: Source) -> str | None:
 
 
 def _register(job: _Job, files: list[OutputFile], request: ConvertRequest) -> str | None:
-    from localsmall.registry import RegisteredBuild, register_build
+    from localsmall.models.registry import RegisteredBuild, register_build
 
     match = _catalog_model(job.source)
     if match is None:

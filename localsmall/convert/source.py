@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from localsmall.errors import ConversionError, HubError
 
 if TYPE_CHECKING:
-    from localsmall.hub import PullCallback
+    from localsmall.hub.pull import PullCallback
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+$")
@@ -77,7 +77,7 @@ def download_checkpoint(repo_id: str, on_progress: PullCallback | None = None) -
             raise HubError(f"{repo_id} is not in the local Hugging Face cache and "
                            "HF_HUB_OFFLINE is set; unset it to download, or give a local "
                            "directory") from None
-    from localsmall.hub import pull_repo
+    from localsmall.hub.pull import pull_repo
 
     return pull_repo(repo_id, download_patterns, pull_ref=repo_id, on_progress=on_progress)
 

@@ -32,7 +32,7 @@ from localsmall.engine.kvcache import (
     items_to_json,
     positions,
 )
-from localsmall.engine.progress import ReadProgress
+from localsmall.engine.read_progress import ReadProgress
 from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
 from localsmall.engine.types import (
     KV_TYPES,

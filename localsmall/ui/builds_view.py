@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from rich.markup import escape
 from rich.table import Table
 
-from localsmall.builds import BuildInfo
+from localsmall.models.inventory import BuildInfo
 from localsmall.ui.console import muted, out
-from localsmall.ui.units import gib
+from localsmall.units import gib
 
 
 def show_builds(builds: Sequence[BuildInfo]) -> None:

@@ -16,7 +16,7 @@ from rich.progress import (
 from rich.table import Table
 
 from localsmall.convert.types import ConvertProgress, ConvertResult
-from localsmall.hub import PullProgress
+from localsmall.hub.pull import PullProgress
 from localsmall.ui.console import err, out
 
 

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from localsmall.doctor import DoctorReport
 from localsmall.ui.console import out
-from localsmall.ui.units import gib
+from localsmall.units import gib
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:

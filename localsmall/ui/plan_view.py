@@ -6,9 +6,9 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from localsmall.planner import Plan, QuantOption
+from localsmall.plan.rules import Plan, QuantOption
 from localsmall.ui.console import out
-from localsmall.ui.units import GIB, quality_label
+from localsmall.units import GIB, quality_label
 
 WHERE_SHORT = {"gpu": "GPU", "split": "GPU+CPU", "cpu": "CPU", "none": "no fit"}
 

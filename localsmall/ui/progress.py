@@ -18,7 +18,7 @@ from rich.progress import (
 )
 
 from localsmall.engine.types import Progress as EngineProgress
-from localsmall.hub import PullProgress
+from localsmall.hub.pull import PullProgress
 from localsmall.ui.console import err
 
 

@@ -8,16 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localsmall.catalog import Catalog, load_catalog
 from localsmall.engine.types import EngineSettings, ProgressCallback, SamplingSettings
 from localsmall.errors import UsageError
-from localsmall.resolve import LocalBuild, resolve_build
+from localsmall.models.catalog import Catalog, load_catalog
+from localsmall.models.resolve import LocalBuild, resolve_build
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
-    from localsmall.hardware import Hardware
-    from localsmall.hub import PullCallback
-    from localsmall.launch import OfferPull
+    from localsmall.hub.pull import PullCallback
+    from localsmall.plan.hardware import Hardware
+    from localsmall.runtime.choose import OfferPull
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
             hardware: Hardware | None = None) -> LocalBuild:
     """The build to run with its planned context and GPU layers, pulling what is
     missing when `offer_pull` accepts (see localsmall.launch)."""
-    from localsmall.launch import plan_build  # the planner: only when a run starts
+    from localsmall.runtime.choose import plan_build  # the planner: only when a run starts
 
     validate_run_options(options)
     return plan_build(options, offer_pull=offer_pull, on_download=on_download,

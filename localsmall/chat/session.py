@@ -15,18 +15,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from localsmall.conversation import (
+from localsmall.chat.conversation import (
     Conversation,
     Message,
     load_conversation,
     save_conversation,
 )
+from localsmall.chat.prompt import ChatTemplate, build_prompt
 from localsmall.engine.model import Engine, Generation
 from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
 from localsmall.errors import ContextFullError, UsageError
 from localsmall.images import PreparedImage, prepare_image
-from localsmall.prompt import ChatTemplate, build_prompt
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 # A path dropped into the terminal: quoted, or a run of non-space characters (with

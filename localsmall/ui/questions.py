@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.prompt import Confirm
 
 from localsmall.errors import ModelNotFoundError
-from localsmall.launch import OfferPull, PullOffer
+from localsmall.runtime.choose import OfferPull, PullOffer
 from localsmall.ui.console import err, muted, notice
-from localsmall.ui.units import gib
+from localsmall.units import gib
 
 
 def confirm(question: str, *, default: bool = True) -> bool:

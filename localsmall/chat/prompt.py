@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from localsmall.conversation import Message
+from localsmall.chat.conversation import Message
 from localsmall.engine.types import ImageSlot, PromptPiece, TokenRun
 from localsmall.errors import EngineError
 from localsmall.images import PreparedImage

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from localsmall import hubcache
-from localsmall.catalog import RemoteFile
-from localsmall.download import fetch, sha256_of
 from localsmall.errors import DiskSpaceError, HubError, VerificationError
+from localsmall.hub import cache as hubcache
+from localsmall.hub.download import fetch, sha256_of
+from localsmall.models.catalog import RemoteFile
 
 DISK_HEADROOM = 256 * 1024 * 1024   # keep this much free after a pull
 LOCK_WAIT_S = 10.0                  # wait this long for another pull of the same file

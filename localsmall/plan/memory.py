@@ -27,8 +27,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localsmall.catalog import Model, Quant
 from localsmall.gguf_header import read_header, type_bytes
+from localsmall.models.catalog import Model, Quant
 
 MIB = 1024 * 1024
 KV_PAD = 256                   # llama.cpp pads n_ctx to a multiple of this

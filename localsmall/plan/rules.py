@@ -31,9 +31,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from localsmall.catalog import Model, Quant
-from localsmall.hardware import GpuDevice, Hardware
-from localsmall.memory import (
+from localsmall.models.catalog import Model, Quant
+from localsmall.plan.hardware import GpuDevice, Hardware
+from localsmall.plan.memory import (
     MemoryEstimate,
     RunShape,
     TextWeights,

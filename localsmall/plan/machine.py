@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from localsmall.catalog import Model
 from localsmall.errors import LocalsmallError, UsageError
-from localsmall.hardware import Hardware, detect
-from localsmall.memory import (
+from localsmall.models.catalog import Model
+from localsmall.models.resolve import local_builds, projector_file
+from localsmall.plan.hardware import Hardware, detect
+from localsmall.plan.memory import (
     MemoryEstimate,
     RunShape,
     TextWeights,
@@ -19,8 +20,7 @@ from localsmall.memory import (
     text_weights_from_file,
     vision_weights_from_file,
 )
-from localsmall.planner import Plan, budget_for, plan
-from localsmall.resolve import local_builds, projector_file
+from localsmall.plan.rules import Plan, budget_for, plan
 
 
 @dataclass(frozen=True)

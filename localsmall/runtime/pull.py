@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from localsmall import hub
-from localsmall.catalog import Catalog, Model, Quant, RemoteFile, parse_model_ref
-from localsmall.hardware import Hardware
-from localsmall.hub import PullCallback, PullResult
+from localsmall.hub import pull as hub
+from localsmall.hub.pull import PullCallback, PullResult
+from localsmall.models.catalog import Catalog, Model, Quant, RemoteFile, parse_model_ref
+from localsmall.plan.hardware import Hardware
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def pull_request(catalog: Catalog, ref: str | None, *, projector: bool = True,
     if quant_name:
         quant = model.quant(quant_name)
     else:
-        from localsmall.plans import PlanRequest, make_plan
+        from localsmall.plan.machine import PlanRequest, make_plan
 
         plan = make_plan(model, PlanRequest(vision=projector), hardware)
         if plan.choice is None:

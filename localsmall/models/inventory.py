@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from localsmall import hubcache, paths
-from localsmall.catalog import Catalog, Model, RemoteFile, parse_model_ref
+from localsmall import paths
 from localsmall.errors import ModelNotFoundError, UsageError
-from localsmall.registry import list_registered, unregister_build
-from localsmall.resolve import projector_file
+from localsmall.hub import cache as hubcache
+from localsmall.models.catalog import Catalog, Model, RemoteFile, parse_model_ref
+from localsmall.models.registry import list_registered, unregister_build
+from localsmall.models.resolve import projector_file
 
 PROJECTOR_NAMES = ("projector", "mmproj")
 

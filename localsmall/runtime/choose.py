@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localsmall.catalog import Model, RemoteFile, load_catalog, parse_model_ref
 from localsmall.errors import LocalsmallError, ModelNotFoundError, UsageError
-from localsmall.hardware import Hardware, detect
-from localsmall.planner import QuantOption
-from localsmall.resolve import LocalBuild, local_builds, projector_file, resolve_build
+from localsmall.models.catalog import Model, RemoteFile, load_catalog, parse_model_ref
+from localsmall.models.resolve import LocalBuild, local_builds, projector_file, resolve_build
+from localsmall.plan.hardware import Hardware, detect
+from localsmall.plan.rules import QuantOption
 
 if TYPE_CHECKING:
-    from localsmall.hub import PullCallback
-    from localsmall.plans import PlanRequest
-    from localsmall.runtime import RunOptions
+    from localsmall.hub.pull import PullCallback
+    from localsmall.plan.machine import PlanRequest
+    from localsmall.runtime.options import RunOptions
 
 
 class WontFitError(LocalsmallError):
@@ -47,7 +47,7 @@ def plan_build(options: RunOptions, *, offer_pull: OfferPull | None = None,
                on_download: PullCallback | None = None,
                hardware: Hardware | None = None) -> LocalBuild:
     """The build to run, planned for this machine (pulled first if accepted)."""
-    from localsmall.plans import PlanRequest
+    from localsmall.plan.machine import PlanRequest
 
     request = PlanRequest(ctx=options.n_ctx, kv_type=options.kv_type,
                           n_gpu_layers=options.n_gpu_layers, vision=options.vision,
@@ -81,7 +81,7 @@ def _choose(model: Model, quant: str | None, request: PlanRequest, hardware: Har
             ) -> tuple[QuantOption | None, str]:
     """The option to run (None: a registered build the catalog does not know) and a
     hint when a better build than the one on disk exists."""
-    from localsmall.plans import make_plan
+    from localsmall.plan.machine import make_plan
 
     local = local_builds(model)
     if quant is not None and quant.lower() not in {q.quant.lower() for q in model.quants}:
@@ -112,7 +112,7 @@ def _choose(model: Model, quant: str | None, request: PlanRequest, hardware: Har
 
 def _pull(model: Model, choice: QuantOption, reason: str, vision: bool,
           offer_pull: OfferPull | None, on_download: PullCallback | None) -> None:
-    from localsmall.hub import missing_bytes, pull
+    from localsmall.hub.pull import missing_bytes, pull
 
     ref = f"{model.id}:{choice.quant}"
     files = [model.quant(choice.quant).remote]
@@ -143,7 +143,7 @@ def _plan_file(options: RunOptions, request: PlanRequest, hardware: Hardware | N
 
 def _with_placement(model: Model, build: LocalBuild, request: PlanRequest,
                     hardware: Hardware | None) -> LocalBuild:
-    from localsmall.plans import place_file
+    from localsmall.plan.machine import place_file
 
     if request.ctx is not None and request.n_gpu_layers is not None:
         return build  # the user decided both: nothing to plan

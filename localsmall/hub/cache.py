@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localsmall import paths
-from localsmall.catalog import RemoteFile
 from localsmall.fileio import atomic_write_bytes
+from localsmall.models.catalog import RemoteFile
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PARTIAL_SUFFIX = ".localsmall.incomplete"   # our resumable partial: blobs/<etag> + this

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from localsmall import hubcache
-from localsmall.catalog import Catalog, Model, RemoteFile, parse_model_ref
 from localsmall.errors import ModelNotFoundError, UsageError
-from localsmall.registry import list_registered
+from localsmall.hub import cache as hubcache
+from localsmall.models.catalog import Catalog, Model, RemoteFile, parse_model_ref
+from localsmall.models.registry import list_registered
 
 
 @dataclass(frozen=True)

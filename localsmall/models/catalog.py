@@ -317,7 +317,7 @@ def _catalog_text() -> str:
     packaged = resources.files("localsmall").joinpath("models.toml")
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    checkout = Path(__file__).resolve().parent.parent / "models.toml"
+    checkout = Path(__file__).resolve().parents[2] / "models.toml"
     if checkout.is_file():
         return checkout.read_text(encoding="utf-8")
     raise CatalogError("models.toml is missing from this installation; reinstall localsmall")
