@@ -85,13 +85,13 @@ def serve(
     """Serve an OpenAI-compatible API (for editors, Open WebUI, the openai client...)."""
     import dataclasses
 
-    from localsmall.runtime import load_engine, prepare, sampling_for, system_prompt_for
+    from localsmall.runtime.options import load_engine, prepare, sampling_for, system_prompt_for
     from localsmall.server.app import ServerConfig
     from localsmall.server.image_urls import ImageLimits
     from localsmall.server.runner import bind, serve
     from localsmall.server.slots import default_slots
     from localsmall.ui.progress import DownloadProgress, WorkProgress
-    from localsmall.ui.prompts import pull_offer_handler
+    from localsmall.ui.questions import pull_offer_handler
     from localsmall.ui.serve_view import show_listening, show_request
 
     if not 0 <= port <= 65535:

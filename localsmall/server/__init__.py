@@ -6,4 +6,8 @@ conversations kept in the KV cache (`slots`), the queue and the one decode at a 
 (`scheduler`), the OpenAI response shapes (`responses`), the ASGI app (`app`) and
 running it under uvicorn (`runner`). Nothing here prints: the command shows what
 happens through ui/serve_view.py.
+
+Rule: prints nothing. May import the base layer, `engine` and `chat` (prompts); never
+`runtime`, `commands` or `ui`. Besides `hub`, the one package that speaks HTTP:
+starlette/uvicorn to serve, httpx2 only to fetch `image_url`s.
 """

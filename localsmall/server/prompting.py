@@ -15,11 +15,11 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from localsmall.conversation import Message
+from localsmall.chat.conversation import Message
+from localsmall.chat.prompt import ChatTemplate, build_prompt
 from localsmall.engine.types import PromptPiece
 from localsmall.errors import EngineError
 from localsmall.images import PreparedImage
-from localsmall.prompt import ChatTemplate, build_prompt
 from localsmall.server.errors import invalid
 from localsmall.server.requests import ApiMessage, ChatRequest, ImageRef
 
