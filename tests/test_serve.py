@@ -29,7 +29,7 @@ def server(tiny: TinyModels, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[ServerProcess]:
     home = tmp_path_factory.mktemp("serve")
     args = ["--model", str(tiny.f16), "--mmproj", str(tiny.mmproj), "--ctx", "8192",
-            "--gpu-layers", "0", "--threads", "2", "--slots", "3", "--queue", str(QUEUE),
+            "--gpu-layers", "0", "--threads", "1", "--slots", "3", "--queue", str(QUEUE),
             "--temperature", "0", "--max-body-mb", "2", "--max-image-mb", "1"]
     with running_server(home, args, api_key=KEY) as running:
         yield running

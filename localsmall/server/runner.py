@@ -88,5 +88,11 @@ class _Server:
             def handle_exit(self, sig: int, frame: Any) -> None:
                 scheduler.begin_stop()
                 super().handle_exit(sig, frame)
+                # uvicorn raises the signal again once it has shut down, which would
+                # kill the process (SIGTERM) or surface as KeyboardInterrupt (SIGINT):
+                # the stop is clean, so the command just returns.
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured.clear()
 
         return Server(config)
