@@ -7,16 +7,17 @@ import platform
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from localsmall import __version__, paths
 from localsmall.hub import cache as hubcache
-from localsmall.plan.hardware import Hardware, detect
+from localsmall.plan.hardware import Hardware, detect, to_json
+from localsmall.units import GIB, gib_fixed
 
 if TYPE_CHECKING:
-    from localsmall.engine.devices import BuildInfo
+    from localsmall.engine.devices import LlamaCppBuild
 
-LOW_DISK = 30 * 1024**3  # below this, a pull of the larger quants will not fit
+LOW_DISK = 30 * GIB  # below this, a pull of the larger quants will not fit
 _PACKAGES = ("llama-cpp-python", "huggingface-hub", "gguf", "typer", "rich")
 
 
@@ -33,6 +34,15 @@ class DoctorReport:
     token_set: bool
     warnings: tuple[str, ...]
 
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready findings (`localsmall doctor --json`)."""
+        return {"hardware": to_json(self.hardware), "versions": self.versions,
+                "llama_system_info": self.llama_system_info,
+                "cache_dir": str(self.cache_dir), "cache_free": self.cache_free,
+                "data_dir": str(self.data_dir), "endpoint": self.endpoint,
+                "offline": self.offline, "token_set": self.token_set,
+                "warnings": list(self.warnings)}
+
 
 def _versions() -> dict[str, str]:
     versions = {"localsmall": __version__, "python": platform.python_version()}
@@ -44,7 +54,7 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _ggml_version(build: BuildInfo) -> str:
+def _ggml_version(build: LlamaCppBuild) -> str:
     version = build.ggml_version or "unknown"
     return f"{version} ({build.ggml_commit})" if build.ggml_commit else version
 
@@ -55,9 +65,9 @@ def _warnings(hardware: Hardware, cache_free: int) -> list[str]:
         found.append(f"{gpu.name} is present, but this llama-cpp-python was built for the "
                      f"CPU only, so it is not used; to use it, rebuild: {gpu.rebuild}")
     if cache_free < LOW_DISK:
-        found.append(f"only {cache_free / 1024**3:.1f} GiB free for downloads in "
+        found.append(f"only {gib_fixed(cache_free)} free for downloads in "
                      f"{hubcache.cache_dir()}; the larger builds need up to 25 GiB")
-    if hardware.ram_available < 8 * 1024**3 and not hardware.usable_gpus:
+    if hardware.ram_available < 8 * GIB and not hardware.usable_gpus:
         found.append("less than 8 GiB of RAM is available: close other programs before "
                      "running the model")
     return found

@@ -1,4 +1,4 @@
-"""Numbers as people read them."""
+"""Numbers as people read them. Part of the base layer: imports nothing from localsmall."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ def gib(n: int) -> str:
     if n < GIB // 2:
         return f"{n / 1024**2:.0f} MiB"
     return f"{n / GIB:.1f} GiB"
+
+
+def gib_fixed(n: int, digits: int = 1) -> str:
+    """Bytes as GiB, always ("0.2 GiB"): for sizes compared with one another."""
+    return f"{n / GIB:.{digits}f} GiB"
 
 
 def quality_label(kld: float) -> str:

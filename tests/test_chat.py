@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from localsmall.chat.session import ChatSession, CommandResult, Reply
+from localsmall.chat.session import ChatSession, Reply
+from localsmall.chat.slash import CommandResult
 from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings, SamplingSettings
 from localsmall.errors import ContextFullError, ConversationFileError, ImageError, UsageError

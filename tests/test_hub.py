@@ -15,7 +15,7 @@ import pytest
 from localsmall.errors import DiskSpaceError, HubError, VerificationError
 from localsmall.hub import cache as hubcache
 from localsmall.hub import pull as hub
-from localsmall.models.catalog import RemoteFile
+from localsmall.hub.remote import RemoteFile
 from tests.conftest import LocalHub, go_offline
 from tests.hubserver import write_small_gguf
 
@@ -86,7 +86,7 @@ def test_a_killed_process_is_resumed_by_the_next_one(hub: LocalHub, gguf_bytes: 
     orphan = blobs / "0badc0de.1234abcd.incomplete"
     orphan.write_bytes(b"x" * 100)
     script = ("from localsmall.hub import pull as hub; "
-              "from localsmall.models.catalog import RemoteFile; "
+              "from localsmall.hub.remote import RemoteFile; "
               f"hub.pull([RemoteFile({REPO!r}, {FILE!r}, {len(gguf_bytes)})], pull_ref='x')")
     child = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(),
                              cwd=Path(__file__).parent.parent)

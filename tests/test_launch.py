@@ -18,7 +18,8 @@ from localsmall.models.registry import RegisteredBuild, register_build
 from localsmall.plan import hardware
 from localsmall.plan.hardware import CpuInfo, GpuDevice, Hardware
 from localsmall.runtime.choose import WontFitError
-from localsmall.runtime.options import RunOptions, engine_settings, prepare
+from localsmall.runtime.options import RunOptions, engine_settings
+from localsmall.runtime.start import prepare
 
 GIB = 1024**3
 MODEL = load_catalog().default

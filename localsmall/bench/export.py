@@ -16,6 +16,7 @@ from typing import Any
 
 from localsmall.bench.stats import Measurement
 from localsmall.bench.types import BenchReport, QualityResult, SpeedResult
+from localsmall.units import GIB, gib_fixed
 
 FORMAT_ID = "localsmall-bench/1"
 
@@ -126,8 +127,8 @@ class Table:
 def size_text(n_bytes: int | None) -> str:
     if n_bytes is None:
         return "—"
-    if n_bytes >= 2**30:
-        return f"{n_bytes / 2**30:.2f} GiB"
+    if n_bytes >= GIB:
+        return gib_fixed(n_bytes, 2)
     return f"{n_bytes / 2**20:.1f} MiB"
 
 

@@ -39,7 +39,8 @@ from localsmall.bench.types import QualityRequest, QualityResult
 from localsmall.engine.types import ProgressCallback
 from localsmall.errors import LocalsmallError, UsageError
 from localsmall.fileio import atomic_output
-from localsmall.runtime.options import RunOptions, open_engine
+from localsmall.runtime.options import RunOptions
+from localsmall.runtime.start import open_engine
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine

@@ -23,7 +23,7 @@ from localsmall.engine.types import KV_TYPES, Progress
 from localsmall.errors import CatalogError, ModelNotFoundError, UsageError
 from localsmall.images import prepare_image
 from localsmall.models.resolve import LocalBuild
-from localsmall.runtime.options import RunOptions, resolve
+from localsmall.runtime.options import RunOptions, find_build
 
 # Builds tried as the quality reference beyond the ones being measured, best first;
 # among those found the largest file wins (for quants of one model, more bytes means
@@ -122,7 +122,7 @@ def _catalog_candidates(options: RunOptions) -> list[Target]:
         candidate = replace(options, quant=quant, ref=(options.ref or "").partition(":")[0]
                             or None)
         try:
-            found.append((candidate, resolve(candidate)))
+            found.append((candidate, find_build(candidate)))
         except (ModelNotFoundError, CatalogError):
             continue
     return found
@@ -131,7 +131,7 @@ def _catalog_candidates(options: RunOptions) -> list[Target]:
 def pick_reference(quality: QualityRequest, targets: list[Target]) -> Target:
     """The explicit reference, or the highest-precision build available."""
     if quality.reference is not None:
-        return quality.reference, resolve(quality.reference)
+        return quality.reference, find_build(quality.reference)
     candidates = list(targets)
     first_options, first_build = targets[0]
     if first_build.model is not None:
@@ -155,7 +155,7 @@ def run_bench(request: BenchRequest, on_event: BenchCallback | None = None) -> B
     """Measure every combination (and the quality, if asked) and return the report."""
     validate_request(request)
     created = dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds")
-    targets = [(options, resolve(options)) for options in request.targets]
+    targets = [(options, find_build(options)) for options in request.targets]
     _check_image(request, targets)
     reference = pick_reference(request.quality, targets) if request.quality else None
     # -p 0 -n 0 with --quality: quality only, no speed runs

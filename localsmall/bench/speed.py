@@ -18,7 +18,8 @@ from localsmall.chat.conversation import Message
 from localsmall.engine.types import ProgressCallback, SamplingSettings
 from localsmall.errors import ContextFullError
 from localsmall.images import PreparedImage, prepare_image, prepare_image_bytes
-from localsmall.runtime.options import RunOptions, open_engine, system_prompt_for
+from localsmall.runtime.options import RunOptions, system_prompt_for
+from localsmall.runtime.start import open_engine
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine

@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 
 from localsmall import __version__
+from localsmall.units import gib_fixed
 
 GPU_KINDS = ("gpu", "igpu")
 
@@ -69,7 +70,7 @@ def snapshot() -> SystemSnapshot:
 
     devices = list_devices()
     cpu = next((d for d in devices if d.kind == "cpu"), None)
-    gpus = tuple(f"{d.name}: {d.description} ({d.memory_total / 2**30:.1f} GiB)"
+    gpus = tuple(f"{d.name}: {d.description} ({gib_fixed(d.memory_total)})"
                  for d in devices if d.kind in GPU_KINDS)
     backends = tuple(dict.fromkeys(d.backend for d in devices))
     build = build_info()

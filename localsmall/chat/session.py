@@ -1,4 +1,4 @@
-"""A chat session: the conversation, its slash commands and keeping it inside the context.
+"""A chat session: the conversation, its turns and keeping it inside the context.
 
 Nothing here prints. The UI feeds user input to `ChatSession.handle`, which returns
 either a `Reply` to stream or a `CommandResult` to show.
@@ -9,11 +9,9 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
 
 from localsmall.chat.conversation import (
     Conversation,
@@ -22,6 +20,7 @@ from localsmall.chat.conversation import (
     save_conversation,
 )
 from localsmall.chat.prompt import ChatTemplate, build_prompt
+from localsmall.chat.slash import CommandResult, run_command
 from localsmall.engine.model import Engine, Generation
 from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
@@ -33,15 +32,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 # backslash-escaped spaces) that starts like a path and ends like an image file.
 _DROPPED_PATH = re.compile(
     r"""(?:'(?P<sq>[^']+)'|"(?P<dq>[^"]+)"|(?P<bare>(?:file://)?[~./][^\s\\]*(?:\\ [^\s\\]*)*))""")
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a slash command did, for the UI to show."""
-
-    kind: Literal["info", "notice", "stats", "help", "exit", "reply"]
-    message: str = ""
-    data: Any = None
 
 
 @dataclass(frozen=True)
@@ -80,14 +70,6 @@ class Totals:
     evaluated: int = 0
     reused: int = 0
     generated: int = 0
-
-
-@dataclass(frozen=True)
-class CommandSpec:
-    name: str
-    args: str
-    help: str
-    handler: Callable[[ChatSession, str], CommandResult | Reply]
 
 
 class Reply:
@@ -160,14 +142,10 @@ class ChatSession:
         if not stripped and not self.pending_images:
             return None
         if stripped.startswith("/") and not stripped.startswith("//"):
-            name, _, args = stripped[1:].partition(" ")
-            spec = COMMANDS.get(name.lower()) or COMMANDS.get(ALIASES.get(name.lower(), ""))
-            if spec is None and _looks_like_path(stripped):
-                return self.ask(line)  # a dropped absolute path, not a command
-            if spec is None:
-                raise UsageError(f"unknown command /{name}; type /help for the list")
-            return spec.handler(self, args.strip())
-        return self.ask(line)
+            result = run_command(self, stripped)
+            if result is not None:
+                return result
+        return self.ask(line)  # a message (or a dropped absolute path, not a command)
 
     def attach(self, path: str) -> PreparedImage:
         """Queue an image for the next message."""
@@ -377,121 +355,3 @@ class ChatSession:
             last=self.last_stats, total_prompt_evaluated=self.totals.evaluated,
             total_prompt_reused=self.totals.reused, total_generated=self.totals.generated,
             dropped_turns=self.dropped_turns, model=self.model_label)
-
-
-def _looks_like_path(text: str) -> bool:
-    first = text.split()[0]
-    return "/" in first[1:] and Path(first.replace("\\ ", " ")).exists()
-
-
-# --- slash commands ------------------------------------------------------------------
-
-
-def _cmd_image(session: ChatSession, args: str) -> CommandResult:
-    if not args:
-        raise UsageError("usage: /image PATH [PATH...]")
-    try:
-        paths = shlex.split(args)
-    except ValueError as exc:
-        raise UsageError(f"/image: {exc}") from None
-    added = [session.attach(p) for p in paths]
-    names = ", ".join(f"{Path(i.source).name} ({i.width}x{i.height}, {i.n_tokens} tokens)"
-                      for i in added)
-    count = len(session.pending_images)
-    return CommandResult("info", f"Attached {names}. {count} image{'s' if count > 1 else ''} "
-                                 "will go with your next message.")
-
-
-def _cmd_system(session: ChatSession, args: str) -> CommandResult:
-    if not args:
-        return CommandResult("info", f"System prompt:\n{session.conversation.system or '(none)'}")
-    session.set_system(args)
-    return CommandResult("info", "System prompt replaced; it applies from the next reply.")
-
-
-def _cmd_clear(session: ChatSession, args: str) -> CommandResult:
-    session.clear()
-    return CommandResult("info", "Conversation cleared.")
-
-
-def _cmd_undo(session: ChatSession, args: str) -> CommandResult:
-    removed = session.undo()
-    if removed is None:
-        return CommandResult("info", "Nothing to undo.")
-    preview = removed.text.strip().replace("\n", " ")
-    preview = preview[:60] + ("…" if len(preview) > 60 else "")
-    return CommandResult("info", f"Removed the last exchange ({preview!r}).")
-
-
-def _cmd_retry(session: ChatSession, args: str) -> Reply:
-    return session.retry()
-
-
-def _cmd_save(session: ChatSession, args: str) -> CommandResult:
-    try:
-        words = shlex.split(args)
-    except ValueError as exc:
-        raise UsageError(f"/save: {exc}") from None
-    embed = "--embed" in words
-    paths = [w for w in words if w != "--embed"]
-    if len(paths) != 1:
-        raise UsageError("usage: /save [--embed] FILE")
-    saved = session.save(Path(paths[0]), embed_images=embed)
-    how = "embedded" if embed else "by reference"
-    state = (f"; KV cache of {saved.state_tokens:,} tokens beside it, so /load continues "
-             "at once" if saved.state_tokens else "")
-    return CommandResult("info", f"Saved {saved.messages} messages to {saved.path} "
-                                 f"(images {how}){state}.")
-
-
-def _cmd_load(session: ChatSession, args: str) -> CommandResult:
-    try:
-        words = shlex.split(args)
-    except ValueError as exc:
-        raise UsageError(f"/load: {exc}") from None
-    if len(words) != 1:
-        raise UsageError("usage: /load FILE")
-    loaded = session.load(Path(words[0]))
-    message = f"Loaded {len(loaded.conversation.messages)} messages from {words[0]}"
-    if loaded.state_tokens:
-        message += (f"; its KV cache is restored ({loaded.state_tokens:,} tokens), nothing to "
-                    "read again.")
-    else:
-        message += f"; no saved KV cache used ({loaded.state_ignored}): it will be read again."
-    return CommandResult("reply", message, data=loaded.conversation)
-
-
-def _cmd_stats(session: ChatSession, args: str) -> CommandResult:
-    return CommandResult("stats", data=session.stats())
-
-
-def _cmd_help(session: ChatSession, args: str) -> CommandResult:
-    return CommandResult("help", data=list(COMMANDS.values()))
-
-
-def _cmd_exit(session: ChatSession, args: str) -> CommandResult:
-    return CommandResult("exit")
-
-
-_SPECS = [
-    CommandSpec("image", "PATH...", "attach images to your next message (or drop a path "
-                "into the message)", _cmd_image),
-    CommandSpec("system", "[TEXT]", "show or replace the system prompt", _cmd_system),
-    CommandSpec("clear", "", "start over (keeps the system prompt)", _cmd_clear),
-    CommandSpec("undo", "", "remove the last question and its answer", _cmd_undo),
-    CommandSpec("retry", "", "answer the last question again", _cmd_retry),
-    CommandSpec("save", "[--embed] FILE", "save the chat (--embed stores images inside)",
-                _cmd_save),
-    CommandSpec("load", "FILE", "load a saved chat", _cmd_load),
-    CommandSpec("stats", "", "speed, context use and token counts", _cmd_stats),
-    CommandSpec("help", "", "this list", _cmd_help),
-    CommandSpec("exit", "", "leave (also Ctrl-D)", _cmd_exit),
-]
-COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in _SPECS}
-ALIASES = {"quit": "exit", "q": "exit", "img": "image", "?": "help", "reset": "clear"}
-
-
-def command_names() -> list[str]:
-    """Every slash command, for completion."""
-    return sorted([*COMMANDS, *ALIASES])
-

@@ -11,18 +11,9 @@ def doctor(as_json: JsonOpt = False) -> None:
 
     report = diagnose()
     if as_json:
-        import json
+        from localsmall.ui.console import print_json
 
-        from localsmall.plan.hardware import to_json
-        from localsmall.ui.console import stdout_write
-
-        data = {"hardware": to_json(report.hardware), "versions": report.versions,
-                "llama_system_info": report.llama_system_info,
-                "cache_dir": str(report.cache_dir), "cache_free": report.cache_free,
-                "data_dir": str(report.data_dir), "endpoint": report.endpoint,
-                "offline": report.offline, "token_set": report.token_set,
-                "warnings": list(report.warnings)}
-        stdout_write(json.dumps(data, indent=2) + "\n")
+        print_json(report.to_json())
         return
     from localsmall.ui.doctor_view import show_doctor
 

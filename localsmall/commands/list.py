@@ -12,13 +12,9 @@ def list_builds(as_json: JsonOpt = False) -> None:
 
     builds = find_builds(load_catalog())
     if as_json:
-        import dataclasses
-        import json
+        from localsmall.ui.console import print_json
 
-        from localsmall.ui.console import stdout_write
-
-        rows = [dataclasses.asdict(b) | {"path": str(b.path)} for b in builds]
-        stdout_write(json.dumps(rows, indent=2) + "\n")
+        print_json([b.to_json() for b in builds])
         return
     from localsmall.ui.builds_view import show_builds
 

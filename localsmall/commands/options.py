@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from localsmall.engine.types import KV_TYPES
 from localsmall.errors import UsageError
-from localsmall.runtime.options import RunOptions, SamplingOptions
+from localsmall.runtime.options import RunOptions, SamplingOptions, SessionOptions
 
 ModelArg = Annotated[str | None, typer.Argument(
     metavar="[MODEL[:QUANT]]", help="Catalog model (default mistral-small-3.2), optionally "
@@ -59,24 +62,86 @@ NoSystemOpt = Annotated[bool, typer.Option(
     "--no-system", help="Send no system prompt.", rich_help_panel="Sampling")]
 
 
-def run_options(*, model: str | None, model_path: Path | None, mmproj: Path | None,
-                quant: str | None, no_vision: bool, ctx: int | None, gpu_layers: int | None,
-                threads: int | None, kv_type: str, flash_attn: bool | None, batch: int,
-                verbose: bool) -> RunOptions:
-    """RunOptions from the shared flags, with the checks that need no model."""
+def check_kv_type(kv_type: str) -> None:
+    """--kv-type names a KV cache type llama.cpp has."""
     if kv_type not in KV_TYPES:
         raise UsageError(f"--kv-type must be one of {', '.join(KV_TYPES)}")
-    return RunOptions(ref=model, quant=quant, model_path=model_path, mmproj_path=mmproj,
-                      vision=not no_vision, n_ctx=ctx, n_gpu_layers=gpu_layers,
-                      n_threads=threads, kv_type=kv_type, flash_attn=flash_attn,
-                      n_batch=batch, verbose=verbose)
 
 
-def sampling_options(*, temperature: float | None, top_p: float | None, top_k: int | None,
-                     seed: int | None, max_tokens: int | None) -> SamplingOptions:
-    return SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                           max_tokens=max_tokens)
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print the result as JSON (for scripts).")]
 YesOpt = Annotated[bool, typer.Option(
     "--yes", "-y", help="Download what is missing without asking (for scripts).")]
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    """The flags `chat` and `run` share (see `with_run_flags`), as typed values."""
+
+    model_path: Path | None
+    mmproj: Path | None
+    quant: str | None
+    no_vision: bool
+    ctx: int | None
+    gpu_layers: int | None
+    threads: int | None
+    kv_type: str
+    flash_attn: bool | None
+    batch: int
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    max_tokens: int | None
+    system: str | None
+    no_system: bool
+    verbose: bool
+    yes: bool
+
+    def run_options(self, model: str | None, *, vision: bool = True) -> RunOptions:
+        """RunOptions for MODEL[:QUANT] (`vision=False` also leaves the projector out),
+        with the checks that need no model."""
+        check_kv_type(self.kv_type)
+        return RunOptions(ref=model, quant=self.quant, model_path=self.model_path,
+                          mmproj_path=self.mmproj, vision=vision and not self.no_vision,
+                          n_ctx=self.ctx, n_gpu_layers=self.gpu_layers,
+                          n_threads=self.threads, kv_type=self.kv_type,
+                          flash_attn=self.flash_attn, n_batch=self.batch, verbose=self.verbose)
+
+    def session_options(self) -> SessionOptions:
+        """Sampling overrides and the system prompt."""
+        sampling = SamplingOptions(temperature=self.temperature, top_p=self.top_p,
+                                   top_k=self.top_k, seed=self.seed, max_tokens=self.max_tokens)
+        return SessionOptions(sampling=sampling, system=self.system, no_system=self.no_system)
+
+
+# The shared flags in the order `--help` lists them, with their defaults.
+_RUN_FLAGS: tuple[tuple[str, Any, Any], ...] = (
+    ("model_path", ModelPathOpt, None), ("mmproj", MmprojOpt, None), ("quant", QuantOpt, None),
+    ("no_vision", NoVisionOpt, False), ("ctx", CtxOpt, None),
+    ("gpu_layers", GpuLayersOpt, None), ("threads", ThreadsOpt, None),
+    ("kv_type", KvTypeOpt, "f16"), ("flash_attn", FlashAttnOpt, None),
+    ("batch", BatchOpt, 512), ("temperature", TemperatureOpt, None), ("top_p", TopPOpt, None),
+    ("top_k", TopKOpt, None), ("seed", SeedOpt, None), ("max_tokens", MaxTokensOpt, None),
+    ("system", SystemOpt, None), ("no_system", NoSystemOpt, False),
+    ("verbose", VerboseOpt, False), ("yes", YesOpt, False),
+)
+
+
+def with_run_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the flags chat and run share: Typer sees them after the command's
+    own parameters; the command receives them as one `RunFlags` named `flags`."""
+    own = [p for name, p in inspect.signature(command, eval_str=True).parameters.items()
+           if name != "flags"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                default=default) for name, kind, default in _RUN_FLAGS]
+
+    def wrapper(**kwargs: Any) -> None:
+        flags = RunFlags(**{name: kwargs.pop(name) for name, _, _ in _RUN_FLAGS})
+        command(**kwargs, flags=flags)
+
+    for attribute in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(wrapper, attribute, getattr(command, attribute))
+    wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in own] + shared)
+    return wrapper

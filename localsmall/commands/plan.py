@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from localsmall.commands.options import JsonOpt, KvTypeOpt, ModelArg, NoVisionOpt
-from localsmall.errors import UsageError
+from localsmall.commands.options import JsonOpt, KvTypeOpt, ModelArg, NoVisionOpt, check_kv_type
 
 
 def plan(
@@ -20,13 +19,11 @@ def plan(
     as_json: JsonOpt = False,
 ) -> None:
     """Show every quant with where it would run, memory, speed and quality; mark the best."""
-    from localsmall.engine.types import KV_TYPES
     from localsmall.models.catalog import load_catalog, parse_model_ref
     from localsmall.models.resolve import local_builds
     from localsmall.plan.machine import PlanRequest, make_plan
 
-    if kv_type not in KV_TYPES:
-        raise UsageError(f"--kv-type must be one of {', '.join(KV_TYPES)}")
+    check_kv_type(kv_type)
     name, quant = parse_model_ref(model)
     catalog_model = load_catalog().get(name) if name else load_catalog().default
     request = PlanRequest(ctx=ctx, kv_type=kv_type, vision=not no_vision,
@@ -34,15 +31,13 @@ def plan(
     result = make_plan(catalog_model, request)
     local = set(local_builds(catalog_model))
     if as_json:
-        import json
-
         from localsmall.plan.rules import plan_dict
-        from localsmall.ui.console import stdout_write
+        from localsmall.ui.console import print_json
 
         data = plan_dict(result)
         for option in data["options"]:
             option["local"] = option["quant"].lower() in local
-        stdout_write(json.dumps(data, indent=2) + "\n")
+        print_json(data)
         return
     from localsmall.ui.plan_view import show_plan
 

@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from localsmall.commands.options import (
-    BatchOpt,
-    CtxOpt,
-    FlashAttnOpt,
-    GpuLayersOpt,
-    KvTypeOpt,
-    MaxTokensOpt,
-    MmprojOpt,
-    ModelArg,
-    ModelPathOpt,
-    NoSystemOpt,
-    NoVisionOpt,
-    QuantOpt,
-    SeedOpt,
-    SystemOpt,
-    TemperatureOpt,
-    ThreadsOpt,
-    TopKOpt,
-    TopPOpt,
-    VerboseOpt,
-    YesOpt,
-    run_options,
-    sampling_options,
-)
+from localsmall.commands.options import ModelArg, RunFlags, with_run_flags
 from localsmall.errors import UsageError
+
+if TYPE_CHECKING:
+    from localsmall.models.resolve import LocalBuild
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+@with_run_flags
 def serve(
     model: ModelArg = None,
     host: Annotated[str, typer.Option(
@@ -62,30 +44,14 @@ def serve(
     cors: Annotated[list[str] | None, typer.Option(
         "--cors", help="Allow browser pages from this origin (repeatable; '*' for any).",
         rich_help_panel="Server")] = None,
-    model_path: ModelPathOpt = None,
-    mmproj: MmprojOpt = None,
-    quant: QuantOpt = None,
-    no_vision: NoVisionOpt = False,
-    ctx: CtxOpt = None,
-    gpu_layers: GpuLayersOpt = None,
-    threads: ThreadsOpt = None,
-    kv_type: KvTypeOpt = "f16",
-    flash_attn: FlashAttnOpt = None,
-    batch: BatchOpt = 512,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    seed: SeedOpt = None,
-    max_tokens: MaxTokensOpt = None,
-    system: SystemOpt = None,
-    no_system: NoSystemOpt = False,
-    verbose: VerboseOpt = False,
-    yes: YesOpt = False,
+    *,
+    flags: RunFlags,
 ) -> None:
     """Serve an OpenAI-compatible API (for editors, Open WebUI, the openai client...)."""
     import dataclasses
 
-    from localsmall.runtime.options import load_engine, prepare, sampling_for, system_prompt_for
+    from localsmall.runtime.options import sampling_for, system_prompt_for
+    from localsmall.runtime.start import load_engine, prepare
     from localsmall.server.app import ServerConfig
     from localsmall.server.image_urls import ImageLimits
     from localsmall.server.runner import bind, serve
@@ -104,36 +70,36 @@ def serve(
         raise UsageError("--max-body-mb and --max-image-mb must be at least 1")
     api_key = api_key or os.environ.get("LOCALSMALL_API_KEY") or None
     bind(host, port).close()  # a port in use fails now, not after loading the model
-    options = run_options(model=model, model_path=model_path, mmproj=mmproj, quant=quant,
-                          no_vision=no_vision, ctx=ctx, gpu_layers=gpu_layers, threads=threads,
-                          kv_type=kv_type, flash_attn=flash_attn, batch=batch, verbose=verbose)
-    overrides = sampling_options(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                 max_tokens=max_tokens)
+    options = flags.run_options(model)
+    session = flags.session_options()
     with DownloadProgress() as download:
-        build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
-    sampling = sampling_for(build, overrides)
+        build = prepare(options, offer_pull=pull_offer_handler(yes=flags.yes),
+                        on_download=download)
+    sampling = sampling_for(build, session.sampling)
     n_ctx = options.n_ctx or build.n_ctx or 32768
     n_slots = slots or default_slots(n_ctx)
     with WorkProgress() as progress:
         engine = load_engine(build, dataclasses.replace(options, n_seq=n_slots),
                              on_progress=progress)
     with engine:
-        config = ServerConfig(model_ids=model_ids(build.label, build.model.id if build.model
-                                                  else None),
+        config = ServerConfig(model_ids=model_ids(build),
                               api_key=api_key, cors_origins=tuple(cors or ()),
                               max_body_bytes=max_body_mb * 2**20,
                               image_limits=ImageLimits(max_bytes=max_image_mb * 2**20),
                               sampling=sampling)
         serve(engine, config=config, host=host, port=port, max_queue=queue,
-              system_prompt=system_prompt_for(build, system, disabled=no_system),
+              system_prompt=system_prompt_for(build, session.system,
+                                                disabled=session.no_system),
               on_listening=lambda listening: show_listening(
                   listening, api_key=bool(api_key), public=host not in LOCAL_HOSTS),
               on_log=show_request)
 
 
-def model_ids(label: str, catalog_id: str | None) -> tuple[str, ...]:
-    """The id clients send: the build's label first, the catalog model as an alias."""
-    ids = [label]
-    if catalog_id and catalog_id not in ids:
-        ids.append(catalog_id)
-    return tuple(ids)
+def model_ids(build: LocalBuild) -> tuple[str, ...]:
+    """The ids clients may send: `model:QUANT` for a catalog build (the model alone as an
+    alias), else the GGUF file's name."""
+    if build.model is None:
+        return (Path(build.model_path).name,)
+    if build.quant:
+        return (f"{build.model.id}:{build.quant}", build.model.id)
+    return (build.model.id,)

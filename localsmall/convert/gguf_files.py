@@ -14,6 +14,7 @@ import gguf
 
 from localsmall.convert.tekken import GgufVocab
 from localsmall.errors import ConversionError
+from localsmall.models.shape import DecoderShape
 
 TEXT_ARCH = "llama"
 PIXTRAL_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -21,16 +22,9 @@ PIXTRAL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
-class TextHParams:
-    """Hyper-parameters of the decoder (head_dim is decoupled from n_embd / n_head)."""
+class TextHParams(DecoderShape):
+    """Hyper-parameters of the decoder: its shape and what a GGUF adds to it."""
 
-    n_layers: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_vocab: int
     context_length: int = 131072
     rope_theta: float = 1_000_000_000.0
     rms_eps: float = 1e-5

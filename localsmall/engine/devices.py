@@ -125,7 +125,7 @@ def system_info() -> str:
 
 
 @dataclass(frozen=True)
-class BuildInfo:
+class LlamaCppBuild:
     """Which llama.cpp this is: the Python binding's version and ggml's own version and
     commit (the llama.cpp commit the binding vendors)."""
 
@@ -147,10 +147,10 @@ def _ggml_base_string(name: str) -> str:
 
 
 @cache
-def build_info() -> BuildInfo:
+def build_info() -> LlamaCppBuild:
     """The llama.cpp build localsmall runs on."""
     binding = native.llama()
-    return BuildInfo(binding_version=str(getattr(binding, "__version__", "unknown")),
+    return LlamaCppBuild(binding_version=str(getattr(binding, "__version__", "unknown")),
                      ggml_version=_ggml_base_string("ggml_version"),
                      ggml_commit=_ggml_base_string("ggml_commit"))
 

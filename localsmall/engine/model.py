@@ -9,9 +9,7 @@ so a follow-up question costs its own tokens, not the whole conversation.
 from __future__ import annotations
 
 import codecs
-import ctypes
 import functools
-import os
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
@@ -22,24 +20,23 @@ import numpy as np
 
 from localsmall.engine import native
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
-from localsmall.engine.devices import cpu_has_amx_repack, default_threads
+from localsmall.engine.devices import default_threads
 from localsmall.engine.kvcache import (
     CacheItem,
     ImageSpan,
     KvCache,
     common_prefix,
-    items_from_json,
-    items_to_json,
     positions,
 )
-from localsmall.engine.read_progress import ReadProgress
-from localsmall.engine.state import StateMeta, engine_fingerprint, state_checksum
+from localsmall.engine.loading import flash_attn_type, load_model, model_info, new_context
+from localsmall.engine.read_progress import ReadProgress, image_progress
+from localsmall.engine.sampler import sampler_chain
+from localsmall.engine.state import StateMeta, engine_fingerprint, load_kv_state, save_kv_state
+from localsmall.engine.tokenizer import Tokenizer
 from localsmall.engine.types import (
     KV_TYPES,
     EngineSettings,
     ImageSlot,
-    ModelInfo,
-    Progress,
     ProgressCallback,
     PromptPiece,
     SamplingSettings,
@@ -50,10 +47,7 @@ from localsmall.engine.types import (
     TurnStats,
 )
 from localsmall.engine.vision import Projector
-from localsmall.errors import ContextFullError, EngineError, ModelLoadError, ModelNotFoundError
-from localsmall.fileio import atomic_path
-
-_GGML_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+from localsmall.errors import ContextFullError, EngineError, ModelNotFoundError
 
 
 class Engine:
@@ -76,18 +70,19 @@ class Engine:
         self.projector: Projector | None = None
         # llama.cpp reports every buffer it allocates in its log: keep those numbers.
         with native.capture_log() as log_lines:
-            self.model = self._load_model(on_progress)
+            self.model, self.repack_note = load_model(self._llama, settings, on_progress)
             self.vocab = self._llama.llama_model_get_vocab(self.model)
+            self.tokenizer = Tokenizer(self._llama, self.vocab)
             try:
                 native.take_graph_nodes()
-                self.ctx = self._new_context()
+                self.ctx = new_context(self._llama, self.model, settings, self.n_threads)
                 self._graph_nodes = native.take_graph_nodes()
                 if settings.mmproj_path is not None:
                     self.projector = Projector(
                         Path(settings.mmproj_path), self.model,
                         n_embd=self._llama.llama_model_n_embd_inp(self.model),
                         n_threads=self.n_threads, use_gpu=settings.n_gpu_layers != 0,
-                        flash_attn_type=self._flash_attn_type())
+                        flash_attn_type=flash_attn_type(self._llama, settings))
             except BaseException:
                 self.close()
                 raise
@@ -103,146 +98,26 @@ class Engine:
         self._reading: ReadProgress | None = None
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
         self._batch = self._llama.llama_batch_init(max(settings.n_batch, 1), 0, 1)
-        self.info = self._model_info()
+        self.info = model_info(self._llama, self.model, self.ctx, settings,
+                               has_vision=self.projector is not None,
+                               repack_note=self.repack_note)
 
-    # --- loading -------------------------------------------------------------------------
-
-    def _load_model(self, on_progress: ProgressCallback | None) -> Any:
-        llama = self._llama
-        params = llama.llama_model_default_params()
-        params.n_gpu_layers = self.settings.n_gpu_layers
-        placement = os.environ.get("LOCALSMALL_WEIGHT_REPACK", "auto").lower()
-        if placement not in ("auto", "on", "off"):
-            raise EngineError("LOCALSMALL_WEIGHT_REPACK must be auto, on or off")
-        if placement == "off" or (placement == "auto" and cpu_has_amx_repack()):
-            # Quantized weights in llama.cpp's AMX buffer crash on batched decode
-            # (llama.cpp #20824): keep weights in plain CPU buffers on such CPUs.
-            params.use_extra_bufts = False
-            self.repack_note = "repacking off" + (" (AMX CPU)" if placement == "auto" else "")
-
-        interrupted = False
-
-        def report(fraction: float, user_data: Any) -> bool:
-            nonlocal interrupted
-            try:
-                if on_progress is not None:
-                    on_progress(Progress("load", int(fraction * 1000), 1000, "loading model"))
-            except KeyboardInterrupt:
-                interrupted = True
-            return not interrupted  # False makes llama.cpp stop loading
-
-        callback = llama.llama_progress_callback(report)
-        params.progress_callback = callback
-        model = llama.llama_model_load_from_file(str(self.settings.model_path).encode(), params)
-        if interrupted:
-            if model:
-                llama.llama_model_free(model)
-            raise KeyboardInterrupt
-        if not model:
-            raise ModelLoadError(
-                f"llama.cpp could not load {self.settings.model_path}: not a GGUF model it "
-                f"supports, or the file is damaged{native.last_error_suffix()}")
-        return model
-
-    def _flash_attn_type(self) -> int:
-        llama = self._llama
-        if self.settings.flash_attn is None:
-            return llama.LLAMA_FLASH_ATTN_TYPE_AUTO
-        return (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.settings.flash_attn
-                else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-
-    def _new_context(self) -> Any:
-        llama, s = self._llama, self.settings
-        params = llama.llama_context_default_params()
-        # Never allocate more context than the model was trained for.
-        params.n_ctx = min(s.n_ctx, llama.llama_model_n_ctx_train(self.model)) or s.n_ctx
-        params.n_batch = s.n_batch
-        params.n_ubatch = min(s.n_batch, 512)
-        params.n_seq_max = max(s.n_seq, 1)
-        if s.n_seq > 1:
-            # Sequences share all n_ctx cells (each may grow to the whole context)
-            # instead of splitting the context into n_seq fixed parts.
-            params.kv_unified = True
-        params.n_threads = params.n_threads_batch = self.n_threads
-        params.flash_attn_type = self._flash_attn_type()
-        params.type_k = params.type_v = _GGML_KV_TYPES[s.kv_type]
-        params.no_perf = False
-        ctx = llama.llama_init_from_model(self.model, params)
-        if not ctx:
-            hint = ""
-            if s.kv_type not in ("f16", "f32", "bf16") and s.flash_attn is False:
-                hint = "; a quantized KV cache needs flash attention"
-            raise ModelLoadError(
-                f"llama.cpp could not create a context of {s.n_ctx} tokens for "
-                f"{s.model_path}{hint}{native.last_error_suffix()}; try a smaller --ctx")
-        return ctx
-
-    def _meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = self._llama.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
-        if n < 0:
-            return None
-        if n >= len(buf):  # long values (chat templates): ask again with room
-            buf = ctypes.create_string_buffer(n + 1)
-            self._llama.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", errors="replace")
-
-    def _model_info(self) -> ModelInfo:
-        llama, m = self._llama, self.model
-        desc = ctypes.create_string_buffer(256)
-        llama.llama_model_desc(m, desc, len(desc))
-        keys = ("general.name", "general.architecture", "general.file_type",
-                "tokenizer.ggml.pre")
-        metadata = {k: v for k in keys if (v := self._meta(k)) is not None}
-        return ModelInfo(
-            path=Path(self.settings.model_path), description=desc.value.decode(),
-            size_bytes=llama.llama_model_size(m), n_params=llama.llama_model_n_params(m),
-            n_ctx_train=llama.llama_model_n_ctx_train(m), n_ctx=llama.llama_n_ctx(self.ctx),
-            n_vocab=llama.llama_vocab_n_tokens(self.vocab), n_layers=llama.llama_model_n_layer(m),
-            n_embd=llama.llama_model_n_embd(m), chat_template=self._meta("tokenizer.chat_template"),
-            has_vision=self.projector is not None,
-            gpu_offload=bool(llama.llama_supports_gpu_offload()),
-            n_gpu_layers=self.settings.n_gpu_layers,
-            weight_buffers=self.repack_note or "default", metadata=metadata)
-
-    # --- tokens --------------------------------------------------------------------------
+    # --- tokens (see engine.tokenizer) ----------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Token ids for `text`. `special=True` parses control tokens such as [INST]
-        (template text); user text is tokenized with `special=False`."""
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buf = (self._llama.llama_token * capacity)()
-        n = self._llama.llama_tokenize(self.vocab, data, len(data), buf, capacity, False, special)
-        if n < 0:
-            raise EngineError("tokenization failed")
-        return list(buf[:n])
-
-    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
-        """The bytes a token stands for (control tokens render only with special=True)."""
-        buf = ctypes.create_string_buffer(256)
-        n = self._llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
+        """Token ids for `text` (`special=True` parses control tokens: template text)."""
+        return self.tokenizer.tokenize(text, special=special)
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        """Text for a sequence of token ids."""
-        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode(
-            "utf-8", errors="replace")
-
-    def token_piece(self, token: int) -> str:
-        """A token as text, control tokens included ("[INST]")."""
-        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+        return self.tokenizer.detokenize(tokens, special=special)
 
     @property
     def bos_token(self) -> str:
-        return self.token_piece(self._llama.llama_vocab_bos(self.vocab))
+        return self.tokenizer.bos_token
 
     @property
     def eos_token(self) -> str:
-        return self.token_piece(self._llama.llama_vocab_eos(self.vocab))
+        return self.tokenizer.eos_token
 
     # --- prompt layout -------------------------------------------------------------------
 
@@ -390,7 +265,7 @@ class Engine:
         assert self.projector is not None
         fresh = not self.projector.is_encoded(span.key)
         t0 = time.perf_counter()
-        encoded = self.projector.encode(image, self._image_progress(on_progress, image))
+        encoded = self.projector.encode(image, image_progress(on_progress, image.source))
         encode_s = time.perf_counter() - t0
         n_batch = self.settings.n_batch
         remaining = encoded.n_tokens
@@ -411,13 +286,6 @@ class Engine:
         self.kv.added([span])
         return encode_s if fresh else None
 
-    @staticmethod
-    def _image_progress(on_progress: ProgressCallback | None, image: Any) -> Any:
-        if on_progress is None:
-            return None
-        label = f"encoding {Path(image.source).name}"
-        return lambda done, total: on_progress(Progress("image", done, total, label))
-
     def logits_for(self, tokens: Sequence[int]) -> np.ndarray:
         """The next-token logits after `tokens`, evaluated from an empty cache
         (float32, one per vocabulary entry). For checking a model against a reference."""
@@ -425,35 +293,11 @@ class Engine:
             raise EngineError("logits_for needs at least one token")
         self.reset()
         self._decode_tokens(list(tokens), logits_last=True)
-        n_vocab = self._llama.llama_vocab_n_tokens(self.vocab)
+        n_vocab = self.tokenizer.n_tokens
         logits = self._llama.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(logits, shape=(n_vocab,)).copy()
 
     # --- generation ----------------------------------------------------------------------
-
-    def _sampler(self, sampling: SamplingSettings) -> Any:
-        llama = self._llama
-        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-        add = llama.llama_sampler_chain_add
-        if (sampling.repeat_penalty != 1.0 or sampling.presence_penalty
-                or sampling.frequency_penalty):
-            n_vocab = llama.llama_vocab_n_tokens(self.vocab)
-            add(chain, llama.llama_sampler_init_penalties(
-                n_vocab, 64, sampling.repeat_penalty, sampling.frequency_penalty,
-                sampling.presence_penalty))
-        if sampling.temperature <= 0:
-            add(chain, llama.llama_sampler_init_greedy())
-            return chain
-        if sampling.top_k > 0:
-            add(chain, llama.llama_sampler_init_top_k(sampling.top_k))
-        if sampling.top_p < 1.0:
-            add(chain, llama.llama_sampler_init_top_p(sampling.top_p, 1))
-        if sampling.min_p > 0:
-            add(chain, llama.llama_sampler_init_min_p(sampling.min_p, 1))
-        add(chain, llama.llama_sampler_init_temp(sampling.temperature))
-        seed = sampling.seed if sampling.seed is not None else 0xFFFFFFFF  # random
-        add(chain, llama.llama_sampler_init_dist(seed))
-        return chain
 
     def generate(self, prompt: Sequence[PromptPiece], sampling: SamplingSettings,
                  on_progress: ProgressCallback | None = None) -> Generation:
@@ -470,7 +314,7 @@ class Engine:
         items = self.layout(prompt)
         stats = self._evaluate(items, prompt, on_progress)
         result.stats = stats
-        sampler = self._sampler(sampling)
+        sampler = sampler_chain(llama, self.tokenizer.n_tokens, sampling)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop: StopReason = ""
         first_token_at = 0.0
@@ -481,10 +325,10 @@ class Engine:
                 if not result.token_ids:
                     first_token_at = time.perf_counter()
                     gen_start = first_token_at
-                if llama.llama_vocab_is_eog(self.vocab, token):
+                if self.tokenizer.is_end(token):
                     stop = "eos"
                     break
-                text = decoder.decode(self.token_bytes(token))
+                text = decoder.decode(self.tokenizer.token_bytes(token))
                 result.token_ids.append(token)
                 result.text += text
                 yield TokenEvent(token, text)
@@ -523,50 +367,13 @@ class Engine:
 
     def save_state(self, path: Path) -> StateMeta:
         """Write the KV cache to `path` (atomically) and describe it."""
-        empty = (self._llama.llama_token * 1)()
-        items = items_to_json(self.kv.items)
-        with atomic_path(Path(path)) as tmp:
-            written = self._llama.llama_state_seq_save_file(self.ctx, str(tmp).encode(),
-                                                            self.kv.seq_id, empty, 0)
-            if written == 0:
-                raise EngineError(f"llama.cpp could not save the KV cache to {path}")
-            checksum = state_checksum(tmp, items)
-        return StateMeta(fingerprint=self.fingerprint, items=items, checksum=checksum,
-                         n_pos=self.kv.n_past)
+        return save_kv_state(self._llama, self.ctx, self.kv, path, fingerprint=self.fingerprint)
 
     def load_state(self, path: Path, meta: StateMeta) -> str | None:
-        """Restore a KV cache saved by `save_state`. Returns None when it was restored, or
-        the reason it was refused (the cache is then empty and the chat is re-read)."""
-        reason = self._check_state(Path(path), meta)
-        if reason is not None:
-            return reason
-        items = items_from_json(meta.items)
-        if items is None or positions(items) != meta.n_pos:
-            return "its description is damaged"
-        self.reset()
-        tokens = (self._llama.llama_token * 1)()
-        count = ctypes.c_size_t(0)
-        read = self._llama.llama_state_seq_load_file(self.ctx, str(path).encode(),
-                                                     self.kv.seq_id, tokens, 1,
-                                                     ctypes.byref(count))
-        mem = self._llama.llama_get_memory(self.ctx)
-        seq = self.kv.seq_id
-        if read == 0 or self._llama.llama_memory_seq_pos_max(mem, seq) != meta.n_pos - 1:
-            self._llama.llama_memory_seq_rm(mem, self.kv.seq_id, -1, -1)
-            return "llama.cpp could not read it"
-        self.kv.restored(items, meta.n_pos)
-        return None
-
-    def _check_state(self, path: Path, meta: StateMeta) -> str | None:
-        if meta.fingerprint != self.fingerprint:
-            return "it was saved with another model, projector, KV cache type or llama.cpp"
-        if not path.is_file():
-            return "the state file is missing"
-        if meta.n_pos >= self.n_ctx:
-            return f"it holds {meta.n_pos} tokens, more than this {self.n_ctx}-token context"
-        if state_checksum(path, meta.items) != meta.checksum:
-            return "the state file or its description is damaged"
-        return None
+        """Restore a KV cache saved by `save_state`: None when restored, else the reason it
+        was refused (the cache is then empty and the chat is re-read)."""
+        return load_kv_state(self._llama, self.ctx, self.kv, path, meta,
+                             fingerprint=self.fingerprint, n_ctx=self.n_ctx)
 
     # --- lifetime ------------------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from localsmall.engine.types import Progress, ProgressCallback
 
 
@@ -35,3 +38,12 @@ class ReadProgress:
     def _emit(self, done: int) -> None:
         if self._report is not None:
             self._report(Progress("prompt", done, self.todo, "reading prompt"))
+
+
+def image_progress(on_progress: ProgressCallback | None,
+                   source: str) -> Callable[[int, int], None] | None:
+    """The projector's encode progress (done, total) as Progress events, or None."""
+    if on_progress is None:
+        return None
+    label = f"encoding {Path(source).name}"
+    return lambda done, total: on_progress(Progress("image", done, total, label))

@@ -9,12 +9,17 @@ state must never produce a wrong answer.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from localsmall.engine.kvcache import KvCache, items_from_json, items_to_json, positions
+from localsmall.errors import EngineError
+from localsmall.fileio import atomic_path
 
 STATE_FORMAT = 1
 _SAMPLE = 1 << 20  # bytes hashed at each end of a model file for its fingerprint
@@ -80,3 +85,52 @@ def engine_fingerprint(model_path: Path, mmproj_path: Path | None, kv_type: str,
 def state_path_for(conversation_path: Path) -> Path:
     """Where the KV state of a saved chat lives: beside it."""
     return conversation_path.with_name(conversation_path.name + ".kvstate")
+
+
+def save_kv_state(llama: Any, ctx: Any, kv: KvCache, path: Path, *,
+                  fingerprint: str) -> StateMeta:
+    """Write the KV cache of `kv`'s sequence to `path` (atomically) and describe it."""
+    empty = (llama.llama_token * 1)()
+    items = items_to_json(kv.items)
+    with atomic_path(Path(path)) as tmp:
+        written = llama.llama_state_seq_save_file(ctx, str(tmp).encode(), kv.seq_id, empty,
+                                                   0)
+        if written == 0:
+            raise EngineError(f"llama.cpp could not save the KV cache to {path}")
+        checksum = state_checksum(tmp, items)
+    return StateMeta(fingerprint=fingerprint, items=items, checksum=checksum, n_pos=kv.n_past)
+
+
+def load_kv_state(llama: Any, ctx: Any, kv: KvCache, path: Path, meta: StateMeta, *,
+                  fingerprint: str, n_ctx: int) -> str | None:
+    """Restore a KV cache saved by `save_kv_state`. Returns None when it was restored, or
+    the reason it was refused (the cache is then empty and the chat is re-read)."""
+    reason = _refusal(Path(path), meta, fingerprint=fingerprint, n_ctx=n_ctx)
+    if reason is not None:
+        return reason
+    items = items_from_json(meta.items)
+    if items is None or positions(items) != meta.n_pos:
+        return "its description is damaged"
+    kv.truncate(0)
+    tokens = (llama.llama_token * 1)()
+    count = ctypes.c_size_t(0)
+    read = llama.llama_state_seq_load_file(ctx, str(path).encode(), kv.seq_id, tokens, 1,
+                                           ctypes.byref(count))
+    mem = llama.llama_get_memory(ctx)
+    if read == 0 or llama.llama_memory_seq_pos_max(mem, kv.seq_id) != meta.n_pos - 1:
+        kv.truncate(0)
+        return "llama.cpp could not read it"
+    kv.restored(items, meta.n_pos)
+    return None
+
+
+def _refusal(path: Path, meta: StateMeta, *, fingerprint: str, n_ctx: int) -> str | None:
+    if meta.fingerprint != fingerprint:
+        return "it was saved with another model, projector, KV cache type or llama.cpp"
+    if not path.is_file():
+        return "the state file is missing"
+    if meta.n_pos >= n_ctx:
+        return f"it holds {meta.n_pos} tokens, more than this {n_ctx}-token context"
+    if state_checksum(path, meta.items) != meta.checksum:
+        return "the state file or its description is damaged"
+    return None

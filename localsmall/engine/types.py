@@ -4,14 +4,39 @@ load llama.cpp, so the CLI, the chat session and the tests can use these types f
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from localsmall.images import PreparedImage
 
-KV_TYPES = ("f16", "q8_0", "q4_0", "f32", "bf16")
+
+
+@dataclass(frozen=True)
+class KvCacheType:
+    """A type the KV cache can be stored in: llama.cpp's ggml type id, and its storage
+    (elements per block, bytes per block)."""
+
+    ggml_type: int
+    block: int
+    block_bytes: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.block > 1
+
+
+# The one list of KV cache types (the first is the default); the planner sizes them,
+# the engine hands their ggml ids to llama.cpp, the CLI offers their names.
+KV_CACHE_TYPES = {
+    "f16": KvCacheType(ggml_type=1, block=1, block_bytes=2),
+    "q8_0": KvCacheType(ggml_type=8, block=32, block_bytes=34),
+    "q4_0": KvCacheType(ggml_type=2, block=32, block_bytes=18),
+    "f32": KvCacheType(ggml_type=0, block=1, block_bytes=4),
+    "bf16": KvCacheType(ggml_type=30, block=1, block_bytes=2),
+}
+KV_TYPES = tuple(KV_CACHE_TYPES)
 
 
 @dataclass(frozen=True)
@@ -105,6 +130,11 @@ class TurnStats:
         # The first token comes from the prompt's logits: rate the ones that needed a decode.
         steps = max(self.generated_tokens - 1, 0)
         return steps / self.generation_s if self.generation_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready counters, with the two rates."""
+        return asdict(self) | {"prompt_tps": self.prompt_tps,
+                               "generation_tps": self.generation_tps}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from localsmall import paths
 from localsmall.fileio import atomic_write_bytes
-from localsmall.models.catalog import RemoteFile
+from localsmall.hub.remote import RemoteFile
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PARTIAL_SUFFIX = ".localsmall.incomplete"   # our resumable partial: blobs/<etag> + this

@@ -21,7 +21,8 @@ from typing import Literal
 from localsmall.errors import DiskSpaceError, HubError, VerificationError
 from localsmall.hub import cache as hubcache
 from localsmall.hub.download import fetch, sha256_of
-from localsmall.models.catalog import RemoteFile
+from localsmall.hub.remote import RemoteFile
+from localsmall.units import gib_fixed
 
 DISK_HEADROOM = 256 * 1024 * 1024   # keep this much free after a pull
 LOCK_WAIT_S = 10.0                  # wait this long for another pull of the same file
@@ -198,16 +199,12 @@ def check_disk(targets: Sequence[_Target]) -> None:
     if need + DISK_HEADROOM > free:
         raise DiskSpaceError(
             f"not enough free disk space in {hubcache.cache_dir()}: the download needs "
-            f"{_gib(need + DISK_HEADROOM)} and {_gib(free)} is free; free some space (or "
+            f"{gib_fixed(need + DISK_HEADROOM)} and {gib_fixed(free)} is free; free some space (or "
             "point HF_HUB_CACHE at a bigger disk) and try again")
 
 
 def _partial_size(target: _Target) -> int:
     return _partial_bytes(target.remote)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.1f} GiB"
 
 
 # --- downloading ----------------------------------------------------------------------------

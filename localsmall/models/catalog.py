@@ -15,33 +15,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from localsmall.engine.types import SamplingSettings
 from localsmall.errors import CatalogError
+from localsmall.hub.remote import RemoteFile
+from localsmall.models.shape import DecoderShape
 
 CATALOG_SCHEMA = 1
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Recommended sampling settings for a model."""
-
-    temperature: float = 0.15
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-
-
-@dataclass(frozen=True)
-class Architecture:
+class Architecture(DecoderShape):
     """The shape of the model, used to predict memory before a file is downloaded."""
 
-    n_layers: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_vocab: int
     vision_n_embd: int = 0
     vision_n_layers: int = 0
     vision_max_image_tokens: int = 1024
@@ -49,17 +34,6 @@ class Architecture:
     vision_n_head: int = 0
     vision_patch_size: int = 14
     vision_merge: int = 2
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of a published build on the Hub."""
-
-    repo: str
-    file: str
-    size: int
-    size_exact: bool = True
-    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +51,7 @@ class Quant:
 
 
 @dataclass(frozen=True)
-class Projector:
+class ProjectorFile:
     """A vision projector (mmproj GGUF) that goes with every quant of its model."""
 
     type: str
@@ -120,10 +94,10 @@ class Model:
     min_context: int
     default_quant: str
     architecture: Architecture
-    sampling: Sampling
+    sampling: SamplingSettings      # recommended (no seed or max_tokens)
     system_prompt: SystemPrompt
     quants: tuple[Quant, ...]
-    projectors: tuple[Projector, ...]
+    projectors: tuple[ProjectorFile, ...]
 
     def quant(self, name: str) -> Quant:
         """The build for a quant name (case-insensitive)."""
@@ -134,7 +108,7 @@ class Model:
         raise CatalogError(f"{self.id} has no quant {name!r}; choose one of: {known}")
 
     @property
-    def projector(self) -> Projector:
+    def projector(self) -> ProjectorFile:
         """The preferred projector (the first listed)."""
         return self.projectors[0]
 
@@ -244,12 +218,13 @@ def _model(table: Any, index: int) -> Model:
         vision_merge=arch.get("vision_merge", int, 2),
     )
     samp = _Fields(f.get("sampling", dict, {}), f"{where}.sampling")
-    sampling = Sampling(
-        temperature=samp.get("temperature", float, 0.15),
-        top_p=samp.get("top_p", float, 1.0),
-        top_k=samp.get("top_k", int, 0),
-        min_p=samp.get("min_p", float, 0.0),
-        repeat_penalty=samp.get("repeat_penalty", float, 1.0),
+    default = SamplingSettings()
+    sampling = SamplingSettings(
+        temperature=samp.get("temperature", float, default.temperature),
+        top_p=samp.get("top_p", float, default.top_p),
+        top_k=samp.get("top_k", int, default.top_k),
+        min_p=samp.get("min_p", float, default.min_p),
+        repeat_penalty=samp.get("repeat_penalty", float, default.repeat_penalty),
     )
     sp = _Fields(f.get("system_prompt", dict), f"{where}.system_prompt")
     quants = []
@@ -262,7 +237,7 @@ def _model(table: Any, index: int) -> Model:
     projectors = []
     for i, p in enumerate(f.get("projectors", list)):
         pf = _Fields(p, f"{where}.projectors[{i}]")
-        projectors.append(Projector(type=pf.get("type", str), remote=_remote(pf)))
+        projectors.append(ProjectorFile(type=pf.get("type", str), remote=_remote(pf)))
     if not quants:
         raise CatalogError(f"models.toml: {where} lists no quants")
     if not projectors:

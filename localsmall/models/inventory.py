@@ -6,15 +6,16 @@ registered (converted locally). Unfinished pulls are listed too, with how far th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from localsmall import paths
 from localsmall.errors import ModelNotFoundError, UsageError
 from localsmall.hub import cache as hubcache
-from localsmall.models.catalog import Catalog, Model, RemoteFile, parse_model_ref
-from localsmall.models.registry import list_registered, unregister_build
+from localsmall.hub.remote import RemoteFile
+from localsmall.models.catalog import Catalog, Model, parse_model_ref
+from localsmall.models.registry import list_registered, registered_for, unregister_build
 from localsmall.models.resolve import projector_file
 
 PROJECTOR_NAMES = ("projector", "mmproj")
@@ -23,7 +24,7 @@ Verified = Literal["yes", "not checked", "local"]
 
 
 @dataclass(frozen=True)
-class BuildInfo:
+class StoredBuild:
     """One build on disk (or one download in progress)."""
 
     model_id: str
@@ -34,6 +35,10 @@ class BuildInfo:
     projector: bool         # a vision projector for this build is on disk
     source: Literal["hub", "registered", "partial"]
     total: int = 0          # for a partial download: the full size
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready fields (`localsmall list --json`)."""
+        return asdict(self) | {"path": str(self.path)}
 
 
 @dataclass(frozen=True)
@@ -51,30 +56,30 @@ def _verified(path: Path, remote: RemoteFile) -> Verified:
     return "yes" if recorded is not None and recorded == expected else "not checked"
 
 
-def _model_builds(model: Model) -> list[BuildInfo]:
+def _model_builds(model: Model) -> list[StoredBuild]:
     has_projector = projector_file(model) is not None
     found = []
-    registered = {b.quant.lower(): b for b in list_registered() if b.model_id == model.id}
+    registered = registered_for(model.id)
     for build in registered.values():
         path = Path(build.model_path)
-        found.append(BuildInfo(model.id, build.quant, path, path.stat().st_size, "local",
+        found.append(StoredBuild(model.id, build.quant, path, path.stat().st_size, "local",
                                bool(build.mmproj_path) or has_projector, "registered"))
     for quant in model.quants:
         cached = hubcache.cached_file(quant.remote)
         if cached is not None and quant.quant.lower() not in registered:
-            found.append(BuildInfo(model.id, quant.quant, cached, cached.stat().st_size,
+            found.append(StoredBuild(model.id, quant.quant, cached, cached.stat().st_size,
                                    _verified(cached, quant.remote), has_projector, "hub"))
     by_file = {q.remote.file: q for q in model.quants}
     for repo in sorted({q.remote.repo for q in model.quants}):
         for partial in hubcache.partial_downloads(repo):
             if partial.file in by_file:
-                found.append(BuildInfo(model.id, by_file[partial.file].quant, partial.path,
+                found.append(StoredBuild(model.id, by_file[partial.file].quant, partial.path,
                                        partial.size, "not checked", has_projector, "partial",
                                        total=partial.total))
     return found
 
 
-def list_builds(catalog: Catalog) -> list[BuildInfo]:
+def list_builds(catalog: Catalog) -> list[StoredBuild]:
     """Every build of every catalog model on this machine, best quality first."""
     builds = []
     for model in catalog.models:

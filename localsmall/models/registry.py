@@ -27,6 +27,11 @@ class RegisteredBuild:
     mmproj_path: str | None = None
     source: str = ""          # where it came from (e.g. "converted from /path")
 
+    def usable_projector(self) -> Path | None:
+        """Its projector file, when one was registered and is still there."""
+        mmproj = Path(self.mmproj_path) if self.mmproj_path else None
+        return mmproj if mmproj is not None and mmproj.is_file() else None
+
 
 def registry_file() -> Path:
     return paths.state_dir() / "builds.json"
@@ -68,9 +73,11 @@ def unregister_build(model_id: str, quant: str) -> RegisteredBuild | None:
     return removed[0] if removed else None
 
 
+def registered_for(model_id: str) -> dict[str, RegisteredBuild]:
+    """The model's registered builds, by lower-case quant."""
+    return {b.quant.lower(): b for b in list_registered() if b.model_id == model_id}
+
+
 def find_registered(model_id: str, quant: str) -> RegisteredBuild | None:
     """The registered build for (model, quant), if any."""
-    for build in list_registered():
-        if build.model_id == model_id and build.quant.lower() == quant.lower():
-            return build
-    return None
+    return registered_for(model_id).get(quant.lower())

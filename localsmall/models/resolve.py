@@ -9,8 +9,9 @@ from pathlib import Path
 
 from localsmall.errors import ModelNotFoundError, UsageError
 from localsmall.hub import cache as hubcache
-from localsmall.models.catalog import Catalog, Model, RemoteFile, parse_model_ref
-from localsmall.models.registry import list_registered
+from localsmall.hub.remote import RemoteFile
+from localsmall.models.catalog import Catalog, Model, parse_model_ref
+from localsmall.models.registry import registered_for
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def _local_candidates(model: Model, wanted: str | None
                       ) -> Iterator[tuple[str, Path, Path | None]]:
     """(quant, model file, registered projector) for builds on disk, best first:
     registered builds (e.g. converted ones), then the Hugging Face cache."""
-    registered = {b.quant.lower(): b for b in list_registered() if b.model_id == model.id}
+    registered = registered_for(model.id)
     if wanted:
         names = [wanted]
     else:
@@ -100,9 +101,7 @@ def _local_candidates(model: Model, wanted: str | None
     for name in names:
         entry = registered.get(name.lower())
         if entry is not None:
-            mmproj = Path(entry.mmproj_path) if entry.mmproj_path else None
-            usable = mmproj if mmproj is not None and mmproj.is_file() else None
-            yield entry.quant, Path(entry.model_path), usable
+            yield entry.quant, Path(entry.model_path), entry.usable_projector()
             continue
         quant = model.quant(name)  # unknown names raise CatalogError listing the known ones
         path = cached_file(quant.remote)
@@ -113,12 +112,8 @@ def _local_candidates(model: Model, wanted: str | None
 def local_builds(model: Model) -> dict[str, tuple[str, Path, Path | None]]:
     """Builds of the model on disk, by lower-case quant: (quant, file, registered
     projector). Registered builds win over the Hugging Face cache."""
-    found: dict[str, tuple[str, Path, Path | None]] = {}
-    registered = {b.quant.lower(): b for b in list_registered() if b.model_id == model.id}
-    for key, entry in registered.items():
-        mmproj = Path(entry.mmproj_path) if entry.mmproj_path else None
-        found[key] = (entry.quant, Path(entry.model_path),
-                      mmproj if mmproj is not None and mmproj.is_file() else None)
+    found = {key: (entry.quant, Path(entry.model_path), entry.usable_projector())
+             for key, entry in registered_for(model.id).items()}
     for quant in model.quants:
         if quant.quant.lower() not in found and (path := cached_file(quant.remote)):
             found[quant.quant.lower()] = (quant.quant, path, None)

@@ -22,6 +22,8 @@ from localsmall.plan.memory import (
 )
 from localsmall.plan.rules import Plan, budget_for, plan
 
+MIN_CTX = 256  # the smallest --ctx accepted: below it not even a short question fits
+
 
 @dataclass(frozen=True)
 class PlanRequest:
@@ -59,10 +61,15 @@ def local_vision(model: Model, mmproj: Path | None = None) -> VisionWeights | No
         return None
 
 
+def check_ctx(ctx: int | None) -> None:
+    """--ctx is at least MIN_CTX tokens (None: the planner chooses)."""
+    if ctx is not None and ctx < MIN_CTX:
+        raise UsageError(f"--ctx must be at least {MIN_CTX} tokens")
+
+
 def make_plan(model: Model, request: PlanRequest, hardware: Hardware | None = None) -> Plan:
     """The plan for this machine (detected unless given)."""
-    if request.ctx is not None and request.ctx < 256:
-        raise UsageError("--ctx must be at least 256 tokens")
+    check_ctx(request.ctx)
     return plan(model, hardware or detect(), ctx=request.ctx, kv_type=request.kv_type,
                 quants=request.quants, n_gpu_layers=request.n_gpu_layers,
                 vision=request.vision, local=local_weights(model),

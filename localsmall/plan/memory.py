@@ -27,8 +27,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from localsmall.engine.types import KV_CACHE_TYPES
 from localsmall.gguf_header import read_header, type_bytes
 from localsmall.models.catalog import Model, Quant
+from localsmall.models.shape import DecoderShape
 
 MIB = 1024 * 1024
 KV_PAD = 256                   # llama.cpp pads n_ctx to a multiple of this
@@ -37,21 +39,12 @@ METADATA_BYTES_PER_TOKEN = 60  # GGUF header per vocabulary entry (token, type, 
 # llama.cpp's vocabulary in memory (token texts, lookup maps, BPE merge ranks): 51-52 MiB
 # measured for the 131K tekken vocabulary, in no buffer it reports.
 VOCAB_HOST_BYTES_PER_TOKEN = 400
-KV_TYPE_SIZES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34),
-                 "q4_0": (32, 18)}  # (elements per block, bytes per block)
 
 
 @dataclass(frozen=True)
-class TextShape:
-    """The decoder's dimensions."""
+class TextShape(DecoderShape):
+    """The decoder's dimensions and the context it was trained for."""
 
-    n_layers: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_vocab: int
     n_ctx_train: int = 131072
 
 
@@ -248,7 +241,8 @@ def vision_weights_from_catalog(model: Model) -> VisionWeights:
 
 def kv_layer_bytes(shape: TextShape, run: RunShape) -> int:
     """K and V cache of one layer."""
-    block, block_bytes = KV_TYPE_SIZES[run.kv_type]
+    kv_type = KV_CACHE_TYPES[run.kv_type]
+    block, block_bytes = kv_type.block, kv_type.block_bytes
     per_cell = 2 * shape.n_head_kv * shape.head_dim
     return -(-per_cell * run.n_kv // block) * block_bytes
 

@@ -42,8 +42,8 @@ from localsmall.plan.memory import (
     text_weights_from_catalog,
     vision_weights_from_catalog,
 )
+from localsmall.units import GIB, gib_fixed
 
-GIB = 1024**3
 MIB = 1024**2
 GPU_RESERVE_MIN = 512 * MIB     # CUDA/Metal context, cuBLAS workspace, the backend's pool
 GPU_RESERVE_SHARE = 0.05        # ... or this share of the device, whichever is larger
@@ -329,10 +329,6 @@ def plan(model: Model, hardware: Hardware, *, ctx: int | None = None, kv_type: s
 # --- the one sentence -----------------------------------------------------------------------
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
-
-
 def explain(model: Model, choice: QuantOption | None, hardware: Hardware, requested: int,
             vision: bool, options: Sequence[QuantOption], kv_type: str) -> str:
     """One sentence saying why the plan is what it is."""
@@ -340,13 +336,14 @@ def explain(model: Model, choice: QuantOption | None, hardware: Hardware, reques
         return _explain_none(model, hardware, requested, options, kv_type)
     parts = [f"{choice.quant} is the best quality that runs "]
     if choice.where == "gpu":
-        parts.append(f"entirely on the GPU ({_gib(choice.gpu_bytes)} of "
-                     f"{_gib(sum(budget_for(hardware).gpus))} usable)")
+        parts.append(f"entirely on the GPU ({gib_fixed(choice.gpu_bytes)} of "
+                     f"{gib_fixed(sum(budget_for(hardware).gpus))} usable)")
     elif choice.where == "split":
         parts.append(f"with {choice.gpu_layers} of {choice.n_layers} layers on the GPU "
-                     f"({_gib(choice.gpu_bytes)}) and the rest in RAM ({_gib(choice.ram_bytes)})")
+                     f"({gib_fixed(choice.gpu_bytes)}) and the rest in RAM "
+                     f"({gib_fixed(choice.ram_bytes)})")
     else:
-        parts.append(f"on the CPU within the {_gib(budget_for(hardware).ram)} of RAM available"
+        parts.append(f"on the CPU within the {gib_fixed(budget_for(hardware).ram)} of RAM available"
                      + ("" if hardware.usable_gpus else
                         " (no GPU that this llama.cpp build can use)"))
     if choice.n_ctx < requested:
@@ -369,8 +366,8 @@ def _explain_none(model: Model, hardware: Hardware, requested: int,
     have = hardware.ram_available + sum(g.memory_free for g in hardware.usable_gpus
                                         if not g.unified)
     return (f"Nothing fits: the smallest build, {smallest.quant} at {model.min_context:,} "
-            f"tokens without images, needs about {_gib(need)} of RAM and GPU memory together, "
-            f"and this machine has {_gib(have)} available.")
+            f"tokens without images, needs about {gib_fixed(need)} of RAM and GPU memory together, "
+            f"and this machine has {gib_fixed(have)} available.")
 
 
 def plan_dict(result: Plan) -> dict[str, Any]:

@@ -9,46 +9,28 @@ error names the `localsmall pull` command to run.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from localsmall.errors import LocalsmallError, ModelNotFoundError, UsageError
-from localsmall.models.catalog import Model, RemoteFile, load_catalog, parse_model_ref
+from localsmall.hub.pull import PullCallback
+from localsmall.models.catalog import Model, load_catalog, parse_model_ref
 from localsmall.models.resolve import LocalBuild, local_builds, projector_file, resolve_build
 from localsmall.plan.hardware import Hardware, detect
+from localsmall.plan.machine import PlanRequest, make_plan, place_file
 from localsmall.plan.rules import QuantOption
-
-if TYPE_CHECKING:
-    from localsmall.hub.pull import PullCallback
-    from localsmall.plan.machine import PlanRequest
-    from localsmall.runtime.options import RunOptions
+from localsmall.runtime.options import RunOptions
+from localsmall.runtime.pull import OfferPull, build_request, pull_build
+from localsmall.units import gib_fixed
 
 
 class WontFitError(LocalsmallError):
     """No build fits this machine's memory with the settings asked for."""
 
 
-@dataclass(frozen=True)
-class PullOffer:
-    """A download a run needs: what, how much is left, and why this build."""
-
-    ref: str
-    files: tuple[RemoteFile, ...]
-    missing: int
-    reason: str
-
-
-OfferPull = Callable[[PullOffer], bool]
-
-
 def plan_build(options: RunOptions, *, offer_pull: OfferPull | None = None,
                on_download: PullCallback | None = None,
                hardware: Hardware | None = None) -> LocalBuild:
     """The build to run, planned for this machine (pulled first if accepted)."""
-    from localsmall.plan.machine import PlanRequest
-
     request = PlanRequest(ctx=options.n_ctx, kv_type=options.kv_type,
                           n_gpu_layers=options.n_gpu_layers, vision=options.vision,
                           flash_attn=options.flash_attn, n_batch=options.n_batch)
@@ -81,8 +63,6 @@ def _choose(model: Model, quant: str | None, request: PlanRequest, hardware: Har
             ) -> tuple[QuantOption | None, str]:
     """The option to run (None: a registered build the catalog does not know) and a
     hint when a better build than the one on disk exists."""
-    from localsmall.plan.machine import make_plan
-
     local = local_builds(model)
     if quant is not None and quant.lower() not in {q.quant.lower() for q in model.quants}:
         if quant.lower() in local:
@@ -112,17 +92,13 @@ def _choose(model: Model, quant: str | None, request: PlanRequest, hardware: Har
 
 def _pull(model: Model, choice: QuantOption, reason: str, vision: bool,
           offer_pull: OfferPull | None, on_download: PullCallback | None) -> None:
-    from localsmall.hub.pull import missing_bytes, pull
-
-    ref = f"{model.id}:{choice.quant}"
-    files = [model.quant(choice.quant).remote]
-    if vision and choice.vision and projector_file(model) is None:
-        files.append(model.projector.remote)
-    offer = PullOffer(ref, tuple(files), missing_bytes(files), reason)
-    if offer_pull is None or not offer_pull(offer):
+    projector = vision and choice.vision and projector_file(model) is None
+    request = build_request(model, model.quant(choice.quant), projector=projector,
+                            reason=reason)
+    if offer_pull is None or not offer_pull(request):
         raise ModelNotFoundError(f"{model.name} {choice.quant} is not downloaded yet; run "
-                                 f"`localsmall pull {ref}`")
-    pull(offer.files, pull_ref=ref, on_progress=on_download)
+                                 f"`localsmall pull {request.ref}`")
+    pull_build(request, on_progress=on_download)
 
 
 def _plan_registered(model: Model, options: RunOptions, request: PlanRequest,
@@ -143,8 +119,6 @@ def _plan_file(options: RunOptions, request: PlanRequest, hardware: Hardware | N
 
 def _with_placement(model: Model, build: LocalBuild, request: PlanRequest,
                     hardware: Hardware | None) -> LocalBuild:
-    from localsmall.plan.machine import place_file
-
     if request.ctx is not None and request.n_gpu_layers is not None:
         return build  # the user decided both: nothing to plan
     placement = place_file(model, Path(build.model_path), build.mmproj_path, request, hardware)
@@ -152,8 +126,8 @@ def _with_placement(model: Model, build: LocalBuild, request: PlanRequest,
         memory = placement.memory
         raise WontFitError(
             f"{Path(build.model_path).name} does not fit in this machine's memory even at "
-            f"{placement.n_ctx:,} tokens (it needs about {memory.ram / 1024**3:.1f} GiB of RAM"
-            + (f" and {memory.gpu / 1024**3:.1f} GiB of GPU memory" if memory.gpu else "")
+            f"{placement.n_ctx:,} tokens (it needs about {gib_fixed(memory.ram)} of RAM"
+            + (f" and {gib_fixed(memory.gpu)} of GPU memory" if memory.gpu else "")
             + "); pass both --ctx and --gpu-layers to try anyway")
     return dataclasses.replace(build, n_ctx=placement.n_ctx,
                                n_gpu_layers=placement.n_gpu_layers)

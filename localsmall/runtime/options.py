@@ -1,23 +1,17 @@
-"""Turning a command's options into a loaded engine and its defaults: the files to run,
-llama.cpp settings, sampling and the system prompt. Shared by chat, run and bench."""
+"""A command's options and what they mean for a run: the files they point at, llama.cpp
+settings, sampling and the system prompt. Shared by chat, run and bench."""
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from localsmall.engine.types import EngineSettings, ProgressCallback, SamplingSettings
+from localsmall.engine.types import EngineSettings, SamplingSettings
 from localsmall.errors import UsageError
 from localsmall.models.catalog import Catalog, load_catalog
 from localsmall.models.resolve import LocalBuild, resolve_build
-
-if TYPE_CHECKING:
-    from localsmall.engine.model import Engine
-    from localsmall.hub.pull import PullCallback
-    from localsmall.plan.hardware import Hardware
-    from localsmall.runtime.choose import OfferPull
+from localsmall.plan.machine import check_ctx
 
 
 @dataclass(frozen=True)
@@ -50,17 +44,25 @@ class SamplingOptions:
     max_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class SessionOptions:
+    """How a chat session talks: sampling overrides and the system prompt."""
+
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    system: str | None = None        # the user's system prompt (None: the model's default)
+    no_system: bool = False          # send no system prompt at all
+
+
 def validate_run_options(options: RunOptions) -> None:
     """Reject impossible values before anything is loaded."""
-    if options.n_ctx is not None and options.n_ctx < 256:
-        raise UsageError("--ctx must be at least 256 tokens")
+    check_ctx(options.n_ctx)
     if options.n_threads is not None and options.n_threads < 1:
         raise UsageError("--threads must be at least 1")
     if options.n_batch < 1:
         raise UsageError("--batch must be at least 1")
 
 
-def resolve(options: RunOptions, catalog: Catalog | None = None) -> LocalBuild:
+def find_build(options: RunOptions, catalog: Catalog | None = None) -> LocalBuild:
     """The files the options point at (no planning, no download)."""
     return resolve_build(catalog or load_catalog(), ref=options.ref, quant=options.quant,
                          model_path=options.model_path, mmproj_path=options.mmproj_path,
@@ -82,34 +84,6 @@ def engine_settings(build: LocalBuild, options: RunOptions) -> EngineSettings:
         verbose=options.verbose, n_seq=options.n_seq)
 
 
-def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
-            on_download: PullCallback | None = None,
-            hardware: Hardware | None = None) -> LocalBuild:
-    """The build to run with its planned context and GPU layers, pulling what is
-    missing when `offer_pull` accepts (see localsmall.launch)."""
-    from localsmall.runtime.choose import plan_build  # the planner: only when a run starts
-
-    validate_run_options(options)
-    return plan_build(options, offer_pull=offer_pull, on_download=on_download,
-                      hardware=hardware)
-
-
-def load_engine(build: LocalBuild, options: RunOptions,
-                on_progress: ProgressCallback | None = None) -> Engine:
-    """Load a prepared build. The caller closes the engine."""
-    from localsmall.engine.model import Engine  # loads llama.cpp: only when needed
-
-    return Engine(engine_settings(build, options), on_progress)
-
-
-def open_engine(options: RunOptions, on_progress: ProgressCallback | None = None, *,
-                offer_pull: OfferPull | None = None, on_download: PullCallback | None = None
-                ) -> tuple[Engine, LocalBuild]:
-    """Plan, pull if accepted, and load. The caller closes the engine."""
-    build = prepare(options, offer_pull=offer_pull, on_download=on_download)
-    return load_engine(build, options, on_progress), build
-
-
 def sampling_for(build: LocalBuild, overrides: SamplingOptions) -> SamplingSettings:
     """The catalog's recommended sampling, with the user's overrides."""
     base = (build.model or load_catalog().default).sampling
@@ -121,11 +95,9 @@ def sampling_for(build: LocalBuild, overrides: SamplingOptions) -> SamplingSetti
         raise UsageError("--top-p must be in (0, 1]")
     if overrides.max_tokens is not None and overrides.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
-    return SamplingSettings(
-        temperature=temperature, top_p=top_p,
-        top_k=overrides.top_k if overrides.top_k is not None else base.top_k,
-        min_p=base.min_p, repeat_penalty=base.repeat_penalty, seed=overrides.seed,
-        max_tokens=overrides.max_tokens)
+    return replace(base, temperature=temperature, top_p=top_p,
+                   top_k=overrides.top_k if overrides.top_k is not None else base.top_k,
+                   seed=overrides.seed, max_tokens=overrides.max_tokens)
 
 
 def system_prompt_for(build: LocalBuild, override: str | None, *, disabled: bool = False,

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from rich.markup import escape
 from rich.table import Table
 
-from localsmall.models.inventory import BuildInfo
+from localsmall.models.inventory import StoredBuild
 from localsmall.ui.console import muted, out
 from localsmall.units import gib
 
 
-def show_builds(builds: Sequence[BuildInfo]) -> None:
+def show_builds(builds: Sequence[StoredBuild]) -> None:
     if not builds:
         muted("No builds downloaded yet; run `localsmall pull` (see `localsmall plan`).")
         return

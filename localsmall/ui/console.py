@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from functools import cache
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -53,6 +54,15 @@ def stdout_write(text: str) -> None:
     """Raw text to stdout (streamed replies of `localsmall run`), flushed at once."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def print_json(data: Any, *, one_line: bool = False) -> None:
+    """A result as JSON on stdout (`--json`): indented, or on one line as it is (for
+    streamed text, non-ASCII kept)."""
+    import json
+
+    text = json.dumps(data, ensure_ascii=False) if one_line else json.dumps(data, indent=2)
+    stdout_write(text + "\n")
 
 
 def stderr_is_terminal() -> bool:

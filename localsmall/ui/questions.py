@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.prompt import Confirm
 
 from localsmall.errors import ModelNotFoundError
-from localsmall.runtime.choose import OfferPull, PullOffer
+from localsmall.runtime.pull import OfferPull, PullRequest
 from localsmall.ui.console import err, muted, notice
 from localsmall.units import gib
 
@@ -23,7 +23,7 @@ def pull_offer_handler(*, yes: bool) -> OfferPull:
     a terminal; without a terminal it is an error naming the command to run."""
     import sys
 
-    def answer(offer: PullOffer) -> bool:
+    def answer(offer: PullRequest) -> bool:
         size = gib(offer.missing)
         if yes:
             notice(f"Downloading {offer.ref} ({size}).")

@@ -1,0 +1,130 @@
+"""Loading a model and creating its context (llama.cpp's `llama_model` and
+`llama_context`), and describing what was loaded."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Any
+
+from localsmall.engine import native
+from localsmall.engine.devices import cpu_has_amx_repack
+from localsmall.engine.types import (
+    KV_CACHE_TYPES,
+    EngineSettings,
+    ModelInfo,
+    Progress,
+    ProgressCallback,
+)
+from localsmall.errors import EngineError, ModelLoadError
+
+
+def load_model(llama: Any, settings: EngineSettings,
+               on_progress: ProgressCallback | None) -> tuple[Any, str]:
+    """The loaded model, and a note when its weights stay out of repacked buffers."""
+    params = llama.llama_model_default_params()
+    params.n_gpu_layers = settings.n_gpu_layers
+    repack_note = ""
+    placement = os.environ.get("LOCALSMALL_WEIGHT_REPACK", "auto").lower()
+    if placement not in ("auto", "on", "off"):
+        raise EngineError("LOCALSMALL_WEIGHT_REPACK must be auto, on or off")
+    if placement == "off" or (placement == "auto" and cpu_has_amx_repack()):
+        # Quantized weights in llama.cpp's AMX buffer crash on batched decode
+        # (llama.cpp #20824): keep weights in plain CPU buffers on such CPUs.
+        params.use_extra_bufts = False
+        repack_note = "repacking off" + (" (AMX CPU)" if placement == "auto" else "")
+
+    interrupted = False
+
+    def report(fraction: float, user_data: Any) -> bool:
+        nonlocal interrupted
+        try:
+            if on_progress is not None:
+                on_progress(Progress("load", int(fraction * 1000), 1000, "loading model"))
+        except KeyboardInterrupt:
+            interrupted = True
+        return not interrupted  # False makes llama.cpp stop loading
+
+    callback = llama.llama_progress_callback(report)
+    params.progress_callback = callback
+    model = llama.llama_model_load_from_file(str(settings.model_path).encode(), params)
+    if interrupted:
+        if model:
+            llama.llama_model_free(model)
+        raise KeyboardInterrupt
+    if not model:
+        raise ModelLoadError(
+            f"llama.cpp could not load {settings.model_path}: not a GGUF model it "
+            f"supports, or the file is damaged{native.last_error_suffix()}")
+    return model, repack_note
+
+
+def flash_attn_type(llama: Any, settings: EngineSettings) -> int:
+    """llama.cpp's flash attention setting for --flash-attn (None: auto)."""
+    if settings.flash_attn is None:
+        return int(llama.LLAMA_FLASH_ATTN_TYPE_AUTO)
+    return int(llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn
+               else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+
+
+def new_context(llama: Any, model: Any, settings: EngineSettings, n_threads: int) -> Any:
+    """A context with the settings' size, batch, KV cache type and sequences."""
+    s = settings
+    params = llama.llama_context_default_params()
+    # Never allocate more context than the model was trained for.
+    params.n_ctx = min(s.n_ctx, llama.llama_model_n_ctx_train(model)) or s.n_ctx
+    params.n_batch = s.n_batch
+    params.n_ubatch = min(s.n_batch, 512)
+    params.n_seq_max = max(s.n_seq, 1)
+    if s.n_seq > 1:
+        # Sequences share all n_ctx cells (each may grow to the whole context)
+        # instead of splitting the context into n_seq fixed parts.
+        params.kv_unified = True
+    params.n_threads = params.n_threads_batch = n_threads
+    params.flash_attn_type = flash_attn_type(llama, s)
+    params.type_k = params.type_v = KV_CACHE_TYPES[s.kv_type].ggml_type
+    params.no_perf = False
+    ctx = llama.llama_init_from_model(model, params)
+    if not ctx:
+        hint = ""
+        if KV_CACHE_TYPES[s.kv_type].quantized and s.flash_attn is False:
+            hint = "; a quantized KV cache needs flash attention"
+        raise ModelLoadError(
+            f"llama.cpp could not create a context of {s.n_ctx} tokens for "
+            f"{s.model_path}{hint}{native.last_error_suffix()}; try a smaller --ctx")
+    return ctx
+
+
+def meta_value(llama: Any, model: Any, key: str) -> str | None:
+    """A GGUF metadata value of the loaded model, as text (None: not there)."""
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):  # long values (chat templates): ask again with room
+        buf = ctypes.create_string_buffer(n + 1)
+        llama.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def model_info(llama: Any, model: Any, ctx: Any, settings: EngineSettings, *,
+               has_vision: bool, repack_note: str) -> ModelInfo:
+    """What was loaded: sizes, shape, chat template and where the weights went."""
+    m = model
+    desc = ctypes.create_string_buffer(256)
+    llama.llama_model_desc(m, desc, len(desc))
+    keys = ("general.name", "general.architecture", "general.file_type",
+            "tokenizer.ggml.pre")
+    metadata = {k: v for k in keys if (v := meta_value(llama, m, k)) is not None}
+    vocab = llama.llama_model_get_vocab(m)
+    return ModelInfo(
+        path=Path(settings.model_path), description=desc.value.decode(),
+        size_bytes=llama.llama_model_size(m), n_params=llama.llama_model_n_params(m),
+        n_ctx_train=llama.llama_model_n_ctx_train(m), n_ctx=llama.llama_n_ctx(ctx),
+        n_vocab=llama.llama_vocab_n_tokens(vocab), n_layers=llama.llama_model_n_layer(m),
+        n_embd=llama.llama_model_n_embd(m),
+        chat_template=meta_value(llama, m, "tokenizer.chat_template"),
+        has_vision=has_vision, gpu_offload=bool(llama.llama_supports_gpu_offload()),
+        n_gpu_layers=settings.n_gpu_layers, weight_buffers=repack_note or "default",
+        metadata=metadata)

@@ -1,0 +1,32 @@
+"""Token sampling (llama.cpp's sampler chain) built from `SamplingSettings`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from localsmall.engine.types import SamplingSettings
+
+_RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed each time
+
+
+def sampler_chain(llama: Any, n_vocab: int, sampling: SamplingSettings) -> Any:
+    """A sampler chain for `sampling`; the caller frees it (`llama_sampler_free`)."""
+    chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+    add = llama.llama_sampler_chain_add
+    if sampling.repeat_penalty != 1.0 or sampling.presence_penalty or sampling.frequency_penalty:
+        add(chain, llama.llama_sampler_init_penalties(
+            n_vocab, 64, sampling.repeat_penalty, sampling.frequency_penalty,
+            sampling.presence_penalty))
+    if sampling.temperature <= 0:
+        add(chain, llama.llama_sampler_init_greedy())
+        return chain
+    if sampling.top_k > 0:
+        add(chain, llama.llama_sampler_init_top_k(sampling.top_k))
+    if sampling.top_p < 1.0:
+        add(chain, llama.llama_sampler_init_top_p(sampling.top_p, 1))
+    if sampling.min_p > 0:
+        add(chain, llama.llama_sampler_init_min_p(sampling.min_p, 1))
+    add(chain, llama.llama_sampler_init_temp(sampling.temperature))
+    seed = sampling.seed if sampling.seed is not None else _RANDOM_SEED
+    add(chain, llama.llama_sampler_init_dist(seed))
+    return chain

@@ -1,0 +1,62 @@
+"""The model's vocabulary (llama.cpp's `llama_vocab`): text to token ids and back."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any
+
+from localsmall.errors import EngineError
+
+
+class Tokenizer:
+    """Tokenizing and detokenizing with a loaded model's vocabulary."""
+
+    def __init__(self, llama: Any, vocab: Any) -> None:
+        self._llama = llama
+        self.vocab = vocab
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """Token ids for `text`. `special=True` parses control tokens such as [INST]
+        (template text); user text is tokenized with `special=False`."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (self._llama.llama_token * capacity)()
+        n = self._llama.llama_tokenize(self.vocab, data, len(data), buf, capacity, False, special)
+        if n < 0:
+            raise EngineError("tokenization failed")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for (control tokens render only with special=True)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        """Text for a sequence of token ids."""
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode(
+            "utf-8", errors="replace")
+
+    def token_piece(self, token: int) -> str:
+        """A token as text, control tokens included ("[INST]")."""
+        return self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+
+    @property
+    def bos_token(self) -> str:
+        return self.token_piece(self._llama.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_token(self) -> str:
+        return self.token_piece(self._llama.llama_vocab_eos(self.vocab))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self._llama.llama_vocab_n_tokens(self.vocab))
+
+    def is_end(self, token: int) -> bool:
+        """An end-of-generation token (end of sequence, end of turn)."""
+        return bool(self._llama.llama_vocab_is_eog(self.vocab, token))
