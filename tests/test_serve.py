@@ -22,6 +22,7 @@ from tests.tinymodels import image_bytes
 
 KEY = "test-key-123"
 QUEUE = 8
+LONG = {"temperature": 1.0, "seed": 7}  # greedy replies of a random model may end early
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +242,7 @@ def _short_id(chunk_line: bytes) -> str:
 
 def test_disconnect_stops_generation(server: ServerProcess) -> None:
     body = {"model": server.model_id(), "stream": True, "max_tokens": 4000,
+            **LONG,
             "messages": [{"role": "user", "content": "Write a long story."}]}
     received = 0
     with httpx2.stream("POST", f"{server.base_url}/chat/completions", json=body,
@@ -266,6 +268,7 @@ def test_disconnect_stops_generation(server: ServerProcess) -> None:
 def test_queue_full_answers_429(server: ServerProcess, client: openai.OpenAI) -> None:
     model = server.model_id()
     long_body = {"model": model, "stream": True, "max_tokens": 4000,
+            **LONG,
                  "messages": [{"role": "user", "content": "Keep talking."}]}
     results: list[Any] = []
 
@@ -277,14 +280,15 @@ def test_queue_full_answers_429(server: ServerProcess, client: openai.OpenAI) ->
 
     with httpx2.stream("POST", f"{server.base_url}/chat/completions", json=long_body,
                        headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as response:
-        next(line for line in response.iter_lines() if '"content": "' in line
+        lines = response.iter_lines()  # kept: closing it would close the connection
+        next(line for line in lines if '"content": "' in line
              and '"content": ""' not in line)  # the long reply holds the decoder now
         threads = [threading.Thread(target=short_request) for _ in range(QUEUE + 2)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 120
         while sum(isinstance(r, openai.RateLimitError) for r in results) < 2:
-            assert time.monotonic() < deadline, results
+            assert time.monotonic() < deadline, (results, server.log())
             time.sleep(0.05)
     for t in threads:
         t.join(120)

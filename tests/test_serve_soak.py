@@ -84,7 +84,7 @@ def test_shutdown_ends_streams_with_an_error(tiny: TinyModels, tmp_path: Path,
                                timeout=120)
         stream = client.chat.completions.create(
             model=server.model_id(), messages=[{"role": "user", "content": "Go on."}],
-            max_tokens=4000, stream=True)
+            max_tokens=4000, stream=True, temperature=1.0, seed=7)  # no early EOS
         received = 0
         with pytest.raises(openai.APIError) as error:
             for _chunk in stream:
