@@ -20,6 +20,7 @@ import numpy as np
 
 from localsmall.engine import native
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
+from localsmall.engine.constrain import ConstrainedSampler
 from localsmall.engine.devices import default_threads
 from localsmall.engine.kvcache import (
     CacheItem,
@@ -110,6 +111,13 @@ class Engine:
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return self.tokenizer.detokenize(tokens, special=special)
+
+    @functools.cached_property
+    def control_tokens(self) -> dict[str, int]:
+        """Every control token of the vocabulary by its text ("[TOOL_CALLS]": 9)."""
+        llama = self._llama
+        return {self.tokenizer.token_piece(i): i for i in range(llama.llama_vocab_n_tokens(self.vocab))
+                if llama.llama_vocab_is_control(self.vocab, i)}
 
     @property
     def bos_token(self) -> str:
@@ -315,13 +323,22 @@ class Engine:
         stats = self._evaluate(items, prompt, on_progress)
         result.stats = stats
         sampler = sampler_chain(llama, self.tokenizer.n_tokens, sampling)
+        constrained = None
+        if sampling.constraint is not None:
+            try:
+                constrained = ConstrainedSampler(llama, self.vocab, sampler,
+                                                 sampling.constraint, self.control_tokens)
+            except BaseException:
+                llama.llama_sampler_free(sampler)
+                raise
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop: StopReason = ""
         first_token_at = 0.0
         gen_start = time.perf_counter()
         try:
             while True:
-                token = llama.llama_sampler_sample(sampler, self.ctx, -1)
+                token = (constrained.sample(self.ctx) if constrained is not None
+                         else llama.llama_sampler_sample(sampler, self.ctx, -1))
                 if not result.token_ids:
                     first_token_at = time.perf_counter()
                     gen_start = first_token_at
@@ -331,7 +348,8 @@ class Engine:
                 text = decoder.decode(self.tokenizer.token_bytes(token))
                 result.token_ids.append(token)
                 result.text += text
-                yield TokenEvent(token, text)
+                control = llama.llama_vocab_is_control(self.vocab, token)
+                yield TokenEvent(token, text, self.tokenizer.token_piece(token) if control else text)
                 if sampling.max_tokens is not None and len(result.token_ids) >= sampling.max_tokens:
                     stop = "length"
                     break
@@ -345,7 +363,10 @@ class Engine:
         finally:
             tail = decoder.decode(b"", final=True)
             result.text += tail
-            llama.llama_sampler_free(sampler)
+            if constrained is not None:
+                constrained.free()  # frees the chain too
+            else:
+                llama.llama_sampler_free(sampler)
             now = time.perf_counter()
             result.stats = replace(
                 result.stats, generated_tokens=len(result.token_ids), stop_reason=stop,
