@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from localsmall.engine.types import SamplingSettings
+from localsmall.chat.toolparse import ToolCallParser
+from localsmall.chat.tools import reply_constraint
+from localsmall.engine.types import Constraint, SamplingSettings
+from localsmall.errors import ToolsError
 from localsmall.server import responses as r
 from localsmall.server.errors import ApiError, busy, internal, invalid
 from localsmall.server.image_urls import ImageLimits, load_image
@@ -102,6 +105,16 @@ async def prepare_images(request: ChatRequest, limits: ImageLimits
     return dict(zip(refs, images, strict=True))
 
 
+def constraint_for(chat: ChatRequest) -> Constraint | None:
+    """The grammar a reply is held to (tool calls, JSON), or None for free text."""
+    try:
+        return reply_constraint(tools=chat.tools, tool_choice=chat.tool_choice,
+                                parallel_tool_calls=chat.parallel_tool_calls,
+                                response_format=chat.response_format)
+    except ToolsError as exc:
+        raise invalid(exc.param or "tools", str(exc)) from None
+
+
 class ChatCompletions:
     """POST /v1/chat/completions."""
 
@@ -118,9 +131,6 @@ class ChatCompletions:
         assert state.scheduler is not None and state.builder is not None
         body = await read_json(request, state.config.max_body_bytes)
         chat = parse_chat_request(body, model_ids=state.config.model_ids)
-        if chat.tools or chat.response_format.type != "text":
-            raise invalid("tools" if chat.tools else "response_format",
-                          "tools and structured output are not available in this build")
         if any(isinstance(p, ImageRef) for m in chat.messages for p in m.parts) and \
                 not state.scheduler.engine.info.has_vision:
             raise invalid("messages", "this server runs without a vision projector, so it "
@@ -132,9 +142,11 @@ class ChatCompletions:
         if needed >= engine.n_ctx:
             raise invalid("messages", f"the conversation needs {needed} tokens but the "
                           f"context holds {engine.n_ctx}", code="context_length_exceeded")
+        constraint = await anyio.to_thread.run_sync(constraint_for, chat)
         state.requests += 1
+        sampling = replace(sampling_for(chat, state.config.sampling), constraint=constraint)
         job = Job(id=r.completion_id(), prompt=prompt, loop=asyncio.get_running_loop(),
-                  sampling=sampling_for(chat, state.config.sampling), stops=chat.stop)
+                  sampling=sampling, stops=chat.stop, spell_control=bool(chat.tools))
         state.scheduler.submit(job)
         if chat.stream:
             return StreamingResponse(self._stream(job, chat), media_type="text/event-stream",
@@ -158,9 +170,10 @@ class ChatCompletions:
                 if isinstance(event, Failed):
                     raise event.error
                 if isinstance(event, Finished):
-                    message = {"role": "assistant", "content": event.text, "refusal": None}
+                    message, called = r.reply_message(event.text, tools=bool(chat.tools))
+                    finish = "tool_calls" if called else event.finish_reason
                     return r.completion(id=job.id, model=chat.model, created=r.now(),
-                                        message=message, finish_reason=event.finish_reason,
+                                        message=message, finish_reason=finish,
                                         usage=r.usage(event.stats, len(event.token_ids)))
         finally:
             watcher.cancel()
@@ -175,15 +188,24 @@ class ChatCompletions:
             return r.sse(r.chunk(id=job.id, model=model, created=created, delta=delta,
                                  finish_reason=finish, with_usage=with_usage))
 
+        parser = ToolCallParser() if chat.tools else None
         try:
             yield chunk({"role": "assistant", "content": ""})
             while True:
                 event = await job.events.get()
                 if isinstance(event, Delta):
-                    if event.text:
+                    if parser is not None:
+                        for delta in parser.feed(event.text):
+                            yield chunk(r.stream_delta(delta))
+                    elif event.text:
                         yield chunk({"content": event.text})
                 elif isinstance(event, Finished):
-                    yield chunk({}, event.finish_reason)
+                    finish: str = event.finish_reason
+                    if parser is not None:
+                        for delta in parser.finish():
+                            yield chunk(r.stream_delta(delta))
+                        finish = "tool_calls" if parser.calls else finish
+                    yield chunk({}, finish)
                     if with_usage:
                         yield r.sse(r.usage_chunk(id=job.id, model=model, created=created,
                                                   usage=r.usage(event.stats,

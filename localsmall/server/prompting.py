@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from localsmall.chat.conversation import Message
 from localsmall.chat.prompt import ChatTemplate, build_prompt
 from localsmall.engine.types import PromptPiece
-from localsmall.errors import EngineError
+from localsmall.errors import EngineError, ToolsError
 from localsmall.images import PreparedImage
 from localsmall.server.errors import invalid
 from localsmall.server.requests import ApiMessage, ChatRequest, ImageRef
@@ -78,10 +78,11 @@ class PromptBuilder:
 
     def _message(self, m: ApiMessage, i: int,
                  images: Mapping[ImageRef, PreparedImage]) -> Message:
-        if m.role == "tool" or m.tool_calls:
-            raise invalid(f"messages[{i}]", "tool calls and tool results need a request "
-                          "with 'tools'")
+        if m.role == "tool":
+            return Message.tool_result(m.tool_call_id or "", m.text)
         if m.role == "assistant":
+            if m.tool_calls:
+                return Message.assistant(m.text, tool_calls=m.tool_calls)
             return Message.assistant(m.text, self.replies.tokens_for(m.text))
         if m.role == "system":
             return Message.system(m.text)
@@ -94,6 +95,9 @@ class PromptBuilder:
         messages = self.messages(request, images)
         try:
             return build_prompt(self.template, messages, tokenize=self.tokenize,
-                                bos=self.engine.bos_token, eos=self.engine.eos_token)
+                                bos=self.engine.bos_token, eos=self.engine.eos_token,
+                                tools=request.tools or None)
+        except ToolsError as exc:
+            raise invalid(exc.param or "messages", str(exc)) from None
         except EngineError as exc:
             raise invalid("messages", str(exc)) from None

@@ -7,9 +7,20 @@ Unknown fields are ignored, as OpenAI clients send extras (`user`, `metadata`, .
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from localsmall.chat.tools import (
+    ResponseFormat,
+    ToolCall,
+    ToolChoice,
+    ToolSpec,
+    arguments_text,
+    parse_response_format,
+    parse_tool_choice,
+    parse_tools,
+)
+from localsmall.errors import ToolsError
 from localsmall.server.errors import ApiError, invalid
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -26,15 +37,6 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
-class ToolCall:
-    """A call the assistant made in an earlier turn (sent back by the client)."""
-
-    id: str
-    name: str
-    arguments: str
-
-
-@dataclass(frozen=True)
 class ApiMessage:
     role: Role
     parts: tuple[str | ImageRef, ...]
@@ -45,14 +47,6 @@ class ApiMessage:
     @property
     def text(self) -> str:
         return "".join(p for p in self.parts if isinstance(p, str))
-
-
-@dataclass(frozen=True)
-class ResponseFormat:
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    schema: dict[str, Any] | None = None
-    name: str = ""
-    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,15 +62,10 @@ class ChatRequest:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    tools: tuple[dict[str, Any], ...] = ()
-    tool_choice: str | dict[str, Any] = "auto"   # auto / none / required / {"name": ...}
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
     parallel_tool_calls: bool = True
-    response_format: ResponseFormat = ResponseFormat()
-
-    @property
-    def forced_tool(self) -> str | None:
-        """The function named by tool_choice, if any."""
-        return self.tool_choice.get("name") if isinstance(self.tool_choice, dict) else None
+    response_format: ResponseFormat = field(default_factory=ResponseFormat)
 
 
 def _is_int(v: Any) -> bool:
@@ -167,9 +156,10 @@ def _tool_calls(value: Any, param: str) -> tuple[ToolCall, ...]:
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise invalid(where, f"'{where}' must have a function with a name")
         arguments = function.get("arguments", "{}")
-        if not isinstance(arguments, str):
+        if not isinstance(arguments, str | dict):
             raise invalid(f"{where}.function.arguments", "tool call arguments must be a "
                           "JSON string")
+        arguments = arguments_text(arguments)
         call_id = call.get("id")
         if not isinstance(call_id, str) or not call_id:
             raise invalid(f"{where}.id", f"'{where}.id' must be a non-empty string")
@@ -210,64 +200,14 @@ def _messages(body: dict[str, Any]) -> tuple[ApiMessage, ...]:
     return tuple(_message(m, i) for i, m in enumerate(raw))
 
 
-def _tools(body: dict[str, Any]) -> tuple[dict[str, Any], ...]:
-    raw = body.get("tools")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise invalid("tools", "'tools' must be a list")
-    tools = []
-    for i, tool in enumerate(raw):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if (not isinstance(tool, dict) or tool.get("type", "function") != "function"
-                or not isinstance(function, dict) or not isinstance(function.get("name"), str)
-                or not function["name"]):
-            raise invalid(f"tools[{i}]", f"'tools[{i}]' must be a function tool with a name")
-        params = function.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(params, dict):
-            raise invalid(f"tools[{i}].function.parameters", "tool parameters must be a JSON "
-                          "schema object")
-        tools.append({"type": "function", "function": {**function, "parameters": params}})
-    return tuple(tools)
-
-
-def _tool_choice(body: dict[str, Any], tools: tuple[dict[str, Any], ...]
-                 ) -> str | dict[str, Any]:
-    choice = body.get("tool_choice")
-    if choice is None:
-        return "auto"
-    names = {t["function"]["name"] for t in tools}
-    if choice in ("auto", "none", "required"):
-        if choice == "required" and not tools:
-            raise invalid("tool_choice", "tool_choice 'required' needs 'tools'")
-        return choice
-    function = choice.get("function") if isinstance(choice, dict) else None
-    if isinstance(function, dict) and isinstance(function.get("name"), str):
-        if function["name"] not in names:
-            raise invalid("tool_choice", f"tool_choice names {function['name']!r}, which is not "
-                          "one of the tools")
-        return {"name": function["name"]}
-    raise invalid("tool_choice", "'tool_choice' must be auto, none, required or "
-                  '{"type": "function", "function": {"name": ...}}')
-
-
-def _response_format(body: dict[str, Any]) -> ResponseFormat:
-    raw = body.get("response_format")
-    if raw is None:
-        return ResponseFormat()
-    kind = raw.get("type") if isinstance(raw, dict) else None
-    if kind in ("text", "json_object"):
-        return ResponseFormat(kind)
-    if kind == "json_schema":
-        spec = raw.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict):
-            raise invalid("response_format", "'response_format.json_schema.schema' must be a "
-                          "JSON schema object")
-        strict = spec.get("strict") if isinstance(spec, dict) else None
-        return ResponseFormat("json_schema", schema, str(spec.get("name", "")), bool(strict))
-    raise invalid("response_format", "'response_format.type' must be text, json_object or "
-                  "json_schema")
+def _tool_fields(body: dict[str, Any]) -> tuple[tuple[ToolSpec, ...], ToolChoice,
+                                                ResponseFormat]:
+    try:
+        tools = parse_tools(body.get("tools"))
+        return (tools, parse_tool_choice(body.get("tool_choice"), tools),
+                parse_response_format(body.get("response_format")))
+    except ToolsError as exc:
+        raise invalid(exc.param or "tools", str(exc)) from None
 
 
 def parse_chat_request(body: Any, *, model_ids: tuple[str, ...]) -> ChatRequest:
@@ -289,7 +229,7 @@ def parse_chat_request(body: Any, *, model_ids: tuple[str, ...]) -> ChatRequest:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid("stream_options", "'stream_options' must be an object")
-    tools = _tools(body)
+    tools, tool_choice, response_format = _tool_fields(body)
     return ChatRequest(
         model=model, messages=_messages(body), stream=_boolean(body, "stream", False),
         include_usage=bool((options or {}).get("include_usage", False)),
@@ -298,9 +238,9 @@ def parse_chat_request(body: Any, *, model_ids: tuple[str, ...]) -> ChatRequest:
         max_tokens=_max_tokens(body), stop=_stop(body), seed=_seed(body),
         presence_penalty=_number(body, "presence_penalty", -2, 2) or 0.0,
         frequency_penalty=_number(body, "frequency_penalty", -2, 2) or 0.0,
-        tools=tools, tool_choice=_tool_choice(body, tools),
+        tools=tools, tool_choice=tool_choice,
         parallel_tool_calls=_boolean(body, "parallel_tool_calls", True),
-        response_format=_response_format(body))
+        response_format=response_format)
 
 
 def _seed(body: dict[str, Any]) -> int | None:

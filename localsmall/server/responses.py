@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from localsmall.engine.types import TurnStats
+
+if TYPE_CHECKING:
+    from localsmall.chat.toolparse import ArgsDelta, CallStart, TextDelta
+    from localsmall.chat.tools import ToolCall
 
 
 def completion_id() -> str:
@@ -62,3 +67,36 @@ def model_list(model_ids: tuple[str, ...], created: int) -> dict[str, Any]:
 
 def now() -> int:
     return int(time.time())
+
+
+def tool_calls_json(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
+    """Tool calls as in a completion's message."""
+    return [{"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def reply_message(text: str, *, tools: bool) -> tuple[dict[str, Any], bool]:
+    """The assistant message for a finished reply (its tool calls parsed when the request
+    offered tools) and whether it called tools."""
+    if not tools:
+        return {"role": "assistant", "content": text, "refusal": None}, False
+    from localsmall.chat.toolparse import parse_reply
+
+    content, calls = parse_reply(text)
+    message: dict[str, Any] = {"role": "assistant", "content": content or None,
+                               "refusal": None}
+    if calls:
+        message["tool_calls"] = tool_calls_json(calls)
+    return message, bool(calls)
+
+
+def stream_delta(delta: TextDelta | CallStart | ArgsDelta) -> dict[str, Any]:
+    """A parsed piece of a streamed reply as an OpenAI `delta`."""
+    from localsmall.chat.toolparse import CallStart, TextDelta
+
+    if isinstance(delta, TextDelta):
+        return {"content": delta.text}
+    if isinstance(delta, CallStart):
+        return {"tool_calls": [{"index": delta.index, "id": delta.id, "type": "function",
+                                "function": {"name": delta.name, "arguments": ""}}]}
+    return {"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]}

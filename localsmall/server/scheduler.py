@@ -84,6 +84,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     stops: tuple[str, ...] = ()
     remember_reply: bool = True
+    spell_control: bool = False  # send control tokens as text ("[TOOL_CALLS]"): tools
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -204,7 +205,7 @@ class Scheduler:
                 if job.cancelled.is_set() or self._stopping:
                     finish = "cancelled"
                     break
-                text = matcher.feed(event.text)
+                text = matcher.feed(event.piece if job.spell_control else event.text)
                 sent.append(text)
                 job.post(Delta(text, event.id))
                 if matcher.stopped:
