@@ -174,7 +174,8 @@ class ChatCompletions:
                     finish = "tool_calls" if called else event.finish_reason
                     return r.completion(id=job.id, model=chat.model, created=r.now(),
                                         message=message, finish_reason=finish,
-                                        usage=r.usage(event.stats, len(event.token_ids)))
+                                        usage=r.usage(event.stats, len(event.token_ids)),
+                                        timings=r.timings(event.stats))
         finally:
             watcher.cancel()
             scheduler.cancel(job)  # no-op once finished; stops it if this task was cancelled
@@ -205,7 +206,9 @@ class ChatCompletions:
                         for delta in parser.finish():
                             yield chunk(r.stream_delta(delta))
                         finish = "tool_calls" if parser.calls else finish
-                    yield chunk({}, finish)
+                    last = r.chunk(id=job.id, model=model, created=created, delta={},
+                                   finish_reason=finish, with_usage=with_usage)
+                    yield r.sse(last | {"timings": r.timings(event.stats)})
                     if with_usage:
                         yield r.sse(r.usage_chunk(id=job.id, model=model, created=created,
                                                   usage=r.usage(event.stats,

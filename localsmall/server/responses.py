@@ -26,13 +26,29 @@ def usage(stats: TurnStats, completion_tokens: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
 
 
+def timings(stats: TurnStats) -> dict[str, Any]:
+    """Where the time went (an extra field, as llama.cpp's server sends; OpenAI clients
+    ignore it): prompt positions evaluated and reused, and the speeds."""
+    return {"prompt_n": stats.evaluated_tokens, "cache_n": stats.reused_tokens,
+            "prompt_ms": round(stats.prompt_eval_s * 1000, 3),
+            "images_encoded": stats.images_encoded,
+            "first_token_ms": round(stats.time_to_first_token_s * 1000, 3),
+            "predicted_n": stats.generated_tokens,
+            "predicted_ms": round(stats.generation_s * 1000, 3),
+            "predicted_per_second": round(stats.generation_tps, 3)}
+
+
 def completion(*, id: str, model: str, created: int, message: dict[str, Any],
-               finish_reason: str, usage: dict[str, Any]) -> dict[str, Any]:
-    return {"id": id, "object": "chat.completion", "created": created, "model": model,
+               finish_reason: str, usage: dict[str, Any],
+               timings: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = {"id": id, "object": "chat.completion", "created": created, "model": model,
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": finish_reason}],
             "usage": usage}
+    if timings is not None:
+        body["timings"] = timings
+    return body
 
 
 def chunk(*, id: str, model: str, created: int, delta: dict[str, Any],
