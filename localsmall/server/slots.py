@@ -3,7 +3,8 @@
 Clients resend the whole conversation with every request. Each warm conversation lives
 in its own sequence of one llama.cpp context whose KV cells are shared by all
 sequences (a unified cache), so switching conversations costs nothing: no state is
-copied in or out. A request goes to the sequence whose cache it extends; a new or
+copied in or out. A request goes to the sequence whose cache it extends (or nearly: one
+that differs only in its last few tokens, as when a reply is regenerated); a new or
 branched conversation takes a free (or the least recently used) sequence and first
 borrows the longest matching prefix of any other one (llama.cpp shares those cells
 rather than copying them). When the context runs out of cells, the least recently used
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 
 TOKENS_PER_SLOT = 4096  # default: one warm conversation per this much planned context
 MAX_DEFAULT_SLOTS = 8
+# A slot whose cache differs from a request only in its last few items (a regenerated
+# reply, a stop string cut) is reused in place rather than copied into another slot.
+SMALL_TAIL = 32
 
 
 def default_slots(n_ctx: int) -> int:
@@ -62,7 +66,8 @@ class SlotPool:
         """Pick the slot for a prompt laid out as `items`, prepare its cache and make it
         the engine's current sequence. `reserve`: positions wanted beyond the prompt."""
         common = [common_prefix(s.items, items) for s in self.slots]
-        extending = [i for i, s in enumerate(self.slots) if s.items and common[i] == len(s.items)]
+        extending = [i for i, s in enumerate(self.slots)
+                     if s.items and common[i] > 0 and len(s.items) - common[i] <= SMALL_TAIL]
         borrowed = None
         if extending:
             target = max(extending, key=lambda i: common[i])
