@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,8 +20,9 @@ from localsmall.chat.conversation import (
     save_conversation,
 )
 from localsmall.chat.prompt import ChatTemplate, build_prompt
+from localsmall.chat.results import LoadedChat, Reply, SavedChat, SessionStats
 from localsmall.chat.slash import CommandResult, run_command
-from localsmall.engine.model import Engine, Generation
+from localsmall.engine.model import Engine
 from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
 from localsmall.errors import ContextFullError, UsageError
@@ -34,84 +35,11 @@ _DROPPED_PATH = re.compile(
     r"""(?:'(?P<sq>[^']+)'|"(?P<dq>[^"]+)"|(?P<bare>(?:file://)?[~./][^\s\\]*(?:\\ [^\s\\]*)*))""")
 
 
-@dataclass(frozen=True)
-class SessionStats:
-    """Counters for /stats."""
-
-    turns: int
-    messages: int
-    images: int
-    context_used: int
-    context_size: int
-    last: TurnStats | None
-    total_prompt_evaluated: int
-    total_prompt_reused: int
-    total_generated: int
-    dropped_turns: int
-    model: str
-
-
-@dataclass(frozen=True)
-class SavedChat:
-    path: Path
-    messages: int
-    state_tokens: int          # positions of KV cache saved beside the chat (0: none)
-
-
-@dataclass(frozen=True)
-class LoadedChat:
-    conversation: Conversation
-    state_tokens: int          # positions restored into the KV cache (0: none)
-    state_ignored: str         # why a saved KV cache was not used ("" when it was)
-
-
 @dataclass
 class Totals:
     evaluated: int = 0
     reused: int = 0
     generated: int = 0
-
-
-class Reply:
-    """A reply being streamed. Iterate for text pieces; when iteration ends (or the
-    reply is interrupted and closed) the reply joins the conversation."""
-
-    def __init__(self, session: ChatSession, generation: Generation, notices: list[str],
-                 abandon: Callable[[], None]) -> None:
-        self.session = session
-        self.generation = generation
-        self.notices = notices
-        self._abandon = abandon  # undoes what started the reply if it produced nothing
-        self._done = False
-
-    def __iter__(self) -> Iterator[str]:
-        try:
-            for event in self.generation:
-                yield event.text
-        finally:
-            self._finish()
-
-    @property
-    def text(self) -> str:
-        return self.generation.result.text
-
-    @property
-    def stats(self) -> TurnStats:
-        return self.generation.result.stats
-
-    def close(self) -> None:
-        """Stop the reply early (Ctrl-C). What was generated so far is kept."""
-        self.generation.close()
-        self._finish()
-
-    def _finish(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        if not self.generation.result.token_ids and self.stats.stop_reason in ("", "interrupted"):
-            self._abandon()  # stopped (or failed) before a single token: as if never sent
-        else:
-            self.session._commit_reply(self)
 
 
 class ChatSession:
@@ -259,7 +187,7 @@ class ChatSession:
     def _start_reply(self, abandon: Callable[[], None]) -> Reply:
         prompt, notices = self._fit_context()
         generation = self.engine.generate(prompt, self.sampling, self.on_progress)
-        return Reply(self, generation, notices, abandon)
+        return Reply(generation, notices, abandon=abandon, commit=self._commit_reply)
 
     def _commit_reply(self, reply: Reply) -> None:
         result = reply.generation.result

@@ -7,12 +7,28 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
+from localsmall.chat.conversation import Conversation, Message
+from localsmall.chat.results import LoadedChat, Reply, SavedChat, SessionStats
 from localsmall.errors import UsageError
+from localsmall.images import PreparedImage
 
-if TYPE_CHECKING:
-    from localsmall.chat.session import ChatSession, Reply
+
+class CommandTarget(Protocol):
+    """What the slash commands use of a chat session (`chat.session.ChatSession`)."""
+
+    pending_images: list[PreparedImage]
+    conversation: Conversation
+
+    def attach(self, path: str) -> PreparedImage: ...
+    def set_system(self, text: str) -> None: ...
+    def clear(self) -> None: ...
+    def undo(self) -> Message | None: ...
+    def retry(self) -> Reply: ...
+    def save(self, path: Path, *, embed_images: bool = False) -> SavedChat: ...
+    def load(self, path: Path) -> LoadedChat: ...
+    def stats(self) -> SessionStats: ...
 
 
 @dataclass(frozen=True)
@@ -29,10 +45,10 @@ class CommandSpec:
     name: str
     args: str
     help: str
-    handler: Callable[[ChatSession, str], CommandResult | Reply]
+    handler: Callable[[CommandTarget, str], CommandResult | Reply]
 
 
-def run_command(session: ChatSession, line: str) -> CommandResult | Reply | None:
+def run_command(session: CommandTarget, line: str) -> CommandResult | Reply | None:
     """Run the slash command on `line` ("/name args"); None when it is no command but a
     path dropped into the terminal (a message)."""
     name, _, args = line[1:].partition(" ")
@@ -49,7 +65,7 @@ def _looks_like_path(text: str) -> bool:
     return "/" in first[1:] and Path(first.replace("\\ ", " ")).exists()
 
 
-def _cmd_image(session: ChatSession, args: str) -> CommandResult:
+def _cmd_image(session: CommandTarget, args: str) -> CommandResult:
     if not args:
         raise UsageError("usage: /image PATH [PATH...]")
     try:
@@ -64,19 +80,19 @@ def _cmd_image(session: ChatSession, args: str) -> CommandResult:
                                  "will go with your next message.")
 
 
-def _cmd_system(session: ChatSession, args: str) -> CommandResult:
+def _cmd_system(session: CommandTarget, args: str) -> CommandResult:
     if not args:
         return CommandResult("info", f"System prompt:\n{session.conversation.system or '(none)'}")
     session.set_system(args)
     return CommandResult("info", "System prompt replaced; it applies from the next reply.")
 
 
-def _cmd_clear(session: ChatSession, args: str) -> CommandResult:
+def _cmd_clear(session: CommandTarget, args: str) -> CommandResult:
     session.clear()
     return CommandResult("info", "Conversation cleared.")
 
 
-def _cmd_undo(session: ChatSession, args: str) -> CommandResult:
+def _cmd_undo(session: CommandTarget, args: str) -> CommandResult:
     removed = session.undo()
     if removed is None:
         return CommandResult("info", "Nothing to undo.")
@@ -85,11 +101,11 @@ def _cmd_undo(session: ChatSession, args: str) -> CommandResult:
     return CommandResult("info", f"Removed the last exchange ({preview!r}).")
 
 
-def _cmd_retry(session: ChatSession, args: str) -> Reply:
+def _cmd_retry(session: CommandTarget, args: str) -> Reply:
     return session.retry()
 
 
-def _cmd_save(session: ChatSession, args: str) -> CommandResult:
+def _cmd_save(session: CommandTarget, args: str) -> CommandResult:
     try:
         words = shlex.split(args)
     except ValueError as exc:
@@ -106,7 +122,7 @@ def _cmd_save(session: ChatSession, args: str) -> CommandResult:
                                  f"(images {how}){state}.")
 
 
-def _cmd_load(session: ChatSession, args: str) -> CommandResult:
+def _cmd_load(session: CommandTarget, args: str) -> CommandResult:
     try:
         words = shlex.split(args)
     except ValueError as exc:
@@ -123,15 +139,15 @@ def _cmd_load(session: ChatSession, args: str) -> CommandResult:
     return CommandResult("reply", message, data=loaded.conversation)
 
 
-def _cmd_stats(session: ChatSession, args: str) -> CommandResult:
+def _cmd_stats(session: CommandTarget, args: str) -> CommandResult:
     return CommandResult("stats", data=session.stats())
 
 
-def _cmd_help(session: ChatSession, args: str) -> CommandResult:
+def _cmd_help(session: CommandTarget, args: str) -> CommandResult:
     return CommandResult("help", data=list(COMMANDS.values()))
 
 
-def _cmd_exit(session: ChatSession, args: str) -> CommandResult:
+def _cmd_exit(session: CommandTarget, args: str) -> CommandResult:
     return CommandResult("exit")
 
 

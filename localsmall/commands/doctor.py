@@ -7,7 +7,7 @@ from localsmall.commands.options import JsonOpt
 
 def doctor(as_json: JsonOpt = False) -> None:
     """Show the devices, memory, CPU features, versions and download cache."""
-    from localsmall.doctor import diagnose
+    from localsmall.plan.doctor import diagnose
 
     report = diagnose()
     if as_json:

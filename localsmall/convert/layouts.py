@@ -164,12 +164,7 @@ def _transformers_vision(config: dict[str, Any], text: TextHParams, directory: P
     _check_vision_rope(_rope_theta(vision, PIXTRAL_ROPE_THETA), vwhere)
     mean, std = _image_norm(directory)
     return VisionHParams(
-        n_layers=int(_need(vision, "num_hidden_layers", vwhere)),
-        n_embd=int(_need(vision, "hidden_size", vwhere)),
-        n_head=int(_need(vision, "num_attention_heads", vwhere)),
-        n_ff=int(_need(vision, "intermediate_size", vwhere)),
-        projection_dim=text.n_embd,
-        patch_size=int(vision.get("patch_size", 14)),
+        **_vision_shape(vision, vwhere, text),
         image_size=int(vision.get("image_size", 1540)),
         spatial_merge_size=int(config.get("spatial_merge_size", 2)),
         rms_eps=float(vision.get("layer_norm_eps", 1e-5)),
@@ -248,6 +243,16 @@ def _native_text(params: dict[str, Any], where: str) -> TextHParams:
         rms_eps=float(params.get("norm_eps", 1e-5)))
 
 
+def _vision_shape(vision: dict[str, Any], vwhere: str, text: TextHParams) -> dict[str, Any]:
+    """The encoder's dimensions, named alike in both layouts."""
+    return {"n_layers": int(_need(vision, "num_hidden_layers", vwhere)),
+            "n_embd": int(_need(vision, "hidden_size", vwhere)),
+            "n_head": int(_need(vision, "num_attention_heads", vwhere)),
+            "n_ff": int(_need(vision, "intermediate_size", vwhere)),
+            "projection_dim": text.n_embd,
+            "patch_size": int(vision.get("patch_size", 14))}
+
+
 def _native_vision(params: dict[str, Any], text: TextHParams, where: str) -> VisionHParams:
     vision = params["vision_encoder"]
     vwhere = f"{where} (vision_encoder)"
@@ -256,12 +261,7 @@ def _native_vision(params: dict[str, Any], text: TextHParams, where: str) -> Vis
                               "supported (Mistral Small 3.x uses patch_merge)")
     _check_vision_rope(float(vision.get("rope_theta", PIXTRAL_ROPE_THETA)), vwhere)
     return VisionHParams(
-        n_layers=int(_need(vision, "num_hidden_layers", vwhere)),
-        n_embd=int(_need(vision, "hidden_size", vwhere)),
-        n_head=int(_need(vision, "num_attention_heads", vwhere)),
-        n_ff=int(_need(vision, "intermediate_size", vwhere)),
-        projection_dim=text.n_embd,
-        patch_size=int(vision.get("patch_size", 14)),
+        **_vision_shape(vision, vwhere, text),
         image_size=int(vision.get("image_size") or vision.get("max_image_size") or 1540),
         spatial_merge_size=int(vision.get("spatial_merge_size", 1)),
         rms_eps=float(params.get("norm_eps", 1e-5)),

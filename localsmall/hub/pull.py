@@ -1,11 +1,11 @@
-"""Pulling catalog files from the Hugging Face Hub into its standard cache: verified,
+"""Pulling files from the Hugging Face Hub into its standard cache: verified,
 resumable across runs, with a free-disk check first and messages that say what to do.
 
 What huggingface_hub does is kept (the cache layout, HF_TOKEN, HF_ENDPOINT,
 HF_HUB_OFFLINE, its error types); what it does not do is added here: the sha256 of
 every file is checked (against the catalog, else the Hub's LFS metadata) before the file
 takes its place in the cache, and the bytes of an interrupted download are kept in a
-partial file that the next pull continues (localsmall.download).
+partial file that the next pull continues (hub.download).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Planning: the hardware snapshot, the memory model, the pure planning rules and the
-machine-facing planner that picks a build, a context and GPU layers.
+"""Planning: the hardware snapshot, the memory model, the pure planning rules, the
+machine-facing planner that picks a build, a context and GPU layers, and `doctor`.
 
-Rule: decides, never downloads or loads. May import the base layer, `models` and
-`engine.types` / `engine.devices` (device lists, lazily); nothing above.
+Rule: decides, never downloads or loads. May import the base layer, `models`, `hub.cache`
+(free disk) and `engine` only for plain types and device lists (lazily); nothing above.
 """

@@ -1,5 +1,5 @@
 """Choosing the build, context and GPU layers for a machine: pure functions over a
-`Hardware` snapshot and the memory model (localsmall.memory).
+`Hardware` snapshot and the memory model (plan.memory).
 
 The rules, in order (each step keeps the highest-quality quant it can):
 1. Fully on the GPU: quants close to the original (KL divergence <= 0.03: Q4_K_S and

@@ -23,7 +23,8 @@ from rich.panel import Panel
 from rich.table import Table
 
 from localsmall.chat.conversation import Conversation
-from localsmall.chat.session import ChatSession, Reply, SessionStats
+from localsmall.chat.results import Reply, SessionStats
+from localsmall.chat.session import ChatSession
 from localsmall.chat.slash import CommandResult, command_names
 from localsmall.engine.types import TurnStats
 from localsmall.errors import LocalsmallError

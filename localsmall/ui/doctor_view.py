@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from localsmall.doctor import DoctorReport
+from localsmall.plan.doctor import DoctorReport
 from localsmall.ui.console import out
 from localsmall.units import gib
 
