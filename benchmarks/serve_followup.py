@@ -13,8 +13,8 @@ evaluation, and at least 5x faster than llama_cpp.server by turn 6; tokens/s wit
 
 llama_cpp.server needs its extras: pip install fastapi sse-starlette starlette-context
 pydantic-settings. On a CPU with AMX, its quantized weights are kept out of the AMX
-buffer (as localsmall's engine does, see localsmall/engine/devices.py): llama.cpp
-crashes there on batched decode.
+buffer, as localsmall's engine does (benchmarks/placement.py decides): llama.cpp crashes
+there on batched decode.
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ def _picture() -> str:
 
 
 def _llama_cpp_server_child(argv: list[str]) -> None:
-    """Run llama_cpp.server with quantized weights out of the AMX buffer on AMX CPUs."""
+    """Run llama_cpp.server with the weight placement localsmall uses (benchmarks/
+    placement.py): on an AMX CPU, quantized weights stay out of the AMX buffer."""
     sys.argv = ["llama_cpp.server", *argv]
     import llama_cpp.llama_cpp as low
+    from placement import reference_placement
 
-    from localsmall.engine.devices import cpu_has_amx_repack
-
-    if cpu_has_amx_repack():
+    if not reference_placement().repack:
         default = low.llama_model_default_params
 
         def params() -> Any:
@@ -184,7 +184,10 @@ def main() -> None:
                   "mtmd", "--n_ctx", "8192", "--n_threads", str(args.threads),
                   "--n_threads_batch", str(args.threads), "--host", "127.0.0.1", "--port",
                   str(theirs)]
-    print(f"model {gguf.name} + {mmproj.name}, {args.threads} threads", flush=True)
+    from placement import reference_placement
+
+    print(f"model {gguf.name} + {mmproj.name}, {args.threads} threads; "
+          f"{reference_placement().note}", flush=True)
     with _process(ours_cmd, f"http://127.0.0.1:{ours}/health", logs / "serve.log"), \
             _process(theirs_cmd, f"http://127.0.0.1:{theirs}/v1/models", logs / "llama.log"):
         base = f"http://127.0.0.1:{ours}/v1"
