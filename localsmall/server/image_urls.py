@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from localsmall.errors import ImageError
@@ -102,13 +105,45 @@ def prepare(ref: ImageRef, data: bytes, index: int) -> PreparedImage:
         raise invalid(ref.param, str(exc), code="invalid_image") from None
 
 
+class _Recent:
+    """Images prepared from recent data: URLs. Clients resend the whole conversation, so
+    turn 6 carries turn 1's image again: decoding and resizing it once is enough."""
+
+    def __init__(self, size: int = 16) -> None:
+        self._images: OrderedDict[bytes, PreparedImage] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> PreparedImage | None:
+        with self._lock:
+            image = self._images.get(key)
+            if image is not None:
+                self._images.move_to_end(key)
+            return image
+
+    def put(self, key: bytes, image: PreparedImage) -> None:
+        with self._lock:
+            self._images[key] = image
+            while len(self._images) > self._size:
+                self._images.popitem(last=False)
+
+
+_RECENT = _Recent()
+
+
 async def load_image(ref: ImageRef, limits: ImageLimits, index: int) -> PreparedImage:
     """The prepared image an `image_url` part names."""
     import anyio
 
     scheme = ref.url.split(":", 1)[0].lower()
     if scheme == "data":
+        key = hashlib.sha256(ref.url.encode()).digest()
+        if (known := _RECENT.get(key)) is not None:
+            return known
         data = decode_data_url(ref, limits)
+        image = await anyio.to_thread.run_sync(prepare, ref, data, index)
+        _RECENT.put(key, image)
+        return image
     elif scheme in ("http", "https"):
         data = await fetch_url(ref, limits)
     else:
