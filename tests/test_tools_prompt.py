@@ -173,3 +173,14 @@ def test_tool_specs_from_openai_shapes() -> None:
         with pytest.raises(ToolsError) as err:
             parse_tools(bad)
         assert err.value.param == "tools"
+
+
+def test_tool_calls_and_results_survive_save_and_load(tmp_path) -> None:
+    from localsmall.chat.conversation import Conversation, load_conversation, save_conversation
+
+    conversation = Conversation(system="s", messages=_conversation()[6:])
+    saved = save_conversation(conversation, tmp_path / "chat.json")
+    loaded = load_conversation(saved)
+    assert loaded.messages == conversation.messages
+    assert loaded.messages[1].tool_calls[0].name == "convert"
+    assert loaded.messages[2].role == "tool" and loaded.messages[2].tool_call_id == "conv00003"

@@ -122,11 +122,12 @@ def parse_tool_choice(value: Any, tools: Sequence[ToolSpec]) -> ToolChoice:
     """OpenAI's `tool_choice` ("auto", "none", "required" or a named function)."""
     if value is None:
         return ToolChoice("auto")
-    if value in ("auto", "none", "required", "any"):
-        mode = "required" if value == "any" else value
-        if mode == "required" and not tools:
+    modes: dict[Any, Literal["auto", "none", "required"]] = {
+        "auto": "auto", "none": "none", "required": "required", "any": "required"}
+    if isinstance(value, str) and value in modes:
+        if modes[value] == "required" and not tools:
             raise ToolsError("tool_choice 'required' needs tools", param="tool_choice")
-        return ToolChoice(mode)
+        return ToolChoice(modes[value])
     name = None
     if isinstance(value, dict) and value.get("type", "function") == "function":
         function = value.get("function")

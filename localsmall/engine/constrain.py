@@ -77,6 +77,7 @@ class ConstrainedSampler:
         self.grammar = (grammar_sampler(llama, vocab, constraint, control)
                         if constraint.grammar else None)
         self._data = np.zeros(self.n_vocab, dtype=_DATA)
+        self._every = np.arange(self.n_vocab, dtype=np.int32)
         self._one = llama.llama_token_data(0, 0.0, 0.0)
 
     def _logits(self, ctx: Any) -> np.ndarray:
@@ -119,7 +120,7 @@ class ConstrainedSampler:
     def sample(self, ctx: Any) -> int:
         """The next token (also accepted by the chain and the grammar)."""
         logits = self._logits(ctx)
-        every = np.arange(self.n_vocab, dtype=np.int32)
+        every = self._every
         token = self._draw(every, logits)
         if self.grammar is not None and (token is None or not self._fits(token)):
             token = None
@@ -146,3 +147,31 @@ class ConstrainedSampler:
         if self.chain is not None:
             self._llama.llama_sampler_free(self.chain)
             self.chain = None
+
+
+def constraint_accepts(llama: Any, vocab: Any, constraint: Constraint,
+                       control: Mapping[str, int], tokens: list[int]) -> bool:
+    """Whether a reply of exactly `tokens` (then end of sequence) meets the constraint."""
+    banned = set()
+    if constraint.allowed_control is not None:
+        banned = {i for piece, i in control.items() if piece not in constraint.allowed_control
+                  and not llama.llama_vocab_is_eog(vocab, i)}
+    grammar = grammar_sampler(llama, vocab, constraint, control) if constraint.grammar else None
+    one = llama.llama_token_data(0, 0.0, 0.0)
+    try:
+        for token in [*tokens, int(llama.llama_vocab_eos(vocab))]:
+            if token in banned:
+                return False
+            if grammar is None:
+                continue
+            one.id, one.logit, one.p = token, 0.0, 0.0
+            array = llama.llama_token_data_array(ctypes.pointer(one), 1, -1, False)
+            llama.llama_sampler_apply(grammar, ctypes.byref(array))
+            if not np.isfinite(one.logit):
+                return False
+            if not llama.llama_vocab_is_eog(vocab, token):
+                llama.llama_sampler_accept(grammar, token)
+        return True
+    finally:
+        if grammar is not None:
+            llama.llama_sampler_free(grammar)

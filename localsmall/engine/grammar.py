@@ -18,8 +18,15 @@ TOOL_CALLS, CALL_ID, ARGS = "[TOOL_CALLS]", "[CALL_ID]", "[ARGS]"
 TOOL_TOKENS = (TOOL_CALLS, CALL_ID, ARGS)
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
-__all__ = ["ANY_OBJECT", "SchemaError", "TOOL_TOKENS", "check_schema", "forbid_tool_calls",
-           "json_constraint", "tool_call_constraint"]
+__all__ = [
+    "ANY_OBJECT",
+    "TOOL_TOKENS",
+    "SchemaError",
+    "check_schema",
+    "forbid_tool_calls",
+    "json_constraint",
+    "tool_call_constraint",
+]
 
 
 def _token(piece: str) -> str:

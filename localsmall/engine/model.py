@@ -20,7 +20,7 @@ import numpy as np
 
 from localsmall.engine import native
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
-from localsmall.engine.constrain import ConstrainedSampler
+from localsmall.engine.constrain import ConstrainedSampler, constraint_accepts
 from localsmall.engine.devices import default_threads
 from localsmall.engine.kvcache import (
     CacheItem,
@@ -36,6 +36,7 @@ from localsmall.engine.state import StateMeta, engine_fingerprint, load_kv_state
 from localsmall.engine.tokenizer import Tokenizer
 from localsmall.engine.types import (
     KV_TYPES,
+    Constraint,
     EngineSettings,
     ImageSlot,
     ProgressCallback,
@@ -112,12 +113,15 @@ class Engine:
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return self.tokenizer.detokenize(tokens, special=special)
 
-    @functools.cached_property
+    @property
     def control_tokens(self) -> dict[str, int]:
         """Every control token of the vocabulary by its text ("[TOOL_CALLS]": 9)."""
-        llama = self._llama
-        return {self.tokenizer.token_piece(i): i for i in range(llama.llama_vocab_n_tokens(self.vocab))
-                if llama.llama_vocab_is_control(self.vocab, i)}
+        return self.tokenizer.control_tokens
+
+    def constraint_accepts(self, constraint: Constraint, tokens: Sequence[int]) -> bool:
+        """Whether a reply of exactly `tokens` meets `constraint` (for tests and checks)."""
+        return constraint_accepts(self._llama, self.vocab, constraint, self.control_tokens,
+                                  list(tokens))
 
     @property
     def bos_token(self) -> str:
@@ -348,8 +352,9 @@ class Engine:
                 text = decoder.decode(self.tokenizer.token_bytes(token))
                 result.token_ids.append(token)
                 result.text += text
-                control = llama.llama_vocab_is_control(self.vocab, token)
-                yield TokenEvent(token, text, self.tokenizer.token_piece(token) if control else text)
+                piece = self.tokenizer.token_piece(token) if self.tokenizer.is_control(token) \
+                    else text
+                yield TokenEvent(token, text, piece)
                 if sampling.max_tokens is not None and len(result.token_ids) >= sampling.max_tokens:
                     stop = "length"
                     break
