@@ -131,3 +131,23 @@ def test_a_branch_borrows_the_shared_prefix(shared: Engine) -> None:
     # Regenerating the second reply (the same prompt again) stays in its slot.
     slot, reused, evaluated = _run(engine, pool, second)
     assert slot == slot_2 and evaluated <= 1
+
+
+def test_cli_refuses_a_port_in_use_and_bad_flags(tiny: TinyModels) -> None:
+    import socket
+
+    from typer.testing import CliRunner
+
+    from localsmall.cli import app
+
+    runner = CliRunner()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--model", str(tiny.f16), "--port", str(port)])
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.output
+    assert "Traceback" not in result.output
+    for flags, message in ((["--slots", "0"], "--slots"), (["--queue", "0"], "--queue")):
+        result = runner.invoke(app, ["serve", "--model", str(tiny.f16), *flags])
+        assert result.exit_code == 2 and message in result.output
