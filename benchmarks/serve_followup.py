@@ -140,7 +140,8 @@ def _conversation(servers: dict[str, tuple[str, str]]) -> None:
                 own = timings["prompt_ms"] / 1000
                 line.append(f"(new {timings['prompt_n']} of "
                             f"{timings['prompt_n'] + timings['cache_n']} positions, "
-                            f"their evaluation {own * 1000:.0f} ms -> ratio "
+                            f"their evaluation {own * 1000:.0f} ms, engine's first token "
+                            f"{timings['first_token_ms']:.0f} ms -> ratio "
                             f"{seconds / own:.2f})" if own else "")
         if len(servers) == 2:
             a, b = ttft.values()
