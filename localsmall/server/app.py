@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from localsmall.chat.toolparse import ToolCallParser
 from localsmall.chat.tools import reply_constraint
-from localsmall.engine.types import Constraint, SamplingSettings
+from localsmall.engine.types import Constraint, PromptPiece, SamplingSettings
 from localsmall.errors import ToolsError
 from localsmall.server import responses as r
 from localsmall.server.errors import ApiError, busy, internal, invalid
@@ -136,13 +136,18 @@ class ChatCompletions:
             raise invalid("messages", "this server runs without a vision projector, so it "
                           "cannot read images")
         images = await prepare_images(chat, state.config.image_limits)
-        prompt = await anyio.to_thread.run_sync(state.builder.build, chat, images)
-        engine = state.scheduler.engine
-        needed = await anyio.to_thread.run_sync(engine.count_tokens, prompt)
-        if needed >= engine.n_ctx:
-            raise invalid("messages", f"the conversation needs {needed} tokens but the "
-                          f"context holds {engine.n_ctx}", code="context_length_exceeded")
-        constraint = await anyio.to_thread.run_sync(constraint_for, chat)
+        builder, engine = state.builder, state.scheduler.engine
+
+        def prepare() -> tuple[list[PromptPiece], Constraint | None]:
+            # One trip to a worker thread: each trip costs a scheduling delay.
+            prompt = builder.build(chat, images)
+            needed = engine.count_tokens(prompt)
+            if needed >= engine.n_ctx:
+                raise invalid("messages", f"the conversation needs {needed} tokens but the "
+                              f"context holds {engine.n_ctx}", code="context_length_exceeded")
+            return prompt, constraint_for(chat)
+
+        prompt, constraint = await anyio.to_thread.run_sync(prepare)
         state.requests += 1
         sampling = replace(sampling_for(chat, state.config.sampling), constraint=constraint)
         job = Job(id=r.completion_id(), prompt=prompt, loop=asyncio.get_running_loop(),
