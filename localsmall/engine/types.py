@@ -53,6 +53,11 @@ class EngineSettings:
     flash_attn: bool | None = None  # None: let llama.cpp decide
     verbose: bool = False
     n_seq: int = 1  # sequences (conversations) the context keeps at once, sharing its cells
+    # RPC workers (HOST:PORT) whose devices take the last n_gpu_layers layers (output head
+    # included), shared in proportion to tensor_split (one share per remote device; empty:
+    # llama.cpp's default, by free memory). Local GPUs are not used alongside workers.
+    rpc_servers: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
