@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import functools
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,7 +95,13 @@ class Engine:
                 self.close()
                 raise
         self.buffers: tuple[BufferReport, ...] = parse_buffer_lines(log_lines)
-        self.kv = KvCache(self._llama, self.ctx)
+        # One KV bookkeeping per llama.cpp sequence; `kv` is the one in use.
+        self.sequences = tuple(KvCache(self._llama, self.ctx, seq)
+                               for seq in range(max(settings.n_seq, 1)))
+        self.kv = self.sequences[0]
+        # Called when llama.cpp finds no free cell for a batch (several sequences share
+        # the context): returns True once it made room, and the batch is tried again.
+        self.on_cache_full: Callable[[], bool] | None = None
         self._interrupted = False
         self._reading: ReadProgress | None = None
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
@@ -182,9 +188,19 @@ class Engine:
             self._interrupted = True
             return True
 
+    def interrupt(self) -> None:
+        """Ask a prompt evaluation or generation running in another thread to stop: it
+        raises KeyboardInterrupt at the next graph node or token."""
+        self._interrupted = True
+
     def reset(self) -> None:
-        """Empty the KV cache."""
+        """Empty the KV cache of the sequence in use."""
         self.kv.truncate(0)
+
+    def use_sequence(self, seq_id: int) -> None:
+        """Work on another sequence of the context (see EngineSettings.n_seq): prompts,
+        generation and saved states then use its cache."""
+        self.kv = self.sequences[seq_id]
 
     def reuse_estimate(self, prompt: Sequence[PromptPiece]) -> tuple[int, int]:
         """(positions reused from the cache, positions to evaluate) if `prompt` ran now."""
@@ -212,11 +228,13 @@ class Engine:
                 batch.token[i] = token
                 batch.pos[i] = self.kv.n_past + i
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
+                batch.seq_id[i][0] = self.kv.seq_id
                 batch.logits[i] = False
             if logits_last and start + len(part) == len(tokens):
                 batch.logits[len(part) - 1] = True
             status = llama.llama_decode(self.ctx, batch)
+            while status == 1 and self.on_cache_full is not None and self.on_cache_full():
+                status = llama.llama_decode(self.ctx, batch)
             if status == 2 or self._interrupted:
                 raise KeyboardInterrupt
             if status != 0:
@@ -290,7 +308,8 @@ class Engine:
             return 0
 
         reading.begin_batch(min(n_batch, remaining))
-        end = self.projector.decode(self.ctx, encoded, self.kv.n_past, n_batch, after_batch)
+        end = self.projector.decode(self.ctx, encoded, self.kv.n_past, n_batch, after_batch,
+                                     seq_id=self.kv.seq_id)
         if end != self.kv.n_past + span.n_pos:
             raise EngineError(f"the projector placed {image.source} over {end - self.kv.n_past}"
                               f" positions instead of {span.n_pos}")
