@@ -68,6 +68,8 @@ def run(
             if not as_json:
                 stdout_write(piece)
         progress.stop()
+        if reply.stats.stop_reason == "interrupted":
+            raise KeyboardInterrupt  # Ctrl-C during a token: exit 130 like anywhere else
         if as_json:
             print_json({"model": build.label, "text": reply.text,
                         "stats": reply.stats.to_json()}, one_line=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from localsmall import interrupt
 from localsmall.engine import native
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
 from localsmall.engine.devices import default_threads
@@ -69,7 +70,8 @@ class Engine:
         self.ctx: Any = None
         self.projector: Projector | None = None
         # llama.cpp reports every buffer it allocates in its log: keep those numbers.
-        with native.capture_log() as log_lines:
+        # Ctrl-C while loading only sets the flag; the progress callback stops the load.
+        with native.capture_log() as log_lines, interrupt.interrupting():
             self.model, self.repack_note = load_model(self._llama, settings, on_progress)
             self.vocab = self._llama.llama_model_get_vocab(self.model)
             self.tokenizer = Tokenizer(self._llama, self.vocab)
@@ -83,12 +85,12 @@ class Engine:
                         n_embd=self._llama.llama_model_n_embd_inp(self.model),
                         n_threads=self.n_threads, use_gpu=settings.n_gpu_layers != 0,
                         flash_attn_type=flash_attn_type(self._llama, settings))
+                interrupt.raise_if_requested()
             except BaseException:
                 self.close()
                 raise
         self.buffers: tuple[BufferReport, ...] = parse_buffer_lines(log_lines)
         self.kv = KvCache(self._llama, self.ctx)
-        self._interrupted = False
         self._reading: ReadProgress | None = None
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
         self._batch = self._llama.llama_batch_init(max(settings.n_batch, 1), 0, 1)
@@ -147,13 +149,14 @@ class Engine:
 
     def _should_abort(self, user_data: Any) -> bool:
         # Called by llama.cpp's CPU backend after each graph node while a prompt is read.
+        # A callback must never raise (ctypes would swallow it): progress that fails is
+        # skipped, and Ctrl-C arrives as the interrupt flag.
         try:
             if self._reading is not None:
                 self._reading.node()
-            return self._interrupted
-        except KeyboardInterrupt:
-            self._interrupted = True
-            return True
+        except BaseException:  # progress is best effort
+            pass
+        return interrupt.requested()
 
     def reset(self) -> None:
         """Empty the KV cache."""
@@ -189,12 +192,16 @@ class Engine:
                 batch.logits[i] = False
             if logits_last and start + len(part) == len(tokens):
                 batch.logits[len(part) - 1] = True
-            status = llama.llama_decode(self.ctx, batch)
-            if status == 2 or self._interrupted:
+            with interrupt.interrupting():
+                status = llama.llama_decode(self.ctx, batch)
+            if status == 0:
+                self.kv.added(part)
+            # Aborted by the abort callback (2), or Ctrl-C came while llama.cpp ran:
+            # stop here, where raising is safe.
+            if status == 2 or interrupt.take():
                 raise KeyboardInterrupt
             if status != 0:
                 raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")
-            self.kv.added(part)
             if reading is not None:
                 reading.end_batch(len(part))
 
@@ -212,7 +219,6 @@ class Engine:
         reading = ReadProgress(total - self.kv.n_past, on_progress, self._graph_nodes)
         start = time.perf_counter()
         encode_s, encoded_count = 0.0, 0
-        self._interrupted = False
         self._reading = reading
         self._llama.llama_set_abort_callback(self.ctx, self._abort_cb, None)
         try:
@@ -302,6 +308,9 @@ class Engine:
         gen_start = time.perf_counter()
         try:
             while True:
+                if interrupt.take():  # Ctrl-C: the reply ends here, what came is kept
+                    stop = "interrupted"
+                    break
                 token = llama.llama_sampler_sample(sampler, self.ctx, -1)
                 if not result.token_ids:
                     first_token_at = time.perf_counter()
@@ -319,7 +328,11 @@ class Engine:
                 if self.kv.n_past + 1 >= self.n_ctx:
                     stop = "context"
                     break
-                self._decode_tokens([token], logits_last=True)
+                try:
+                    self._decode_tokens([token], logits_last=True)
+                except KeyboardInterrupt:
+                    stop = "interrupted"
+                    break
         except (KeyboardInterrupt, GeneratorExit):
             stop = "interrupted"
             raise
