@@ -43,7 +43,9 @@ def load_model(llama: Any, settings: EngineSettings,
         try:
             if on_progress is not None:
                 on_progress(Progress("load", int(fraction * 1000), 1000, "loading model"))
-        except BaseException:  # progress is best effort
+        except KeyboardInterrupt:  # raised by the progress display itself: keep it
+            interrupt.request()
+        except Exception:  # progress is best effort
             pass
         return not interrupt.requested()  # False makes llama.cpp stop loading
 

@@ -154,7 +154,9 @@ class Engine:
         try:
             if self._reading is not None:
                 self._reading.node()
-        except BaseException:  # progress is best effort
+        except KeyboardInterrupt:  # raised by the progress display itself: keep it
+            interrupt.request()
+        except Exception:  # progress is best effort
             pass
         return interrupt.requested()
 
@@ -198,7 +200,7 @@ class Engine:
                 self.kv.added(part)
             # Aborted by the abort callback (2), or Ctrl-C came while llama.cpp ran:
             # stop here, where raising is safe.
-            if status == 2 or interrupt.take():
+            if interrupt.take() or status == 2:  # take() first: the request is consumed
                 raise KeyboardInterrupt
             if status != 0:
                 raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")

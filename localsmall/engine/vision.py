@@ -125,7 +125,9 @@ class Projector:
             if self._progress is not None and self.n_layers:
                 layer = int(name.split(b"-")[1].split(b" ")[0])
                 self._progress(layer + 1, self.n_layers)
-        except BaseException:  # progress is best effort
+        except KeyboardInterrupt:  # raised by the progress display itself: keep it
+            interrupt.request()
+        except Exception:  # progress is best effort
             pass
         return not interrupt.requested()
 
@@ -273,7 +275,10 @@ class Projector:
                 return 1
             try:
                 return on_batch(int(view.contents.n_tokens))
-            except BaseException:
+            except KeyboardInterrupt:
+                interrupt.request()
+                return 1
+            except Exception:  # progress is best effort
                 return 0
 
         callback = mtmd.mtmd_helper_post_decode_callback(after_batch)
