@@ -30,8 +30,8 @@ def transcript(tmp_path: Path) -> Path:
 
 def test_chat_in_a_terminal(tiny, make_image, transcript: Path) -> None:
     picture = make_image("cat.png", 224, 168)
-    # Replies stop at 200 tokens: long enough to interrupt one while it streams.
-    child = _spawn(tiny, "-n", "200")
+    # Short replies: the test waits for whole replies, so their length sets its time.
+    child = _spawn(tiny, "-n", "6")
     with transcript.open("w") as log:
         child.logfile_read = log
         assert "vision on" in child.before
@@ -48,21 +48,36 @@ def test_chat_in_a_terminal(tiny, make_image, transcript: Path) -> None:
         child.expect(r"1 image encoded")
         child.expect(PROMPT)
 
-        # A long reply, stopped with Ctrl-C once it is streaming.
-        child.send("Tell me a very long story.\r")
-        child.expect("mistral ›")
-        child.expect(r"\S{3}")             # some streamed text
-        child.sendcontrol("c")
-        child.expect(r"\(stopped\)")
-        child.expect(PROMPT)
-
         child.send("/stats\r")
-        child.expect(r"3 \(6 messages, 1 image\)")
+        child.expect(r"2 \(4 messages, 1 image\)")
         child.expect(PROMPT)
         child.sendcontrol("d")
         child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0, transcript.read_text()
+
+
+def test_ctrl_c_stops_a_reply_whatever_the_speed(tiny, transcript: Path) -> None:
+    """Replies have no length limit here: one that ignored Ctrl-C would run until the
+    context is full, so the test does not depend on how fast the model answers."""
+    child = _spawn(tiny)
+    with transcript.open("w") as log:
+        child.logfile_read = log
+        for turn in (1, 2):
+            child.send("Tell me a very long story.\r")
+            child.expect("mistral ›")
+            child.expect(r"\S{3}")             # some streamed text
+            child.sendcontrol("c")
+            child.expect(r"\(stopped\)")
+            child.expect(PROMPT)
+            child.send("/stats\r")             # the stopped reply stays in the chat
+            child.expect(rf"{turn} \({2 * turn} messages")
+            child.expect(PROMPT)
+        child.sendcontrol("d")
+        child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, transcript.read_text()
+    assert "hit --max-tokens" not in transcript.read_text()
 
 
 def test_ctrl_c_twice_at_the_prompt_leaves(tiny) -> None:
