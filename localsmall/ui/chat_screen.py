@@ -317,8 +317,7 @@ def unexpected_error(exc: BaseException) -> None:
     if debug_enabled():
         traceback.print_exception(exc)
     text = " ".join(str(exc).split()) or "no details"
-    error(f"{type(exc).__name__}: {text} (the chat goes on; LOCALSMALL_DEBUG=1 shows where "
-          "it failed)")
+    error(f"{type(exc).__name__}: {text} (the chat goes on)")
 
 
 def _quietly(*steps: Any) -> None:
