@@ -38,6 +38,8 @@ TARGET = 0.03  # allowed relative difference
 
 sys.path.insert(0, str(ROOT))
 
+from placement import Placement, reference_placement  # noqa: E402
+
 
 @dataclass(frozen=True)
 class Speeds:
@@ -154,13 +156,19 @@ def localsmall_speeds(model: Path, args: argparse.Namespace) -> tuple[Speeds, li
     return Speeds(tuple(row["pp"]["samples"]), tuple(row["tg"]["samples"])), row["notes"]
 
 
-def llama_bench_speeds(binary: Path, model: Path, args: argparse.Namespace,
-                       repack: bool) -> Speeds:
+def llama_bench_command(binary: Path, model: Path, args: argparse.Namespace,
+                        placement: Placement) -> list[str]:
+    """llama-bench's command line, its weights placed as localsmall places them (on an AMX
+    CPU llama-bench's default, repacking on, crashes in the AMX buffer: `--repack 0`)."""
     cmd = [str(binary), "-m", str(model), "-p", str(args.n_prompt), "-n", str(args.n_gen),
            "-r", str(args.repetitions), "-t", str(args.threads), "-ngl", str(args.gpu_layers),
            "-b", str(args.batch), "-ub", str(min(args.batch, 512)), "-o", "json"]
-    if not repack:
-        cmd += ["--repack", "0"]
+    return [*cmd, "--repack", "1" if placement.repack else "0"]
+
+
+def llama_bench_speeds(binary: Path, model: Path, args: argparse.Namespace,
+                       placement: Placement) -> Speeds:
+    cmd = llama_bench_command(binary, model, args, placement)
     tests = json.loads(run(cmd, stdout=subprocess.PIPE).stdout)
     pp = next(t for t in tests if t["n_prompt"] and not t["n_gen"])
     tg = next(t for t in tests if t["n_gen"] and not t["n_prompt"])
@@ -188,17 +196,21 @@ def main() -> int:
     print(f"model: {model} ({model.stat().st_size / 2**20:.0f} MiB), "
           f"threads {args.threads}", flush=True)
     env_note = os.environ.get("LOCALSMALL_WEIGHT_REPACK", "auto")
+    placement = reference_placement()
+    print(placement.note, flush=True)
     ours: list[Speeds] = []
     theirs: list[Speeds] = []
     for round_no in range(1, args.rounds + 1):
         wait_for_quiet(args.quiet_wait)
         speeds, notes = localsmall_speeds(model, args)
         ours.append(speeds)
-        # Compare like with like: when localsmall kept weights out of the repacked
-        # (AMX) buffers, run llama-bench the same way.
-        repack = not any("repacking off" in n for n in notes)
+        # Compare like with like: llama-bench places the weights as localsmall does.
+        repack = placement.repack
+        if repack == any("repacking off" in n for n in notes):
+            print("note: localsmall bench reports another weight placement than expected: "
+                  f"{'; '.join(notes)}", flush=True)
         wait_for_quiet(args.quiet_wait)
-        theirs.append(llama_bench_speeds(binary, model, args, repack))
+        theirs.append(llama_bench_speeds(binary, model, args, placement))
         print(f"round {round_no}: localsmall  {ours[-1]}\n         llama-bench {theirs[-1]}"
               f"\n         ratio of means: pp {ours[-1].mean('pp') / theirs[-1].mean('pp'):.3f}"
               f"  tg {ours[-1].mean('tg') / theirs[-1].mean('tg'):.3f}"

@@ -67,7 +67,10 @@ def main() -> None:
     session.pending_images.append(prepare_image_bytes(_picture(), "picture.png"))
     history = "Here is some background for the picture. " * (args.history // 8)
     ttft1, stats1 = timed_answer(session, history + "What is in this picture?")
-    print(f"model {model.name}; turn 1: {stats1.prompt_tokens} prompt tokens "
+    # Both timings run on this engine, so they share its weight placement (on an AMX CPU,
+    # no repacking: see placement.py).
+    placed = engine.repack_note or "default weight placement"
+    print(f"model {model.name} ({placed}); turn 1: {stats1.prompt_tokens} prompt tokens "
           f"(image {stats1.images_encoded}x encoded), first token {ttft1 * 1000:.0f} ms")
     for number, question in ((2, "Which colour dominates?"), (3, "And in the corners?")):
         ttft, stats = timed_answer(session, question)

@@ -30,13 +30,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from placement import reference_placement
+
 from localsmall.convert.gguf_files import TextHParams, VisionHParams
 from localsmall.engine import native
 from localsmall.engine.buffers import (
     parse_buffer_lines,
     total,
 )
-from localsmall.engine.devices import cpu_has_amx_repack, list_devices
+from localsmall.engine.devices import list_devices
 from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings, SamplingSettings, TokenRun
 from localsmall.errors import ModelLoadError
@@ -129,7 +131,8 @@ def _ratio(predicted: int, actual: int) -> str:
 
 def this_cpu_repacks() -> frozenset[str]:
     cpu = next(d for d in list_devices() if d.kind == "cpu")
-    if "CPU_REPACK" not in cpu.extra_buffer_types or cpu_has_amx_repack():
+    # The engine loads these models with the same placement (no repacking on AMX CPUs).
+    if "CPU_REPACK" not in cpu.extra_buffer_types or not reference_placement().repack:
         return frozenset()
     return repack_types(name for name, value in cpu.features if value not in ("0", ""))
 

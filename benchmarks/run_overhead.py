@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
+from typing import Any
 
+from placement import Placement, reference_placement
 from synthetic import medium_model, timed_answer
 
 from localsmall.chat.conversation import Message
@@ -45,6 +48,31 @@ def run_localsmall(engine: Engine, tokens: int) -> tuple[float, float]:
     return first, stats.generation_tps
 
 
+def reference_llama(model_path: Path, *, n_ctx: int = N_CTX, n_threads: int = THREADS,
+                    placement: Placement | None = None) -> Any:
+    """llama-cpp-python's `Llama` on `model_path`, its weights placed as localsmall places
+    them on this CPU (`placement`, by default `reference_placement()`). `Llama` has no
+    argument for that, so the model parameters are set as `Llama` creates them."""
+    import llama_cpp
+
+    repack = (placement or reference_placement()).repack
+
+    class PlacedLlama(llama_cpp.Llama):  # type: ignore[misc]
+        # Llama.__init__ assigns self.model_params = llama_model_default_params(), then
+        # loads the model with that struct: the setter sets the placement in between.
+        @property
+        def model_params(self) -> Any:
+            return self._placed_params
+
+        @model_params.setter
+        def model_params(self, params: Any) -> None:
+            params.use_extra_bufts = repack
+            self._placed_params = params
+
+    return PlacedLlama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads,
+                       n_threads_batch=n_threads, n_batch=512, verbose=False)
+
+
 def run_llama_cpp_python(llm: object, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
     llm.reset()  # type: ignore[attr-defined]
     start = time.perf_counter()
@@ -67,13 +95,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
 
-    import llama_cpp
-
     model_path, _ = medium_model(args.quant)
-    print(f"model: {model_path.name}, {args.tokens} tokens per answer, {args.runs} runs each")
+    placement = reference_placement()
+    print(f"model: {model_path.name}, {args.tokens} tokens per answer, {args.runs} runs each; "
+          f"{placement.note}")
     engine = Engine(EngineSettings(model_path=model_path, n_ctx=N_CTX, n_threads=THREADS))
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=N_CTX, n_threads=THREADS,
-                          n_threads_batch=THREADS, n_batch=512, verbose=False)
+    llm = reference_llama(model_path, placement=placement)
     ours_ttft, ours_tps, theirs_ttft, theirs_tps = [], [], [], []
     ids = prompt_ids(engine)
     run_localsmall(engine, 4)  # warm-up both
