@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import functools
 import time
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +93,7 @@ class Engine:
         self.buffers: tuple[BufferReport, ...] = parse_buffer_lines(log_lines)
         self.kv = KvCache(self._llama, self.ctx)
         self._reading: ReadProgress | None = None
+        self._live: weakref.ref[Generation] | None = None  # the reply being generated
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
         self._batch = self._llama.llama_batch_init(max(settings.n_batch, 1), 0, 1)
         self.info = model_info(self._llama, self.model, self.ctx, settings,
@@ -293,7 +295,9 @@ class Engine:
         """Start a reply to `prompt`. Iterate the result for tokens; `.result` holds the
         text and stats so far (complete once iteration ends or the generation is closed).
         """
-        return Generation(self, prompt, sampling, on_progress)
+        generation = Generation(self, prompt, sampling, on_progress)
+        self._live = weakref.ref(generation)
+        return generation
 
     def _stream(self, prompt: Sequence[PromptPiece], sampling: SamplingSettings,
                 on_progress: ProgressCallback | None,
@@ -374,8 +378,14 @@ class Engine:
     # --- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the projector, context and model."""
+        """Free the projector, context and model (closing a reply still being generated
+        first: its clean-up reads the context, which must not be freed under it)."""
         llama = self._llama
+        ref = getattr(self, "_live", None)
+        live = ref() if ref is not None else None
+        if live is not None:
+            live.close()
+        self._live = None
         if getattr(self, "projector", None) is not None:
             self.projector.close()  # type: ignore[union-attr]
             self.projector = None

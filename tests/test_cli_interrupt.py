@@ -1,0 +1,87 @@
+"""Ctrl-C (a real SIGINT) on `run` and `bench` in a separate process: exit code 130, one
+clean line on stderr, no traceback, no file half-written.
+
+Each process is interrupted once it shows it is busy (text streaming, llama.cpp's log),
+and the work is long enough (replies without a length limit, many repetitions) that it
+cannot end on its own first, so the tests do not depend on the machine's speed."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+WAIT_S = 180.0
+
+
+def _start(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "localsmall", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ))
+
+
+def _wait_for(stream: IO[bytes], marker: bytes, child: subprocess.Popen[bytes]) -> bytes:
+    """Read `stream` until `marker` appears (or fail if the child ends first)."""
+    seen = b""
+    deadline = time.monotonic() + WAIT_S
+    fd = stream.fileno()
+    while marker not in seen:
+        assert time.monotonic() < deadline, f"no {marker!r} in time: {seen[-500:]!r}"
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"the process ended early (rc {child.poll()}): {seen[-500:]!r}"
+            seen += chunk
+    return seen
+
+
+def _interrupted(child: subprocess.Popen[bytes]) -> str:
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=WAIT_S)
+    text = err.decode("utf-8", errors="replace")
+    assert child.returncode == 130, text
+    assert "Traceback" not in text and "Exception ignored" not in text, text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines[-1] == "error: interrupted", text
+    return text
+
+
+def test_run_stops_while_streaming(tiny) -> None:
+    child = _start("run", "--model", str(tiny.f16), "--ctx", "4096", "--threads", "2",
+                   "--temperature", "0", "Tell me a very long story.")
+    assert child.stdout is not None
+    _wait_for(child.stdout, b" ", child)  # the reply is streaming
+    _interrupted(child)
+
+
+def test_run_stops_while_reading_the_prompt(tiny) -> None:
+    # A long prompt on stdin, read with llama.cpp's logs shown: interrupt once the model
+    # is loaded, while the prompt is read or the first tokens come.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "localsmall", "run", "--model", str(tiny.f16), "--ctx",
+         "8192", "--threads", "2", "--batch", "64", "--verbose", "-"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ))
+    assert child.stdin is not None and child.stderr is not None
+    child.stdin.write(("words to read " * 1500).encode())
+    child.stdin.close()
+    child.stdin = None  # communicate() must not touch it again
+    _wait_for(child.stderr, b"llama_context", child)  # loaded: the context is being made
+    time.sleep(0.5)
+    _interrupted(child)
+
+
+def test_bench_stops_and_writes_no_results(tiny, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    child = _start("bench", "--model", str(tiny.f16), "-p", "64", "-n", "500", "-r", "200",
+                   "--threads", "2", "--no-vision", "--verbose", "--out", str(out))
+    assert child.stderr is not None
+    _wait_for(child.stderr, b"llama_context", child)
+    time.sleep(1.0)
+    _interrupted(child)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a partial result file was left"
