@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import IO
 
+from localsmall.gguf_header import read_header
+
 WAIT_S = 180.0
 
 
@@ -85,3 +87,27 @@ def test_bench_stops_and_writes_no_results(tiny, tmp_path: Path) -> None:
     time.sleep(1.0)
     _interrupted(child)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "a partial result file was left"
+
+
+def test_convert_stops_and_leaves_nothing(tmp_path: Path) -> None:
+    from tests.checkpoints import write_text_checkpoint
+    from tests.tinymodels import write_v11_tekken
+
+    tekken = write_v11_tekken(tmp_path / "tekken.json")
+    source = write_text_checkpoint(tmp_path / "small-mistral", tekken)
+    out = tmp_path / "out"
+    child = _start("convert", str(source), "--out", str(out), "--outtype", "f16",
+                   "--quant", "Q4_K_M,Q5_K_M,Q6_K,Q8_0", "--threads", "1")
+    # Interrupt while llama.cpp's quantizer writes the first quant (a child process).
+    deadline = time.monotonic() + WAIT_S
+    while not any(".partial" in p.name and "Q4_K_M" in p.name
+                  for p in (out.iterdir() if out.exists() else ())):
+        assert child.poll() is None, child.communicate()[1].decode()
+        assert time.monotonic() < deadline, "the quantizer never started"
+        time.sleep(0.01)
+    _interrupted(child)
+    left = sorted(p.name for p in out.rglob("*"))
+    # The F16 file was finished before quantizing began; no quant was.
+    assert left == ["small-mistral-F16.gguf"], left
+    header = read_header(out / left[0])
+    assert header.tensors and header.data_end <= header.file_size
