@@ -1,9 +1,10 @@
-"""Ctrl-C (a real SIGINT) on `run` and `bench` in a separate process: exit code 130, one
-clean line on stderr, no traceback, no file half-written.
+"""Ctrl-C (a real SIGINT) on `run`, `bench`, `convert` and `pull` in a separate process:
+exit code 130, one clean line on stderr, no traceback, no file half-written.
 
-Each process is interrupted once it shows it is busy (text streaming, llama.cpp's log),
-and the work is long enough (replies without a length limit, many repetitions) that it
-cannot end on its own first, so the tests do not depend on the machine's speed."""
+Each process is interrupted once it shows it is busy (text streaming, llama.cpp's log, a
+quant being written, a download under way), and the work is long enough (replies without
+a length limit, many repetitions, a throttled server) that it cannot end on its own
+first, so the tests do not depend on the machine's speed."""
 
 from __future__ import annotations
 
@@ -111,3 +112,25 @@ def test_convert_stops_and_leaves_nothing(tmp_path: Path) -> None:
     assert left == ["small-mistral-F16.gguf"], left
     header = read_header(out / left[0])
     assert header.tensors and header.data_end <= header.file_size
+
+
+def test_pull_stops_and_keeps_only_a_resumable_partial(hub, tmp_path: Path) -> None:
+    from localsmall.models.catalog import load_catalog
+    from tests.hubserver import write_small_gguf
+
+    q2 = load_catalog().default.quant("Q2_K").remote
+    data = write_small_gguf(tmp_path / "q2.gguf", 2 * 1024 * 1024).read_bytes()
+    hub.state.add(q2.repo, q2.file, data, bytes_per_s=256 * 1024)  # 8 s to send
+    child = _start("pull", "mistral-small-3.2:Q2_K", "--no-vision", "--yes")
+    deadline = time.monotonic() + WAIT_S
+    while not hub.state.data_requests(q2.file):
+        assert child.poll() is None, child.communicate()[1].decode()
+        assert time.monotonic() < deadline, "the download never started"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    _interrupted(child)
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    # No file under its final name: only the partial blob a later pull resumes from.
+    files = [p for p in cache.rglob("*") if p.is_file() and ".locks" not in p.parts]
+    assert files and all(".localsmall.incomplete" in p.name for p in files), files
+    assert not any(p.name == q2.file for p in cache.rglob("*"))
