@@ -177,3 +177,20 @@ def test_resume_without_a_saved_chat_starts_a_new_one(tiny) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_a_damaged_saved_chat_does_not_stop_the_chat(tiny) -> None:
+    saved = paths.last_chat_file()
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text("{ not json", encoding="utf-8")
+    child = _spawn(tiny, "--resume")
+    child.expect("could not be resumed")
+    child.expect(PROMPT)
+    child.send("hello\r")
+    child.expect("tok/s")
+    child.expect(PROMPT)
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert len(json.loads(saved.read_text(encoding="utf-8"))["messages"]) == 2

@@ -41,6 +41,7 @@ def chat(model: ModelArg = None, resume: ResumeOpt = False, *, flags: RunFlags) 
     """Chat with Mistral Small 3.2 about text and images."""
     from localsmall import paths
     from localsmall.commands.starting import started_session
+    from localsmall.errors import LocalsmallError
     from localsmall.ui.chat_screen import run_chat
     from localsmall.ui.console import notice
 
@@ -48,8 +49,14 @@ def chat(model: ModelArg = None, resume: ResumeOpt = False, *, flags: RunFlags) 
     with started_session(options, flags.session_options(), yes=flags.yes) as (
             session, build, _):
         session.autosave_path = paths.last_chat_file()
-        resumed = session.resume() if resume else None
-        if resume and resumed is None:
-            notice("There is no earlier chat to resume: starting a new one.")
+        resumed = None
+        if resume:
+            try:
+                resumed = session.resume()
+            except LocalsmallError as exc:  # a damaged file, an image gone: chat anyway
+                notice(f"The last chat could not be resumed ({exc}); starting a new one.")
+            else:
+                if resumed is None:
+                    notice("There is no earlier chat to resume: starting a new one.")
         run_chat(session, header_for(session.engine, build), history_path=paths.history_file(),
                  resumed=resumed)
