@@ -68,3 +68,14 @@ class DiskSpaceError(LocalsmallError):
 
 class ConversionError(LocalsmallError):
     """A checkpoint could not be converted to GGUF."""
+
+
+class ToolsError(LocalsmallError):
+    """Tool definitions, a tool choice, a response format or a JSON schema that cannot be
+    used. `param` names the request field at fault (for an HTTP 400), when known."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

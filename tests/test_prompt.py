@@ -25,6 +25,7 @@ from PIL import Image
 
 from localsmall.chat.conversation import Message
 from localsmall.chat.prompt import ChatTemplate, build_prompt
+from localsmall.chat.tools import ToolSpec
 from localsmall.engine.kvcache import ImageSpan
 from localsmall.engine.model import Engine
 from localsmall.images import PreparedImage, prepare_image_bytes
@@ -97,10 +98,11 @@ def _reference_ids(reference: MistralTokenizer, messages: Sequence[Message]) -> 
     return reference.encode_chat_completion(ChatCompletionRequest(messages=converted)).tokens
 
 
-def _fed_ids(engine: Engine, template: ChatTemplate, messages: Sequence[Message]) -> list[int]:
+def _fed_ids(engine: Engine, template: ChatTemplate, messages: Sequence[Message],
+             tools: Sequence[ToolSpec] | None = None) -> list[int]:
     """What localsmall feeds llama.cpp, with each image span spelled as tokens."""
     pieces = build_prompt(template, messages, tokenize=lambda t, s: engine.tokenize(t, special=s),
-                          bos=engine.bos_token, eos=engine.eos_token)
+                          bos=engine.bos_token, eos=engine.eos_token, tools=tools)
     images = {p.image.key: p.image for p in pieces if hasattr(p, "image")}
     ids: list[int] = []
     for item in engine.layout(pieces):

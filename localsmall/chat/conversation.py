@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from localsmall.chat.tools import ToolCall
 from localsmall.errors import ConversationFileError, ImageError
 from localsmall.fileio import atomic_write_bytes
 from localsmall.images import PreparedImage, prepare_image, prepare_image_bytes
@@ -21,7 +22,7 @@ from localsmall.images import PreparedImage, prepare_image, prepare_image_bytes
 FILE_FORMAT = "localsmall-chat"
 FILE_VERSION = 1
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 Part = str | PreparedImage
 
 
@@ -29,12 +30,16 @@ Part = str | PreparedImage
 class Message:
     """One message. `parts` holds text and images in order. For assistant messages,
     `token_ids` are the tokens the model generated (reused verbatim in later prompts,
-    so the KV cache matches); `interrupted` marks a reply stopped by the user."""
+    so the KV cache matches); `interrupted` marks a reply stopped by the user.
+    An assistant message may carry `tool_calls`; a "tool" message is the result of the
+    call `tool_call_id`, its text in `parts`."""
 
     role: Role
     parts: tuple[Part, ...]
     token_ids: tuple[int, ...] | None = None
     interrupted: bool = False
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     @property
     def text(self) -> str:
@@ -55,8 +60,13 @@ class Message:
 
     @classmethod
     def assistant(cls, text: str, token_ids: tuple[int, ...] | None = None,
-                  interrupted: bool = False) -> Message:
-        return cls("assistant", (text,), token_ids, interrupted)
+                  interrupted: bool = False, tool_calls: tuple[ToolCall, ...] = ()) -> Message:
+        return cls("assistant", (text,), token_ids, interrupted, tuple(tool_calls))
+
+    @classmethod
+    def tool_result(cls, call_id: str, text: str) -> Message:
+        """The result of the tool call `call_id`."""
+        return cls("tool", (text,), tool_call_id=call_id)
 
 
 @dataclass
@@ -103,6 +113,11 @@ def to_json(conversation: Conversation, *, embed_images: bool = False) -> dict[s
             entry["token_ids"] = list(m.token_ids)
         if m.interrupted:
             entry["interrupted"] = True
+        if m.tool_calls:
+            entry["tool_calls"] = [{"id": c.id, "name": c.name, "arguments": c.arguments}
+                                   for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            entry["tool_call_id"] = m.tool_call_id
         messages.append(entry)
     data = {"format": FILE_FORMAT, "version": FILE_VERSION,
             "system": conversation.system, "messages": messages}
@@ -147,7 +162,7 @@ def from_json(data: Any, where: str = "conversation") -> Conversation:
     try:
         for i, entry in enumerate(data["messages"]):
             role = entry["role"]
-            if role not in ("user", "assistant"):
+            if role not in ("user", "assistant", "tool"):
                 raise ConversationFileError(f"{where}: message {i} has unknown role {role!r}")
             parts: list[Part] = []
             for part in entry["content"]:
@@ -158,9 +173,13 @@ def from_json(data: Any, where: str = "conversation") -> Conversation:
                 else:
                     raise ConversationFileError(f"{where}: unknown part type {part['type']!r}")
             ids = entry.get("token_ids")
+            calls = tuple(ToolCall(str(c["id"]), str(c["name"]), str(c["arguments"]))
+                          for c in entry.get("tool_calls", ()))
+            call_id = entry.get("tool_call_id")
             messages.append(Message(role, tuple(parts),
                                     tuple(int(t) for t in ids) if ids is not None else None,
-                                    bool(entry.get("interrupted", False))))
+                                    bool(entry.get("interrupted", False)), calls,
+                                    str(call_id) if call_id is not None else None))
         kv_state = data.get("kv_state")
         return Conversation(system=str(data.get("system", "")), messages=messages,
                             kv_state=kv_state if isinstance(kv_state, dict) else None)

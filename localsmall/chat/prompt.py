@@ -23,6 +23,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from localsmall.chat.conversation import Message
+from localsmall.chat.normalize import has_tool_content, normalize_messages
+from localsmall.chat.tools import ToolSpec, tools_json
 from localsmall.engine.types import ImageSlot, PromptPiece, TokenRun
 from localsmall.errors import EngineError
 from localsmall.images import PreparedImage
@@ -91,7 +93,19 @@ class ChatTemplate:
         out: list[dict[str, Any]] = []
         for m in messages:
             if m.role == "assistant":
-                out.append({"role": "assistant", "content": slot(m.text, m.token_ids)})
+                entry: dict[str, Any] = {"role": "assistant",
+                                         "content": slot(m.text, m.token_ids)}
+                if m.tool_calls and m.token_ids is None:  # generated tokens hold the calls
+                    # Ids are nine letters or digits (checked by the template): no
+                    # control token can hide in them, so they stay template text.
+                    entry["tool_calls"] = [
+                        {"id": c.id, "type": "function",
+                         "function": {"name": slot(c.name), "arguments": slot(c.arguments)}}
+                        for c in m.tool_calls]
+                out.append(entry)
+            elif m.role == "tool":
+                out.append({"role": "tool", "tool_call_id": m.tool_call_id,
+                            "content": slot(m.text)})
             elif m.role == "system" or not m.images:
                 out.append({"role": m.role, "content": slot(m.text)})
             else:
@@ -106,15 +120,24 @@ class ChatTemplate:
         return out, images
 
     def render(self, messages: Sequence[Message], *, bos: str, eos: str,
-               tools: list[dict[str, Any]] | None = None) -> list[tuple[str, bool] | _Text
-                                                             | PreparedImage]:
+               tools: Sequence[ToolSpec] | None = None) -> list[tuple[str, bool] | _Text
+                                                                | PreparedImage]:
         """The prompt as segments: (template text, True), message text, images."""
         slots: list[_Text] = []
         template_messages, images = self._template_messages(messages, slots)
+        extra: dict[str, Any] = {}
+        if tools:
+            # Templates get the tools as OpenAI dicts; localsmall's own template writes
+            # `tools_json`, a placeholder for mistral-common's exact text.
+            slots.append(_Text(tools_json(tools)))
+            extra = {"tools": [{"type": "function", "function": {
+                         "name": t.name, "description": t.description,
+                         "parameters": t.parameters}} for t in tools],
+                     "tools_json": f"\ue000{len(slots) - 1}\ue001"}
         try:
             rendered = self._template.render(messages=template_messages, bos_token=bos,
-                                             eos_token=eos, tools=tools,
-                                             add_generation_prompt=True)
+                                             eos_token=eos, add_generation_prompt=True,
+                                             **extra)
         except jinja2.TemplateError as exc:
             raise EngineError(f"the chat template refused the conversation: {exc}") from None
         segments: list[tuple[str, bool] | _Text | PreparedImage] = []
@@ -140,9 +163,15 @@ class ChatTemplate:
 
 
 def build_prompt(template: ChatTemplate, messages: Sequence[Message], *, tokenize: Tokenize,
-                 bos: str, eos: str, tools: list[dict[str, Any]] | None = None
+                 bos: str, eos: str, tools: Sequence[ToolSpec] | None = None
                  ) -> list[PromptPiece]:
-    """Token runs and image slots for a conversation, ready for the engine."""
+    """Token runs and image slots for a conversation, ready for the engine: what
+    mistral-common's v11 tokenizer encodes for the same messages and tools. A
+    conversation with tools, tool calls or tool results is laid out by localsmall's own
+    template (model files' templates disagree on where tools go)."""
+    messages = normalize_messages(messages)
+    if (tools or has_tool_content(messages)) and template.source != builtin_template():
+        template = ChatTemplate(None)
     pieces: list[PromptPiece] = []
     run: list[int] = []
     for segment in template.render(messages, bos=bos, eos=eos, tools=tools):

@@ -56,9 +56,17 @@ class Reply:
         self._done = False
 
     def __iter__(self) -> Iterator[str]:
+        return self._stream(spelled=False)
+
+    def pieces(self) -> Iterator[str]:
+        """Like iterating, with control tokens spelled out ("[TOOL_CALLS]"): what the
+        tool-call parser reads."""
+        return self._stream(spelled=True)
+
+    def _stream(self, *, spelled: bool) -> Iterator[str]:
         try:
             for event in self.generation:
-                yield event.text
+                yield event.piece if spelled else event.text
         finally:
             self._finish()
 

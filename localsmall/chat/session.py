@@ -22,6 +22,7 @@ from localsmall.chat.conversation import (
 from localsmall.chat.prompt import ChatTemplate, build_prompt
 from localsmall.chat.results import LoadedChat, Reply, SavedChat, SessionStats
 from localsmall.chat.slash import CommandResult, run_command
+from localsmall.chat.tools import ToolSpec
 from localsmall.engine.model import Engine
 from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
@@ -46,8 +47,10 @@ class ChatSession:
     """The state of one chat and the operations the user can perform on it."""
 
     def __init__(self, engine: Engine, *, system_prompt: str, sampling: SamplingSettings,
-                 template: ChatTemplate | None = None, model_label: str = "") -> None:
+                 template: ChatTemplate | None = None, model_label: str = "",
+                 tools: tuple[ToolSpec, ...] = ()) -> None:
         self.engine = engine
+        self.tools = tools             # offered to the model in every prompt
         self.template = template or ChatTemplate(engine.info.chat_template)
         self.conversation = Conversation(system=system_prompt)
         self.sampling = sampling
@@ -140,7 +143,8 @@ class ChatSession:
 
     def _prompt(self) -> list[PromptPiece]:
         return build_prompt(self.template, self._messages_for_model(), tokenize=self._tokenize,
-                            bos=self.engine.bos_token, eos=self.engine.eos_token)
+                            bos=self.engine.bos_token, eos=self.engine.eos_token,
+                            tools=self.tools or None)
 
     def reply_reserve(self) -> int:
         """Context positions kept free for the reply."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -12,6 +13,8 @@ from localsmall.commands.options import RunFlags, with_run_flags
 from localsmall.errors import UsageError
 
 if TYPE_CHECKING:
+    from localsmall.chat.tools import ToolSpec
+    from localsmall.engine.types import Constraint
     from localsmall.models.resolve import LocalBuild
 
 
@@ -34,10 +37,20 @@ def run(
         rich_help_panel="Model")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text and stats) instead of streaming.")] = False,
+    schema: Annotated[Path | None, typer.Option(
+        "--schema", help="Reply with JSON valid against this JSON schema file.",
+        rich_help_panel="Structured output")] = None,
+    tools_file: Annotated[Path | None, typer.Option(
+        "--tools", help="Offer these tools (a JSON file of OpenAI function definitions); "
+        "prints the reply's tool calls as JSON.", rich_help_panel="Structured output")] = None,
+    tool_choice: Annotated[str | None, typer.Option(
+        "--tool-choice", help="auto (default), required, none, or a function name.",
+        rich_help_panel="Structured output")] = None,
     *,
     flags: RunFlags,
 ) -> None:
     """Answer one prompt (with optional images) and exit."""
+    from localsmall.chat.structured import read_tool_reply
     from localsmall.commands.starting import started_session
     from localsmall.ui.console import print_json, stdout_write
 
@@ -47,6 +60,7 @@ def run(
     text = _read_prompt(prompt)
     if not text.strip() and not images:
         raise UsageError("the prompt is empty")
+    tools, constraint = _structured(schema, tools_file, tool_choice)  # checked before loading
     # The projector is loaded only when there are images to read.
     options = flags.run_options(model, vision=bool(images))
 
@@ -56,10 +70,19 @@ def run(
 
     with started_session(options, flags.session_options(), yes=flags.yes,
                          check=needs_projector) as (session, build, progress):
+        session.tools = tools
+        session.sampling = dataclasses.replace(session.sampling, constraint=constraint)
         for path in images:
             session.attach(str(path))
         session.on_progress = progress
         reply = session.ask(text)
+        if tools:
+            calls = read_tool_reply(reply.pieces()).to_json()
+            progress.stop()
+            if as_json:
+                calls |= {"model": build.label, "stats": reply.stats.to_json()}
+            print_json(calls, one_line=True)
+            return
         streamed = False
         for piece in reply:
             if not streamed:
@@ -75,3 +98,18 @@ def run(
                         "stats": reply.stats.to_json()}, one_line=True)
         else:
             stdout_write("\n")
+
+
+def _structured(schema: Path | None, tools_file: Path | None,
+                tool_choice: str | None) -> tuple[tuple[ToolSpec, ...], Constraint | None]:
+    """The tools to offer and the constraint for --schema / --tools / --tool-choice."""
+    from localsmall.chat.structured import load_schema_file, load_tools_file
+    from localsmall.chat.tools import parse_tool_choice, reply_constraint
+
+    if tool_choice is not None and tools_file is None:
+        raise UsageError("--tool-choice needs --tools")
+    tools = load_tools_file(tools_file) if tools_file is not None else ()
+    response_format = load_schema_file(schema) if schema is not None else None
+    choice = parse_tool_choice(tool_choice, tools) if tools else None
+    return tools, reply_constraint(tools=tools, tool_choice=choice,
+                                   response_format=response_format)

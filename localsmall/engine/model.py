@@ -22,6 +22,7 @@ import numpy as np
 from localsmall import interrupt
 from localsmall.engine import native
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
+from localsmall.engine.constrain import ConstrainedSampler, constraint_accepts
 from localsmall.engine.devices import default_threads
 from localsmall.engine.kvcache import (
     CacheItem,
@@ -37,6 +38,7 @@ from localsmall.engine.state import StateMeta, engine_fingerprint, load_kv_state
 from localsmall.engine.tokenizer import Tokenizer
 from localsmall.engine.types import (
     KV_TYPES,
+    Constraint,
     EngineSettings,
     ImageSlot,
     ProgressCallback,
@@ -108,6 +110,16 @@ class Engine:
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return self.tokenizer.detokenize(tokens, special=special)
+
+    @property
+    def control_tokens(self) -> dict[str, int]:
+        """Every control token of the vocabulary by its text ("[TOOL_CALLS]": 9)."""
+        return self.tokenizer.control_tokens
+
+    def constraint_accepts(self, constraint: Constraint, tokens: Sequence[int]) -> bool:
+        """Whether a reply of exactly `tokens` meets `constraint` (for tests and checks)."""
+        return constraint_accepts(self._llama, self.vocab, constraint, self.control_tokens,
+                                  list(tokens))
 
     @property
     def bos_token(self) -> str:
@@ -308,6 +320,14 @@ class Engine:
         stats = self._evaluate(items, prompt, on_progress)
         result.stats = stats
         sampler = sampler_chain(llama, self.tokenizer.n_tokens, sampling)
+        constrained = None
+        if sampling.constraint is not None:
+            try:
+                constrained = ConstrainedSampler(llama, self.vocab, sampler,
+                                                 sampling.constraint, self.control_tokens)
+            except BaseException:
+                llama.llama_sampler_free(sampler)
+                raise
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop: StopReason = ""
         first_token_at = 0.0
@@ -317,7 +337,8 @@ class Engine:
                 if interrupt.take():  # Ctrl-C: the reply ends here, what came is kept
                     stop = "interrupted"
                     break
-                token = llama.llama_sampler_sample(sampler, self.ctx, -1)
+                token = (constrained.sample(self.ctx) if constrained is not None
+                         else llama.llama_sampler_sample(sampler, self.ctx, -1))
                 if not result.token_ids:
                     first_token_at = time.perf_counter()
                     gen_start = first_token_at
@@ -327,7 +348,9 @@ class Engine:
                 text = decoder.decode(self.tokenizer.token_bytes(token))
                 result.token_ids.append(token)
                 result.text += text
-                yield TokenEvent(token, text)
+                piece = self.tokenizer.token_piece(token) if self.tokenizer.is_control(token) \
+                    else text
+                yield TokenEvent(token, text, piece)
                 if sampling.max_tokens is not None and len(result.token_ids) >= sampling.max_tokens:
                     stop = "length"
                     break
@@ -345,7 +368,10 @@ class Engine:
         finally:
             tail = decoder.decode(b"", final=True)
             result.text += tail
-            llama.llama_sampler_free(sampler)
+            if constrained is not None:
+                constrained.free()  # frees the chain too
+            else:
+                llama.llama_sampler_free(sampler)
             now = time.perf_counter()
             result.stats = replace(
                 result.stats, generated_tokens=len(result.token_ids), stop_reason=stop,

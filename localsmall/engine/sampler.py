@@ -13,6 +13,11 @@ def sampler_chain(llama: Any, n_vocab: int, sampling: SamplingSettings) -> Any:
     """A sampler chain for `sampling`; the caller frees it (`llama_sampler_free`)."""
     chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
     add = llama.llama_sampler_chain_add
+    if sampling.logit_bias:
+        biases = (llama.llama_logit_bias * len(sampling.logit_bias))(
+            *[llama.llama_logit_bias(t, b) for t, b in sampling.logit_bias])
+        add(chain, llama.llama_sampler_init_logit_bias(n_vocab, len(sampling.logit_bias),
+                                                       biases))
     if sampling.repeat_penalty != 1.0:
         add(chain, llama.llama_sampler_init_penalties(n_vocab, 64, sampling.repeat_penalty,
                                                       0.0, 0.0))

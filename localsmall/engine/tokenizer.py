@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,15 @@ class Tokenizer:
     @property
     def n_tokens(self) -> int:
         return int(self._llama.llama_vocab_n_tokens(self.vocab))
+
+    def is_control(self, token: int) -> bool:
+        """A control token ([INST], [TOOL_CALLS], ...): it renders as text only when asked."""
+        return bool(self._llama.llama_vocab_is_control(self.vocab, token))
+
+    @functools.cached_property
+    def control_tokens(self) -> dict[str, int]:
+        """Every control token by its text ("[TOOL_CALLS]": 9)."""
+        return {self.token_piece(i): i for i in range(self.n_tokens) if self.is_control(i)}
 
     def is_end(self, token: int) -> bool:
         """An end-of-generation token (end of sequence, end of turn)."""

@@ -55,6 +55,20 @@ class EngineSettings:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What the reply must look like: a llama.cpp grammar (GBNF, start rule `root`) in
+    which control tokens are written `<[TOOL_CALLS]>` (the engine puts in their ids).
+    A `lazy` grammar waits for one of the `triggers` (control tokens) and constrains what
+    follows from it on; text before it is free. `allowed_control`, when set, forbids every
+    other control token but end-of-sequence (so none can slip into a JSON string)."""
+
+    grammar: str = ""
+    lazy: bool = False
+    triggers: tuple[str, ...] = ()
+    allowed_control: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class SamplingSettings:
     """Token sampling. temperature 0 means greedy (deterministic)."""
 
@@ -65,6 +79,8 @@ class SamplingSettings:
     repeat_penalty: float = 1.0
     seed: int | None = None
     max_tokens: int | None = None
+    constraint: Constraint | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
 
 @dataclass(frozen=True)
@@ -137,10 +153,12 @@ class TurnStats:
 @dataclass(frozen=True)
 class TokenEvent:
     """One generated token: its id and the text it completes (may be empty while a
-    multi-byte character is still incomplete)."""
+    multi-byte character is still incomplete). `piece` is the same text with control
+    tokens spelled out ("[TOOL_CALLS]"): what the tool-call parser reads."""
 
     id: int
     text: str
+    piece: str = ""
 
 
 @dataclass
