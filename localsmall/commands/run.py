@@ -79,6 +79,8 @@ def run(
         if tools:
             calls = read_tool_reply(reply.pieces()).to_json()
             progress.stop()
+            if reply.stats.stop_reason == "interrupted":
+                raise KeyboardInterrupt  # no half a tool call on stdout: exit 130
             if as_json:
                 calls |= {"model": build.label, "stats": reply.stats.to_json()}
             print_json(calls, one_line=True)
