@@ -207,7 +207,9 @@ class ChatScreen:
         """Read one input and act on it; True means leave. Whatever goes wrong while
         acting on it costs one line, never the chat."""
         default, self.session.restored_input = self.session.restored_input, ""
-        interrupt.clear()  # a Ctrl-C from before the prompt was about nothing here
+        # A Ctrl-C that no turn took (between two prompts, while the terminal was not the
+        # prompt's) counts as one at the prompt: twice leaves, as the user expects.
+        interrupt.raise_if_requested()
         line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "), default=default)
         try:
             result = self.session.handle(line)
