@@ -82,3 +82,19 @@ def interrupting() -> Iterator[None]:
         if _depth == 0:
             signal.signal(signal.SIGINT, _previous)
             _previous = None
+
+
+@contextlib.contextmanager
+def raising() -> Iterator[None]:
+    """Inside `interrupting()`, give the block SIGINT's usual behaviour back (Python's
+    KeyboardInterrupt): for code that expects it, such as an input prompt, which turns it
+    into a key. A request still pending is raised at once, so none falls between."""
+    if threading.current_thread() is not threading.main_thread() or _depth == 0:
+        yield
+        return
+    signal.signal(signal.SIGINT, _previous)
+    try:
+        raise_if_requested()
+        yield
+    finally:
+        signal.signal(signal.SIGINT, _on_sigint)

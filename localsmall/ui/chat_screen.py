@@ -183,11 +183,11 @@ class ChatScreen:
     def run(self) -> None:
         """Loop until /exit, Ctrl-D or two Ctrl-C in a row at the prompt.
 
-        For the whole chat, Ctrl-C only sets the interrupt flag (see localsmall.interrupt)
-        and never raises wherever Python happens to be: the engine reads the flag (a reply
-        stops at its next token, reading a prompt or encoding an image stops within a
-        graph node), and the prompt, which owns the terminal while it reads, sees Ctrl-C
-        as a key."""
+        Outside the input prompt, Ctrl-C only sets the interrupt flag (see
+        localsmall.interrupt) and never raises wherever Python happens to be: the engine
+        reads the flag (a reply stops at its next token, reading a prompt or encoding an
+        image stops within a graph node). The prompt, which owns the terminal while it
+        reads, sees Ctrl-C as a key."""
         interrupts = 0
         with interrupt.interrupting():
             while interrupts < 2:
@@ -207,10 +207,12 @@ class ChatScreen:
         """Read one input and act on it; True means leave. Whatever goes wrong while
         acting on it costs one line, never the chat."""
         default, self.session.restored_input = self.session.restored_input, ""
-        # A Ctrl-C that no turn took (between two prompts, while the terminal was not the
-        # prompt's) counts as one at the prompt: twice leaves, as the user expects.
-        interrupt.raise_if_requested()
-        line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "), default=default)
+        # While the prompt reads, Ctrl-C raises as prompt_toolkit expects (a key in its raw
+        # mode; KeyboardInterrupt while it sets up). A Ctrl-C that no turn took (between
+        # two prompts) counts as one at the prompt: twice leaves, as the user expects.
+        with interrupt.raising():
+            line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "),
+                                      default=default)
         try:
             result = self.session.handle(line)
             if result is None:
