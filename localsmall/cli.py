@@ -20,6 +20,7 @@ from localsmall.commands import plan as plan_cmd
 from localsmall.commands import pull as pull_cmd
 from localsmall.commands import rm as rm_cmd
 from localsmall.commands import run as run_cmd
+from localsmall.commands import worker as worker_cmd
 from localsmall.errors import LocalsmallError
 
 
@@ -32,8 +33,11 @@ class LocalsmallGroup(TyperGroup):
     the app directly)."""
 
     def invoke(self, ctx: Any) -> Any:
+        from localsmall.engine.rpc import set_reporter
         from localsmall.ui.console import error
 
+        # A worker lost mid-reply ends the process from inside llama.cpp: same message.
+        set_reporter(lambda exc: error(str(exc)))
         try:
             return super().invoke(ctx)
         except LocalsmallError as exc:
@@ -91,6 +95,7 @@ app.command("rm")(rm_cmd.rm)
 app.command("convert")(convert_cmd.convert)
 app.command("bench")(bench_cmd.bench)
 app.command("doctor")(doctor_cmd.doctor)
+app.command("worker")(worker_cmd.worker)
 
 
 def main() -> None:

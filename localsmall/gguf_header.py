@@ -21,6 +21,11 @@ from localsmall.errors import ModelLoadError
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 SHORT_ARRAY = 64  # arrays up to this length are read; longer ones keep only their length
+MAX_NESTING = 8   # arrays of arrays deeper than this are refused (llama.cpp uses one level)
+MAX_DIMS = 4      # ggml tensors have at most four dimensions
+# Smallest encodings, to refuse counts the file cannot possibly hold before looping:
+MIN_KV_BYTES = 8 + 4 + 1          # key length, value type, one byte of value
+MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset
 
 # GGUF value type -> struct format of one scalar
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
@@ -99,38 +104,58 @@ def type_bytes(type_name: str, n_elements: int) -> int:
 
 
 class _Cursor:
-    def __init__(self, data: mmap.mmap, order: str) -> None:
+    """Reads values from the header, refusing every length that points past the end of
+    the file before acting on it (so a declared length never costs memory or time)."""
+
+    def __init__(self, data: mmap.mmap | bytes, order: str) -> None:
         self.data, self.order, self.pos = data, order, 0
+        self.size = len(data)
+
+    def need(self, n_bytes: int, what: str) -> None:
+        """Fail unless `n_bytes` more bytes are left in the file."""
+        if n_bytes < 0 or self.pos + n_bytes > self.size:
+            raise ValueError(f"{what} runs past the end of the file")
 
     def scalar(self, fmt: str) -> Any:
+        self.need(struct.calcsize(fmt), "a value")
         (value,) = struct.unpack_from(self.order + fmt, self.data, self.pos)
         self.pos += struct.calcsize(fmt)
         return value
 
     def string(self) -> str:
         length = self.scalar("Q")
+        self.need(length, f"a {length}-byte string")
         raw = self.data[self.pos:self.pos + length]
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int) -> None:
-        unpack, order, data = struct.unpack_from, self.order + "Q", self.data
+        self.need(count * 8, f"an array of {count} strings")
+        unpack, order, data, size = struct.unpack_from, self.order + "Q", self.data, self.size
         pos = self.pos
         for _ in range(count):
+            if pos + 8 > size:
+                raise ValueError("an array of strings runs past the end of the file")
             pos += 8 + unpack(order, data, pos)[0]
+        if pos > size:
+            raise ValueError("an array of strings runs past the end of the file")
         self.pos = pos
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise ValueError(f"arrays nested more than {MAX_NESTING} deep")
             item_type, count = self.scalar("I"), self.scalar("Q")
             if count <= SHORT_ARRAY:
-                return [self.value(item_type) for _ in range(count)]
+                return [self.value(item_type, depth + 1) for _ in range(count)]
             if item_type == _STRING:
                 self.skip_strings(count)
             elif item_type in _SCALARS:
-                self.pos += count * struct.calcsize(_SCALARS[item_type])
+                n_bytes = count * struct.calcsize(_SCALARS[item_type])
+                self.need(n_bytes, f"an array of {count} values")
+                self.pos += n_bytes
             else:
                 raise ValueError(f"unsupported nested array type {item_type}")
             return count
@@ -146,13 +171,24 @@ def read_header(path: Path) -> GgufHeader:
     try:
         with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0,
                                                    access=mmap.ACCESS_READ) as data:
-            return _parse(path, data)
-    except (OSError, ValueError, struct.error, KeyError, UnicodeDecodeError) as exc:
+            return parse_header(data, path)
+    except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); it is "
                              "incomplete or damaged") from None
 
 
-def _parse(path: Path, data: mmap.mmap) -> GgufHeader:
+def parse_header(data: mmap.mmap | bytes, path: Path) -> GgufHeader:
+    """Parse a GGUF header from the file's bytes (`path` names it in errors). Every
+    declared length is checked against the data's size before it is used, so time and
+    memory stay proportional to the data. Raises ModelLoadError."""
+    try:
+        return _parse(path, data)
+    except (ValueError, struct.error, KeyError, UnicodeDecodeError, OverflowError) as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); it is "
+                             "incomplete or damaged") from None
+
+
+def _parse(path: Path, data: mmap.mmap | bytes) -> GgufHeader:
     if data[:4] != GGUF_MAGIC:
         raise ValueError("no GGUF magic")
     # The version is small: if it reads huge, the file is big-endian.
@@ -160,6 +196,8 @@ def _parse(path: Path, data: mmap.mmap) -> GgufHeader:
     cursor = _Cursor(data, order)
     cursor.pos = 8
     n_tensors, n_kv = cursor.scalar("Q"), cursor.scalar("Q")
+    cursor.need(n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_BYTES,
+                f"{n_kv} metadata entries and {n_tensors} tensors")
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cursor.string()
@@ -168,15 +206,29 @@ def _parse(path: Path, data: mmap.mmap) -> GgufHeader:
     table = []
     for _ in range(n_tensors):
         name = cursor.string()
-        shape = tuple(cursor.scalar("Q") for _ in range(cursor.scalar("I")))
-        type_name, block, block_bytes = sizes[cursor.scalar("I")]
+        n_dims = cursor.scalar("I")
+        if n_dims > MAX_DIMS:
+            raise ValueError(f"tensor {name!r} has {n_dims} dimensions (at most {MAX_DIMS})")
+        shape = tuple(cursor.scalar("Q") for _ in range(n_dims))
+        type_id = cursor.scalar("I")
+        if type_id not in sizes:
+            raise ValueError(f"tensor {name!r} has unknown type {type_id}")
+        type_name, block, block_bytes = sizes[type_id]
         offset = cursor.scalar("Q")  # within the data section
         n_elements = 1
         for dim in shape:
             n_elements *= dim
         table.append((name, type_name, shape, -(-n_elements // block) * block_bytes, offset))
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    alignment = _alignment(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
     data_start = cursor.pos + (-cursor.pos % alignment)
     tensors = tuple(TensorInfo(name, type_name, shape, n_bytes, data_start + offset)
                     for name, type_name, shape, n_bytes, offset in table)
     return GgufHeader(path=path, metadata=metadata, tensors=tensors, file_size=len(data))
+
+
+def _alignment(value: Any) -> int:
+    """general.alignment: an integer power of two, as llama.cpp requires."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or \
+            value & (value - 1):
+        raise ValueError(f"general.alignment {value!r} is not a power of two")
+    return value

@@ -8,16 +8,20 @@ the number of image tokens is known before encoding.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from localsmall.errors import ImageError
+from localsmall.fileio import read_regular_file
 
 SUPPORTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP",
                      "GIF": "GIF", "BMP": "BMP"}
@@ -106,8 +110,18 @@ def _open(data: bytes, source: str) -> Image.Image:
     return image
 
 
+def _gray16_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (PNG's I;16 or I) scaled to 8 bits: Pillow's own conversion
+    clamps every value above 255, which turns most of such an image white."""
+    values = np.asarray(image).astype(np.int64)  # any byte order
+    scaled = (np.clip(values, 0, 65535) * 255 + 32767) // 65535
+    return Image.fromarray(scaled.astype(np.uint8), mode="L")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image) or image
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        image = _gray16_to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency"
                                                in image.info):
         # Transparent pixels become white, as image viewers show them.
@@ -120,12 +134,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def prepare_image_bytes(data: bytes, source: str) -> PreparedImage:
     """Validate and prepare image file contents (see `prepare_image`)."""
-    image = _to_rgb(_open(data, source))
-    original = image.size
-    size = fit_to_grid(*original)
-    if size != original:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    rgb = image.tobytes()
+    image = _open(data, source)
+    try:
+        image = _to_rgb(image)
+        original = image.size
+        size = fit_to_grid(*original)
+        if size != original:
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        rgb = image.tobytes()
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, struct.error) as exc:
+        # Pillow's decoders and converters fail in many ways on damaged files.
+        raise ImageError(f"{source}: image is corrupt ({exc})") from None
     key = hashlib.sha256(f"{size[0]}x{size[1]}:".encode() + rgb).hexdigest()
     return PreparedImage(key=key, width=size[0], height=size[1], rgb=rgb, source=source,
                          original_size=original)
@@ -133,21 +152,24 @@ def prepare_image_bytes(data: bytes, source: str) -> PreparedImage:
 
 def prepare_image(path: str | Path) -> PreparedImage:
     """Read an image file for the model. Raises ImageError with a one-line reason for a
-    missing file, a non-image, a truncated file, a decompression bomb or an unsupported
-    format."""
+    missing file, something that is not a regular file (a device or FIFO is never read),
+    a non-image, a truncated file, a decompression bomb or an unsupported format."""
     file = Path(path).expanduser()
     source = str(path)
-    if not file.exists():
-        raise ImageError(f"{source}: no such file")
-    if file.is_dir():
-        raise ImageError(f"{source}: is a directory, not an image")
     try:
-        if file.stat().st_size > MAX_FILE_BYTES:
-            raise ImageError(f"{source}: file is too large for an image "
-                             f"(over {MAX_FILE_BYTES // 2**20} MiB)")
-        data = file.read_bytes()
+        data = read_regular_file(file, MAX_FILE_BYTES)
+    except FileNotFoundError:
+        raise ImageError(f"{source}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{source}: is a directory, not an image") from None
     except PermissionError:
         raise ImageError(f"{source}: permission denied") from None
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise ImageError(f"{source}: file is too large for an image "
+                             f"(over {MAX_FILE_BYTES // 2**20} MiB)") from None
+        if exc.errno == errno.EINVAL:
+            raise ImageError(f"{source}: not a regular file (a device, FIFO or socket); "
+                             "give an image file") from None
         raise ImageError(f"{source}: cannot read ({exc.strerror or exc})") from None
     return prepare_image_bytes(data, source)

@@ -53,7 +53,6 @@ class TinyModels:
     """The tiny models of this test session."""
 
     f16: Path          # text model, F16 matrices, with the built-in chat template
-    f32: Path          # same weights in F32
     q4_k_m: Path       # quantized with llama.cpp's quantizer
     no_template: Path  # F16 without tokenizer.chat_template
     mmproj: Path       # Pixtral projector matched to the text model
@@ -66,25 +65,36 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     tensors = tm.text_tensors(tm.TINY_TEXT)
     template = tm.builtin_template()
     f16 = tm.write_text_model(root / "tiny-F16.gguf", chat_template=template, tensors=tensors)
-    f32 = tm.write_text_model(root / "tiny-F32.gguf", chat_template=template, tensors=tensors,
-                              dtype="f32")
     bare = tm.write_text_model(root / "tiny-notemplate-F16.gguf", tensors=tensors)
     mmproj = tm.write_mmproj(root / "mmproj-tiny-F32.gguf", tensors)
     q4 = tm.quantize(f16, root / "tiny-Q4_K_M.gguf", "Q4_K_M")
     tekken = tm.write_v11_tekken(root / "tekken.json")
-    return TinyModels(f16=f16, f32=f32, q4_k_m=q4, no_template=bare, mmproj=mmproj,
+    return TinyModels(f16=f16, q4_k_m=q4, no_template=bare, mmproj=mmproj,
                       tekken=tekken)
 
 
 @pytest.fixture(scope="session")
-def engine(tiny: TinyModels) -> Iterator[object]:
-    """A loaded tiny model with its projector (shared: tests reset it as they need)."""
+def session_engine(tiny: TinyModels) -> Iterator[object]:
+    """A loaded tiny model with its projector, shared by the whole session; tests use it
+    through `engine`, which hands it over clean."""
     from localsmall.engine.model import Engine
     from localsmall.engine.types import EngineSettings
 
     with Engine(EngineSettings(model_path=tiny.f16, mmproj_path=tiny.mmproj, n_ctx=4096,
                                n_threads=2)) as loaded:
         yield loaded
+
+
+@pytest.fixture
+def engine(session_engine: object) -> object:
+    """The session's engine with an empty KV cache and no remembered image embeddings,
+    so a test's counts (tokens reused, images encoded) depend on that test alone."""
+    session_engine.reset()  # type: ignore[attr-defined]
+    projector = session_engine.projector  # type: ignore[attr-defined]
+    assert projector is not None
+    projector.forget()
+    assert not projector._embeddings
+    return session_engine
 
 
 @pytest.fixture
@@ -128,3 +138,19 @@ def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """After a run with fuzz tests: each target's cases, failures and longest case."""
+    import sys
+
+    fuzzing = sys.modules.get("tests.fuzzing")
+    logs = getattr(fuzzing, "LOGS", None)
+    if not logs:
+        return
+    terminalreporter.section("fuzz targets")
+    terminalreporter.write_line(f"{'target':<26} {'cases':>8} {'failures':>9} "
+                                f"{'longest case':>13}")
+    for target, log in sorted(logs.items()):
+        terminalreporter.write_line(f"{target:<26} {log.cases:>8} {log.failures:>9} "
+                                    f"{log.longest_s * 1000:>10.1f} ms")

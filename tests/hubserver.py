@@ -13,7 +13,8 @@ parts of the Hub protocol huggingface_hub 2.4 uses to download files.
   "Invalid credentials" for a bad token (any token starting with hf_bad).
 
 Faults for tests: drop the connection after N body bytes, serve corrupted bytes of the
-right size, send slowly, or refuse data requests (503). Every request is recorded.
+right size, send slowly, pause at a byte offset until the test says go on, or refuse
+data requests (503). Every request is recorded.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ class Served:
     bytes_per_s: float | None = None  # throttle the body
     fail_gets: int = 0              # then answer this many data GETs with 503
     cdn: bool = False               # redirect to another host, as the Hub does for LFS
+    pause_at: int | None = None     # stop sending once the body reaches this byte (once),
+    paused: threading.Event = field(default_factory=threading.Event)  # ... set then,
+    resume: threading.Event = field(default_factory=threading.Event)  # ... until this is set
 
     @property
     def sha256(self) -> str:
@@ -215,21 +219,34 @@ class _Handler(BaseHTTPRequestHandler):
             served.drops -= 1
             limit = max(served.drop_after - start, 0)
             self.close_connection = True
-        self._write(body[:limit], served.bytes_per_s)
+        pause = served.pause_at
+        if pause is not None and start <= pause < start + limit:
+            served.pause_at = None
+            if not self._write(body[:pause - start], served.bytes_per_s):
+                return
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+            served.paused.set()
+            served.resume.wait(timeout=120)  # bounded: a failed test must not hang
+            self._write(body[pause - start:limit], served.bytes_per_s)
+        else:
+            self._write(body[:limit], served.bytes_per_s)
         if limit < len(body):
             with contextlib.suppress(OSError):
                 self.wfile.flush()
                 self.connection.shutdown(2)
 
-    def _write(self, body: bytes, bytes_per_s: float | None) -> None:
+    def _write(self, body: bytes, bytes_per_s: float | None) -> bool:
+        """Send `body`; False when the client went away."""
         step = 64 * 1024
         for i in range(0, len(body), step):
             try:
                 self.wfile.write(body[i:i + step])
             except OSError:
-                return
+                return False
             if bytes_per_s:
                 time.sleep(step / bytes_per_s)
+        return True
 
 
 @contextlib.contextmanager

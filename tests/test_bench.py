@@ -8,6 +8,7 @@ import io
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -51,16 +52,21 @@ def test_timer_passes_fill_the_cache_like_llama_bench(engine: Engine) -> None:
     from localsmall.engine.timing import DecodeTimer
 
     with DecodeTimer(engine) as timer:
+        decoded: list[int] = []
+        decode = timer._decode
+        timer._decode = lambda tokens, pos: decoded.append(len(tokens)) or decode(tokens, pos)
         timer.prefill(20)
-        assert timer._next_pos() == 20
+        assert timer._next_pos() == 20 and sum(decoded) == 20
         assert timer.prompt(10) > 0
         assert timer._next_pos() == 30
         assert timer.generate(3) > 0
         assert timer._next_pos() == 33
         timer.clear()
         assert timer._next_pos() == 0
+        decoded.clear()
         timer.prefill(20)  # restored from the saved state, not recomputed
-        assert timer._next_pos() == 20
+        assert timer._next_pos() == 20 and decoded == []
+        assert timer.generate(1) > 0 and decoded == [1]
     assert engine.cached_positions == 0
 
 
@@ -97,7 +103,14 @@ def test_speed_report_as_json(tiny) -> None:
     # time to first token on the real chat prompt: Mistral's system prompt + a question
     assert row["ttft"]["mean"] > 0 and row["ttft_tokens"] > 400
     assert row["image_encode"]["mean"] > 0 and row["image_tokens"] == 18 * 18 + 17
-    assert row["device_memory_bytes"] is None  # no GPU here
+    # GPU memory is reported where this build sees a GPU, and only there
+    from localsmall.bench.system import GPU_KINDS
+    from localsmall.engine.devices import list_devices
+
+    if any(d.kind in GPU_KINDS for d in list_devices()):
+        assert isinstance(row["device_memory_bytes"], int) and row["device_memory_bytes"] >= 0
+    else:
+        assert row["device_memory_bytes"] is None
 
 
 def test_sweep_runs_every_combination(tiny) -> None:
@@ -125,6 +138,13 @@ def test_compare_writes_a_markdown_table(tiny, tmp_path: Path) -> None:
     names = [row.split("|")[1].strip() for row in table[2:]]
     assert names == ["tiny-F16.gguf", "tiny-Q4_K_M.gguf"]  # largest file first
     assert table[2].split("|")[header.index("pp× / tg×") + 1].strip() == "1.00 / 1.00"
+    # the smaller file's speeds relative to the largest one's, from the same runs
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in table[2:4]]
+    pp, tg = (next(i for i, h in enumerate(header) if h.startswith(p)) for p in ("pp", "tg"))
+    ratio = [float(x) for x in cells[1][header.index("pp× / tg×")].split(" / ")]
+    for got, column in zip(ratio, (pp, tg), strict=True):
+        expected = float(cells[1][column].split()[0]) / float(cells[0][column].split()[0])
+        assert got == pytest.approx(expected, abs=0.011), (got, expected)
 
 
 # --- quality -------------------------------------------------------------------------------
@@ -221,8 +241,68 @@ def test_progress_renders_steps_and_model_loading() -> None:
 
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=100)
+    # The display is drawn a last time when it stops: what it shows then is checked.
+    with BenchProgress(console, enabled=True) as progress:
+        progress(BenchStep(0, 10, "[1/2] Q4_K_M: loading the model"))
+        progress(Progress("load", 500, 1000, "loading model"))
+    loading = screen.getvalue()
+    assert "Q4_K_M: loading the model" in loading and "0/10" in loading
+    assert "  loading" in loading and "500/1000" in loading  # the model's own load bar
     with BenchProgress(console, enabled=True) as progress:
         progress(BenchStep(0, 10, "[1/2] Q4_K_M: loading the model"))
         progress(Progress("load", 500, 1000, "loading model"))
         progress(BenchStep(3, 10, "[1/2] Q4_K_M: pp512 run 2/5"))
-    assert "pp512 run 2/5" in screen.getvalue()
+    assert "pp512 run 2/5" in screen.getvalue()[len(loading):]
+    assert "3/10" in screen.getvalue()[len(loading):]
+
+
+# --- catalog builds: what `bench` picks by itself -------------------------------------------
+
+
+def _register(quant: str, model: Path, mmproj: Path | None) -> None:
+    from localsmall.models.catalog import load_catalog
+    from localsmall.models.registry import RegisteredBuild, register_build
+
+    register_build(RegisteredBuild(load_catalog().default.id, quant, str(model),
+                                   str(mmproj) if mmproj else None, "test"))
+
+
+def test_without_arguments_bench_measures_the_build_chat_would_run(tiny, monkeypatch
+                                                                   ) -> None:
+    _register("Q4_K_M", tiny.q4_k_m, tiny.mmproj)  # the plan's pick on the tests' machine
+    # The defaults, llama-bench's: pp512, tg128, 5 repetitions of the planned build.
+    from localsmall.bench import runner
+
+    requests = []
+    real_run = runner.run_bench
+    with monkeypatch.context() as quick:  # what would be measured, without the hour
+        quick.setattr(runner, "run_bench", lambda request, **kw: requests.append(request)
+                      or real_run(replace(request, n_prompt=16, n_gen=4, repetitions=1),
+                                  **kw))
+        data = bench_json()
+    (request,) = requests
+    assert (request.n_prompt, request.n_gen, request.repetitions) == (512, 128, 5)
+    assert [(t.ref, t.quant, t.model_path) for t in request.targets] == [(None, None, None)]
+    (row,) = data["speed"]
+    assert row["quant"] == "Q4_K_M" and row["file"] == str(tiny.q4_k_m)
+    assert row["image_tokens"] > 0  # the projector came with the build
+
+
+def test_quality_picks_the_best_build_on_disk_and_reads_a_text_file(
+        tiny, q8_0: Path, engine: Engine, tmp_path: Path) -> None:
+    from localsmall.engine.logits import text_tokens
+
+    _register("Q4_K_M", tiny.q4_k_m, None)
+    _register("Q8_0", q8_0, None)
+    text = tmp_path / "my-eval.txt"
+    text.write_text(" ".join(f"Sentence {i} says something about rivers and hills."
+                             for i in range(60)), encoding="utf-8")
+    n_tokens = len(text_tokens(engine, text.read_text(encoding="utf-8")))
+    assert 512 <= n_tokens < 1024  # exactly one chunk of 512
+    data = bench_json("--quant", "Q4_K_M", "--quality", "--text", text, "-p", "0", "-n", "0")
+    assert data["quality_text"] == "my-eval.txt"
+    ref, q4 = data["quality"]
+    # Not asked for, but on disk: Q8_0 is the highest-precision build, so the reference.
+    assert ref["is_reference"] and ref["file"] == str(q8_0) and ref["quant"] == "Q8_0"
+    assert q4["file"] == str(tiny.q4_k_m) and q4["reference"] == q8_0.name
+    assert (q4["chunks"], q4["tokens"]) == (1, 255) and q4["kld"] > 0

@@ -73,10 +73,20 @@ def test_pull_list_and_rm(hub: LocalHub, small_files: dict[str, bytes]) -> None:
         ("Q2_K", "yes", True, "hub")]
     assert builds[0]["size"] == len(small_files[Q2.file])
     assert "Q2_K" in invoke("list").stdout
+    from localsmall.hub import cache as hubcache
+
     removed = invoke("rm", "mistral-small-3.2:Q2_K")
     assert removed.exit_code == 0 and "removed mistral-small-3.2:Q2_K" in removed.stderr
     assert json.loads(invoke("list", "--json").stdout) == []
-    assert invoke("rm", "mistral-small-3.2:projector").exit_code == 0
+    assert hubcache.cached_file(Q2) is None
+    # the projector stays until it is removed by name
+    projector = hubcache.cached_file(PROJECTOR)
+    assert projector is not None and projector.exists()
+    gone = invoke("rm", "mistral-small-3.2:projector")
+    assert gone.exit_code == 0 and "removed mistral-small-3.2 vision projector" in gone.stderr
+    assert hubcache.cached_file(PROJECTOR) is None and not projector.exists()
+    again = invoke("rm", "mistral-small-3.2:projector")
+    assert again.exit_code == 1 and "no projector of mistral-small-3.2" in again.stderr
 
 
 def test_pull_errors_are_one_line(hub: LocalHub, small_files: dict[str, bytes],
@@ -97,8 +107,16 @@ def test_doctor_reports_machine_and_cache(monkeypatch: pytest.MonkeyPatch,
     data = json.loads(invoke("doctor", "--json").stdout)
     assert data["hardware"]["ram_total"] == 64 * GIB
     assert data["cache_dir"] == str(isolated_home / "hf" / "hub")
-    assert data["versions"]["llama-cpp-python"] == "0.3.36"
-    # The real machine, with an NVIDIA card this CPU-only build cannot use.
+    from importlib.metadata import version
+
+    assert data["versions"]["llama-cpp-python"] == version("llama-cpp-python")
+    # The real machine, as a CPU-only build of llama.cpp sees it (whatever this build
+    # is), with an NVIDIA card that build cannot use.
+    from localsmall.engine import devices
+
+    cpu_only = [d for d in devices.list_devices() if d.kind == "cpu"]
+    monkeypatch.setattr(devices, "supports_gpu_offload", lambda: False)
+    monkeypatch.setattr(devices, "list_devices", lambda: cpu_only)
     monkeypatch.delenv("LOCALSMALL_HARDWARE")
     monkeypatch.setattr(hardware, "_run", lambda *cmd: "NVIDIA GeForce RTX 4090, 24564\n"
                         if cmd[0] == "nvidia-smi" else "")
@@ -137,3 +155,49 @@ def test_run_offers_to_pull_then_runs_the_planned_build(hub: LocalHub, tiny) -> 
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["stats"]["context_size"] == 2048  # --ctx wins
     assert len(hub.state.requests) == seen
+
+
+def test_doctor_json_is_a_machine_to_plan_for(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    # `doctor --json` on one machine, fed to LOCALSMALL_HARDWARE on another, plans as the
+    # first machine would.
+    from localsmall.engine import devices
+    from localsmall.plan import hardware
+
+    seen = devices.list_devices()  # fixed, so that both readings below agree
+    monkeypatch.setattr(devices, "list_devices", lambda: seen)
+    monkeypatch.delenv("LOCALSMALL_HARDWARE")
+    monkeypatch.setattr(hardware, "system_memory", lambda: (16 * GIB, 12 * GIB))
+    laptop = invoke("doctor", "--json")
+    assert laptop.exit_code == 0, laptop.output
+    assert json.loads(laptop.stdout)["hardware"]["ram_total"] == 16 * GIB
+    planned_there = json.loads(invoke("plan", "--json").stdout)
+    snapshot = tmp_path / "laptop.json"
+    snapshot.write_text(laptop.stdout)
+
+    monkeypatch.setattr(hardware, "system_memory", lambda: (256 * GIB, 250 * GIB))
+    assert json.loads(invoke("doctor", "--json").stdout)["hardware"]["ram_total"] == 256 * GIB
+    monkeypatch.setenv("LOCALSMALL_HARDWARE", str(snapshot))
+    described = json.loads(invoke("doctor", "--json").stdout)["hardware"]
+    original = json.loads(laptop.stdout)["hardware"]
+    assert (original["source"], described["source"]) == ("detected", str(snapshot))
+    assert {k: v for k, v in described.items() if k != "source"} == \
+        {k: v for k, v in original.items() if k != "source"}
+    assert json.loads(invoke("plan", "--json").stdout) == planned_there
+
+
+def test_pull_without_an_argument_pulls_the_planned_build(hub: LocalHub,
+                                                          tmp_path: Path) -> None:
+    # The tests' machine (CPU-only, 64 GB) plans Q4_K_M: `pull` alone fetches it and the
+    # projector.
+    files = {Q4.file: write_small_gguf(tmp_path / "q4.gguf", 1024 * 1024).read_bytes(),
+             PROJECTOR.file: write_small_gguf(tmp_path / "p.gguf", 256 * 1024, 1).read_bytes()}
+    for name, data in files.items():
+        hub.state.add(Q4.repo, name, data)
+    pulled = invoke("pull")
+    assert pulled.exit_code == 0, pulled.output
+    assert "mistral-small-3.2:Q4_K_M is ready" in pulled.stderr
+    assert [len(hub.state.data_requests(name)) for name in files] == [1, 1]
+    builds = json.loads(invoke("list", "--json").stdout)
+    assert [(b["quant"], b["verified"], b["projector"]) for b in builds] == [
+        ("Q4_K_M", "yes", True)]

@@ -259,6 +259,13 @@ def test_imatrix_files_in_both_formats(tmp_path: Path) -> None:
         read_imatrix(tmp_path / "junk.dat")
 
 
+def _tensor_bytes(path: Path, name: str) -> bytes:
+    record = read_header(path).tensor(name)
+    with open(path, "rb") as f:
+        f.seek(record.offset)
+        return f.read(record.n_bytes)
+
+
 def _iquant_checkpoint(tmp_path: Path, tekken: Path) -> Path:
     return write_text_checkpoint(tmp_path / "iq-mistral", tekken, hp=IQUANT_TEXT,
                                  weights=text_weights(IQUANT_TEXT))
@@ -277,6 +284,25 @@ def test_iquant_with_an_imatrix(tmp_path: Path, tekken: Path) -> None:
     assert directory.tensor("blk.0.ffn_up.weight").quant_type == gguf.GGMLQuantizationType.IQ2_XXS
     assert directory.metadata["quantize.imatrix.file"] == "imatrix.gguf"
     assert directory.metadata["quantize.imatrix.entries_count"] == len(names)
+
+    # The importance values steer llama.cpp's quantizer: the same weights quantized to
+    # Q4_K_M without them, or with other values, give other blocks where the matrix has
+    # entries, and the very same blocks where it has none.
+    from localsmall.engine.quantize import quantize_gguf
+
+    f16 = out / "iq-mistral-F16.gguf"
+    plain, other = tmp_path / "plain-Q4_K_M.gguf", tmp_path / "other-Q4_K_M.gguf"
+    quantize_gguf(f16, plain, "Q4_K_M", threads=2)
+    values = read_imatrix(imatrix).entries
+    flipped = {name: np.ascontiguousarray(v[::-1]) for name, v in values.items()}
+    quantize_gguf(f16, other, "Q4_K_M", threads=2, imatrix=flipped)
+    steered = out / "iq-mistral-Q4_K_M.gguf"
+    for name in names:
+        with_values = _tensor_bytes(steered, name)
+        assert with_values != _tensor_bytes(plain, name), name
+        assert with_values != _tensor_bytes(other, name), name
+    for name in ("token_embd.weight", "output.weight"):  # no importance values for these
+        assert _tensor_bytes(steered, name) == _tensor_bytes(plain, name)
 
     wrong = _gguf_imatrix(tmp_path / "other.gguf", {"blk.0.ffn_up.weight": 512})
     code, output = _convert(str(source), "--out", str(tmp_path / "out2"), "--quant", "IQ2_XS",

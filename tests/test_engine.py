@@ -20,14 +20,21 @@ def _prompt(engine: Engine, text: str) -> list:
 
 
 def test_streams_tokens_and_reports_stats(engine: Engine) -> None:
-    engine.reset()
-    generation = engine.generate(_prompt(engine, "Hello there"), GREEDY)
-    events = list(generation)
+    prompt = _prompt(engine, "Hello there")
+    n_prompt = len(prompt[0].ids)
+    generation = engine.generate(prompt, GREEDY)
+    events = []
+    for event in generation:
+        events.append(event)
+        # Each token is handed over as soon as it is sampled, before the next one is
+        # computed: the cache holds the prompt and the tokens before this one.
+        assert len(generation.result.token_ids) == len(events)
+        assert engine.cached_positions == n_prompt + len(events) - 1
     result = generation.result
     assert len(events) == 12 == result.stats.generated_tokens
     assert "".join(e.text for e in events) == result.text
     assert result.stats.stop_reason == "length"
-    assert result.stats.prompt_tokens == len(_prompt(engine, "Hello there")[0].ids)
+    assert result.stats.prompt_tokens == n_prompt
     assert result.stats.time_to_first_token_s > 0
     assert result.stats.context_used == result.stats.prompt_tokens + 11
 
@@ -61,7 +68,10 @@ def test_image_tokens_reach_the_model(engine: Engine) -> None:
         prompt = [TokenRun(tuple(head)), ImageSlot(img), TokenRun(tuple(tail))]
         return engine.generate(prompt, GREEDY).run()
     a, b = run(image), run(other)
-    assert a.stats.images_encoded == 1
+    # the fixture's engine starts with no remembered embeddings: each image is encoded
+    assert a.stats.images_encoded == 1 and b.stats.images_encoded == 1
+    again = run(image)  # the first image's embeddings are remembered
+    assert again.stats.images_encoded == 0 and again.token_ids == a.token_ids
     assert a.stats.prompt_tokens == 2 + image.n_tokens + 1 + len(
         engine.tokenize("What is this?[/INST]", special=True))
     assert a.token_ids != b.token_ids  # the pixels change the answer
@@ -109,12 +119,74 @@ def test_image_encoding_reports_per_layer_progress(engine: Engine) -> None:
     assert layers[0] == (1, 2) and layers[-1] == (2, 2)  # the tiny tower has 2 layers
 
 
-def test_ctrl_c_while_loading_stops_cleanly(tiny) -> None:
+def test_ctrl_c_while_loading_stops_cleanly(tiny, engine: Engine) -> None:
+    calls: list[int] = []
+
     def interrupt(progress) -> None:
+        calls.append(progress.done)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         Engine(EngineSettings(model_path=tiny.f16, n_ctx=512), on_progress=interrupt)
+    assert calls == [calls[0]] and calls[0] < 1000  # stopped at the first report
+    # llama.cpp is left in a usable state: the engine loaded before still answers
+    after = engine.generate(_prompt(engine, "Still there?"), GREEDY).run()
+    assert after.stats.generated_tokens == 12
+
+
+def _fake_cpu(extra_buffer_types: tuple[str, ...]) -> list:
+    from localsmall.engine.devices import BackendDevice
+
+    return [BackendDevice(index=0, name="CPU", description="a test CPU", kind="cpu",
+                          backend="CPU", memory_free=1 << 34, memory_total=1 << 35,
+                          extra_buffer_types=extra_buffer_types, features=())]
+
+
+@pytest.mark.parametrize(("extra", "amx"), [(("AMX", "CPU_REPACK"), True),
+                                            (("CPU_REPACK",), False)])
+def test_amx_cpus_keep_quantized_weights_in_plain_buffers(tiny, monkeypatch, extra, amx
+                                                          ) -> None:
+    # llama.cpp's AMX buffer crashes on batched decode (llama.cpp #20824): a CPU whose
+    # extra buffer types include AMX must load with them off.
+    from localsmall.engine import devices
+
+    monkeypatch.setattr(devices, "list_devices", lambda: _fake_cpu(extra))
+    monkeypatch.delenv("LOCALSMALL_WEIGHT_REPACK", raising=False)
+    assert devices.cpu_has_amx_repack() is amx
+    with Engine(EngineSettings(model_path=tiny.q4_k_m, n_ctx=256, n_threads=2)) as q4:
+        weights = {b.buffer for b in q4.buffers if b.kind == "model"}
+        note = q4.repack_note
+    assert weights, "llama.cpp reported no model buffer"
+    if amx:
+        assert note == "repacking off (AMX CPU)"
+        # every weight in a plain CPU buffer: none in AMX or repacked buffers
+        assert weights <= {"CPU", "CPU_Mapped"}, weights
+    else:
+        assert note == ""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_the_real_amx_decision_matches_this_cpu() -> None:
+    from localsmall.engine.devices import cpu_has_amx_repack, list_devices
+
+    decision = cpu_has_amx_repack()
+    cpu = next(d for d in list_devices() if d.kind == "cpu")
+    built_with_amx = any(name.startswith("AMX") and value not in ("", "0")
+                         for name, value in cpu.features)
+    flags = _cpu_flags()
+    if Path("/proc/cpuinfo").exists():
+        has_amx = {"amx_tile", "amx_int8"} <= flags
+        # AMX buffers only on an AMX CPU, and always on one when llama.cpp has AMX
+        assert not decision or has_amx
+        assert decision or not (has_amx and built_with_amx)
 
 
 def test_img_break_rows_are_written_from_the_projector_file(engine: Engine) -> None:

@@ -55,6 +55,7 @@ def _generate(engine: Engine, constraint: Constraint | None, seed: int, *,
               max_tokens: int = 60, **extra: Any) -> tuple[str, TurnResult]:
     sampling = SamplingSettings(temperature=1.0, seed=seed, max_tokens=max_tokens,
                                 constraint=constraint, **extra)
+    engine.reset()  # the same start whichever test used the shared engine before
     generation = engine.generate(_prompt(engine), sampling)
     _STREAMED[:] = [event.piece for event in generation]
     return "".join(_STREAMED), generation.result

@@ -79,7 +79,10 @@ def test_a_later_run_resumes_what_a_failed_run_kept(hub: LocalHub, gguf_bytes: b
 
 def test_a_killed_process_is_resumed_by_the_next_one(hub: LocalHub, gguf_bytes: bytes,
                                                      tmp_path: Path) -> None:
-    hub.state.add(REPO, FILE, gguf_bytes, bytes_per_s=2 * MIB)
+    # The server stops at 1 MiB and waits: the child is killed while it is in the middle
+    # of the download, however fast or slow the machine is.
+    pause_at = MIB
+    served = hub.state.add(REPO, FILE, gguf_bytes, pause_at=pause_at)
     # An orphan huggingface_hub left behind when its process was killed.
     blobs = hubcache.repo_dir(REPO) / "blobs"
     blobs.mkdir(parents=True)
@@ -90,22 +93,29 @@ def test_a_killed_process_is_resumed_by_the_next_one(hub: LocalHub, gguf_bytes: 
               f"hub.pull([RemoteFile({REPO!r}, {FILE!r}, {len(gguf_bytes)})], pull_ref='x')")
     child = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(),
                              cwd=Path(__file__).parent.parent)
-    partial = None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        partials = hubcache.partial_downloads(REPO)
-        if partials and partials[0].size >= MIB // 2:
-            partial = partials[0]
-            break
-        time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert partial is not None, "the child never started downloading"
+    try:
+        assert served.paused.wait(timeout=120), "the child never started downloading"
+        # What the server sent is on disk, apart from what may wait in the child's file
+        # buffer (its writes go through a buffered file).
+        partial = None
+        deadline = time.monotonic() + 120
+        while partial is None and time.monotonic() < deadline:
+            partials = hubcache.partial_downloads(REPO)
+            if partials and partials[0].size >= pause_at - 64 * 1024:
+                partial = partials[0]
+            else:
+                time.sleep(0.02)
+        assert partial is not None, "the received bytes never reached the disk"
+        assert child.poll() is None  # still waiting for the rest
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        served.resume.set()
     kept = partial.path.stat().st_size
-    hub.state.repos[REPO].files[FILE].bytes_per_s = None
+    assert 0 < kept <= pause_at
     pulled = hub_pull(_remote(gguf_bytes)).files[0]
     assert hub.state.data_requests(FILE)[-1].range == f"bytes={kept}-"
-    assert pulled.resumed_from == kept and 0 < kept < len(gguf_bytes)
+    assert pulled.resumed_from == kept and pulled.downloaded == len(gguf_bytes) - kept
     assert pulled.path.read_bytes() == gguf_bytes
     assert not orphan.exists() and not hubcache.partial_downloads(REPO)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -29,15 +30,46 @@ def test_gif_uses_the_first_frame(tmp_path: Path) -> None:
     assert image.rgb[:3] == bytes((255, 0, 0))  # red, not the blue second frame
 
 
-def test_exif_orientation_is_applied(tmp_path: Path) -> None:
-    # A 168x56 landscape image tagged "rotate 90": viewers show it as 56x168 portrait.
-    base = Image.new("RGB", (168, 56), "white")
+# What a viewer shows: a 112x56 picture (4x2 image tokens, on the grid: no resize) with a
+# different colour in each quadrant, so any rotation or mirror changes where they land.
+QUADRANTS = {"top left": (220, 30, 30), "top right": (30, 200, 30),
+             "bottom left": (30, 30, 220), "bottom right": (240, 220, 40)}
+
+
+def _shown() -> Image.Image:
+    image = Image.new("RGB", (112, 56))
+    for (row, col), colour in zip([(0, 0), (0, 1), (1, 0), (1, 1)], QUADRANTS.values(),
+                                  strict=True):
+        image.paste(colour, (col * 56, row * 28, col * 56 + 56, row * 28 + 28))
+    return image
+
+
+# The pixels a camera stores for each EXIF orientation of the picture above: viewers
+# undo this (3: turn 180 degrees, 6: turn 90 clockwise, 8: turn 90 anticlockwise).
+STORED = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+          8: Image.Transpose.ROTATE_270}
+EXIF_FORMATS = {"JPEG": {}, "PNG": {}, "WEBP": {"lossless": True}}
+
+
+@pytest.mark.parametrize("fmt", list(EXIF_FORMATS))
+@pytest.mark.parametrize("orientation", list(STORED))
+def test_exif_orientation_is_applied(tmp_path: Path, fmt: str, orientation: int) -> None:
+    stored = _shown().transpose(STORED[orientation])
+    assert stored.size == ((56, 112) if orientation in (6, 8) else (112, 56))
     exif = Image.Exif()
-    exif[0x0112] = 6
-    path = tmp_path / "rotated.jpg"
-    base.save(path, "JPEG", exif=exif)
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo.{fmt.lower()}"
+    stored.save(path, fmt, exif=exif, **EXIF_FORMATS[fmt])
+    assert Image.open(path).getexif().get(0x0112) == orientation  # the tag is in the file
     image = prepare_image(path)
-    assert (image.width, image.height) == (56, 168)
+    assert (image.width, image.height) == (112, 56)  # as the viewer shows it
+    pixels = Image.frombytes("RGB", (112, 56), image.rgb)
+    centres = {"top left": (28, 14), "top right": (84, 14), "bottom left": (28, 42),
+               "bottom right": (84, 42)}
+    for name, colour in QUADRANTS.items():
+        got = pixels.getpixel(centres[name])
+        # JPEG is lossy: near the colour, far from every other quadrant's colour
+        assert max(abs(a - b) for a, b in zip(got, colour, strict=True)) < 40, (name, got)
 
 
 def test_transparency_becomes_white(tmp_path: Path) -> None:
@@ -47,8 +79,12 @@ def test_transparency_becomes_white(tmp_path: Path) -> None:
 
 
 def test_grayscale_is_converted_to_rgb(make_image) -> None:
-    image = prepare_image(make_image("g.png", 112, 84, mode="L"))
-    assert len(image.rgb) == 112 * 84 * 3
+    path = make_image("g.png", 112, 84, mode="L")
+    grey = Image.open(path).tobytes()
+    image = prepare_image(path)
+    assert len(image.rgb) == 112 * 84 * 3 and len(set(grey)) > 100
+    # each pixel's grey level in all three channels, in place
+    assert image.rgb == bytes(v for level in grey for v in (level, level, level))
 
 
 def test_large_images_are_downscaled(make_image) -> None:
@@ -121,3 +157,27 @@ def test_unsupported_format(tmp_path: Path) -> None:
     Image.new("RGB", (112, 84)).save(path, "TIFF")
     with pytest.raises(ImageError, match="TIFF images are not supported"):
         prepare_image(path)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 0), (32768, 128), (65535, 255),
+                                                 (257 * 64, 64)])
+def test_16_bit_grayscale_is_scaled_not_clamped(tmp_path: Path, value: int,
+                                                expected: int) -> None:
+    """Pillow's own conversion clamps I;16 values above 255: mid-gray became white."""
+    import numpy as np
+
+    path = tmp_path / "gray16.png"
+    Image.fromarray(np.full((84, 112), value, dtype=np.uint16)).save(path, "PNG")
+    with Image.open(path) as opened:
+        assert opened.mode in ("I;16", "I")  # really a 16-bit file
+    image = prepare_image(path)
+    pixels = set(image.rgb)
+    assert pixels == {expected}, pixels
+
+
+def test_devices_and_fifos_are_not_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ImageError, match="not a regular file"):
+            prepare_image(path)

@@ -7,6 +7,9 @@ the tokens must be identical. Counters from the engine prove what was reused."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -144,29 +147,63 @@ def test_after_a_context_trim(tiny, make_image) -> None:
         assert after.stats.reused_tokens == reply.stats.context_used
 
 
-def test_save_and_load_continue_without_reading(tiny, tmp_path: Path, make_image) -> None:
-    settings = EngineSettings(model_path=tiny.f16, mmproj_path=tiny.mmproj, n_ctx=2048,
-                              n_threads=2)
-    target = tmp_path / "chat.json"
-    with Engine(settings) as first_engine:
-        session = ChatSession(first_engine, system_prompt="S", sampling=GREEDY)
-        session.handle(f"/image {make_image('saved.png')}")
-        _say(session, "Look at this")
-        _say(session, "More?")
-        saved = session.save(target)
-        assert saved.state_tokens == first_engine.cached_positions > 0
-        expected_next = _say(session, "Last question").generation.result.token_ids
+# A later session in a new process: loads the chat with /load (restoring the KV cache
+# saved beside it) and asks the next question; prints what happened as JSON.
+LATER_SESSION = """
+import json, sys
+from pathlib import Path
+from localsmall.chat.session import ChatSession
+from localsmall.engine.model import Engine
+from localsmall.engine.types import EngineSettings, SamplingSettings
 
-    with Engine(settings) as later:  # a later session: a new process, same files
-        session = ChatSession(later, system_prompt="ignored", sampling=GREEDY)
-        loaded = session.load(target)
-        assert loaded.state_tokens == saved.state_tokens and loaded.state_ignored == ""
-        assert later.cached_positions == saved.state_tokens
-        reply = _say(session, "Last question")
-        assert reply.stats.reused_tokens == saved.state_tokens
-        assert reply.stats.images_encoded == 0
-        assert reply.generation.result.token_ids == expected_next
-        assert _fresh_reply(session)[0] == expected_next
+model, mmproj, chat = sys.argv[1:4]
+settings = EngineSettings(model_path=Path(model), mmproj_path=Path(mmproj), n_ctx=2048,
+                          n_threads=2)
+with Engine(settings) as engine:
+    session = ChatSession(engine, system_prompt="ignored",
+                          sampling=SamplingSettings(temperature=0, max_tokens=12))
+    loaded = session.handle("/load " + chat)
+    restored = engine.cached_positions
+    reply = session.handle("Last question")
+    for _ in reply:
+        pass
+    print(json.dumps({"notice": loaded.message, "restored": restored,
+                      "system": session.conversation.system,
+                      "reused": reply.stats.reused_tokens,
+                      "evaluated": reply.stats.evaluated_tokens,
+                      "images_encoded": reply.stats.images_encoded,
+                      "tokens": reply.generation.result.token_ids}))
+"""
+
+
+def test_save_and_load_continue_without_reading(engine: Engine, tiny, tmp_path: Path,
+                                                make_image) -> None:
+    target = tmp_path / "chat.json"
+    session = ChatSession(engine, system_prompt="S", sampling=GREEDY)
+    session.handle(f"/image {make_image('saved.png')}")
+    _say(session, "Look at this")
+    _say(session, "More?")
+    saved = session.save(target)
+    assert saved.state_tokens == engine.cached_positions > 0
+    expected = _say(session, "Last question")
+    expected_next = expected.generation.result.token_ids
+    assert _fresh_reply(session)[0] == expected_next  # what a fresh read answers
+
+    # A later session is a new process with the same files: its llama.cpp has never
+    # seen this conversation.
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-c", LATER_SESSION, str(tiny.f16),
+                           str(tiny.mmproj), str(target)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    later = json.loads(done.stdout.strip().splitlines()[-1])
+    assert later["system"] == "S" and "no saved KV cache" not in later["notice"]
+    assert later["restored"] == saved.state_tokens  # the cache came back from the file
+    assert later["reused"] == saved.state_tokens and later["images_encoded"] == 0
+    assert later["evaluated"] == expected.stats.evaluated_tokens  # only the new question
+    assert later["tokens"] == expected_next
 
 
 def _saved_chat(engine: Engine, tmp_path: Path) -> Path:

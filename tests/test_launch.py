@@ -100,7 +100,13 @@ def test_this_machine_and_snapshots(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("LOCALSMALL_HARDWARE")  # the real machine
     here = hardware.detect()
     assert here.ram_total >= here.ram_available > 0 and here.cpu.physical_cores >= 1
-    assert here.gpu_offload is False and here.usable_gpus == ()  # this project's CPU build
+    # What this llama.cpp build says, whichever backend it was built with.
+    from localsmall.engine.devices import list_devices, supports_gpu_offload
+
+    assert here.gpu_offload is supports_gpu_offload()
+    gpu_names = [d.name for d in list_devices() if d.kind in ("gpu", "igpu")]
+    assert [g.name for g in here.gpus] == gpu_names
+    assert here.usable_gpus == (here.gpus if here.gpu_offload else ())
     snapshot = tmp_path / "machine.json"
     snapshot.write_text(json.dumps({"hardware": hardware.to_json(BIG_GPU)}))
     monkeypatch.setenv("LOCALSMALL_HARDWARE", str(snapshot))

@@ -28,6 +28,7 @@ from localsmall.chat.prompt import ChatTemplate, build_prompt
 from localsmall.chat.tools import ToolSpec
 from localsmall.engine.kvcache import ImageSpan
 from localsmall.engine.model import Engine
+from localsmall.engine.types import ImageSlot
 from localsmall.images import PreparedImage, prepare_image_bytes
 from tests import tinymodels as tm
 from tests.tinymodels import image_bytes
@@ -173,13 +174,15 @@ def test_image_breaks_carry_the_img_break_embedding(engine: Engine) -> None:
     assert encoded.n_tokens == image.n_tokens
 
 
-def test_template_that_drops_images_is_reported(engine: Engine) -> None:
-    from localsmall.errors import EngineError
-
+def test_template_that_drops_images_falls_back(engine: Engine) -> None:
     text_only = "{{ bos_token }}{% for m in messages %}[INST]{{ m['content'] if m['content'] " \
                 "is string else '' }}[/INST]{% endfor %}"
     image = prepare_image_bytes(image_bytes(112, 84), "x.png")
-    with pytest.raises(EngineError, match="dropped an image"):
-        build_prompt(ChatTemplate(text_only), [Message.user("look", (image,))],
-                     tokenize=lambda t, s: engine.tokenize(t, special=s),
-                     bos=engine.bos_token, eos=engine.eos_token)
+    template = ChatTemplate(text_only)
+    pieces = build_prompt(template, [Message.user("look", (image,))],
+                          tokenize=lambda t, s: engine.tokenize(t, special=s),
+                          bos=engine.bos_token, eos=engine.eos_token)
+    assert any(isinstance(p, ImageSlot) for p in pieces)  # the built-in template placed it
+    [notice] = template.take_notices()
+    assert "dropped an image" in notice and "built-in" in notice
+    assert template.is_builtin and template.take_notices() == []

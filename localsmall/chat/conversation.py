@@ -16,11 +16,13 @@ from typing import Any, Literal
 
 from localsmall.chat.tools import ToolCall
 from localsmall.errors import ConversationFileError, ImageError
-from localsmall.fileio import atomic_write_bytes
+from localsmall.fileio import atomic_write_bytes, read_regular_file
 from localsmall.images import PreparedImage, prepare_image, prepare_image_bytes
 
 FILE_FORMAT = "localsmall-chat"
 FILE_VERSION = 1
+MAX_FILE_BYTES = 1 << 30       # a chat with a few embedded images is far smaller
+MAX_TOKEN_ID = (1 << 31) - 1   # llama_token is an int32; the engine checks its vocabulary
 
 Role = Literal["system", "user", "assistant", "tool"]
 Part = str | PreparedImage
@@ -138,62 +140,104 @@ def save_conversation(conversation: Conversation, path: Path, *,
 def _image_from_json(entry: dict[str, Any], where: str) -> PreparedImage:
     try:
         if "png_base64" in entry:
-            data = base64.b64decode(entry["png_base64"], validate=True)
-            image = prepare_image_bytes(data, str(entry.get("source", "embedded image")))
+            data = base64.b64decode(_string(entry["png_base64"], "png_base64"), validate=True)
+            source = " ".join(str(entry.get("source", "")).split())[:200]
+            image = prepare_image_bytes(data, source or "embedded image")
         else:
-            image = prepare_image(entry["path"])
+            image = prepare_image(_string(entry["path"], "path"))
     except (KeyError, binascii.Error) as exc:
         raise ConversationFileError(f"{where}: image entry is malformed ({exc})") from None
     except ImageError as exc:
-        raise ConversationFileError(f"{where}: {exc}") from None
+        raise ConversationFileError(f"{where}: {' '.join(str(exc).split())}") from None
     if image.key != entry.get("sha256", image.key):
-        raise ConversationFileError(f"{where}: the image {image.source} has changed since the "
+        raise ConversationFileError(f"{where}: the image {image.source!r} has changed since the "
                                     "chat was saved")
     return image
 
 
+def _string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is {type(value).__name__}, not text")
+    return value
+
+
+def _token_ids(raw: Any) -> tuple[int, ...] | None:
+    """Saved token ids: whole numbers an int32 can hold (the engine checks them against
+    its vocabulary before use)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise TypeError("token_ids is not a list")
+    for t in raw:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID:
+            raise ValueError(f"token id {t!r} is not a valid token")
+    return tuple(raw)
+
+
+def _message(entry: Any, i: int, where: str) -> Message:
+    if not isinstance(entry, dict):
+        raise TypeError(f"message {i} is not an object")
+    role = entry["role"]
+    if role not in ("user", "assistant", "tool"):
+        raise ConversationFileError(f"{where}: message {i} has unknown role {role!r:.40}")
+    content = entry["content"]
+    if not isinstance(content, list):
+        raise TypeError(f"message {i} has no list of parts")
+    parts: list[Part] = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise TypeError(f"message {i} has a part that is not an object")
+        if part["type"] == "text":
+            parts.append(_string(part["text"], "a text part"))
+        elif part["type"] == "image":
+            parts.append(_image_from_json(part, f"{where}: message {i}"))
+        else:
+            raise ConversationFileError(f"{where}: unknown part type {part['type']!r:.40}")
+    calls = entry.get("tool_calls", [])
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise TypeError(f"message {i} has tool_calls that are not a list of objects")
+    call_id = entry.get("tool_call_id")
+    return Message(role, tuple(parts), _token_ids(entry.get("token_ids")),
+                   entry.get("interrupted", False) is True,
+                   tuple(ToolCall(_string(c["id"], "a tool call id"),
+                                  _string(c["name"], "a tool name"),
+                                  _string(c["arguments"], "tool arguments")) for c in calls),
+                   None if call_id is None else _string(call_id, "tool_call_id"))
+
+
 def from_json(data: Any, where: str = "conversation") -> Conversation:
-    """Parse a saved conversation, validating as it goes."""
+    """Parse a saved conversation, validating as it goes (ConversationFileError)."""
     if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
         raise ConversationFileError(f"{where} is not a localsmall chat file")
     if data.get("version") != FILE_VERSION:
-        raise ConversationFileError(f"{where} has unsupported version {data.get('version')}")
-    messages = []
+        raise ConversationFileError(f"{where} has unsupported version "
+                                    f"{data.get('version')!r:.40}")
     try:
-        for i, entry in enumerate(data["messages"]):
-            role = entry["role"]
-            if role not in ("user", "assistant", "tool"):
-                raise ConversationFileError(f"{where}: message {i} has unknown role {role!r}")
-            parts: list[Part] = []
-            for part in entry["content"]:
-                if part["type"] == "text":
-                    parts.append(str(part["text"]))
-                elif part["type"] == "image":
-                    parts.append(_image_from_json(part, f"{where}: message {i}"))
-                else:
-                    raise ConversationFileError(f"{where}: unknown part type {part['type']!r}")
-            ids = entry.get("token_ids")
-            calls = tuple(ToolCall(str(c["id"]), str(c["name"]), str(c["arguments"]))
-                          for c in entry.get("tool_calls", ()))
-            call_id = entry.get("tool_call_id")
-            messages.append(Message(role, tuple(parts),
-                                    tuple(int(t) for t in ids) if ids is not None else None,
-                                    bool(entry.get("interrupted", False)), calls,
-                                    str(call_id) if call_id is not None else None))
+        if not isinstance(data["messages"], list):
+            raise TypeError("messages is not a list")
+        messages = [_message(entry, i, where) for i, entry in enumerate(data["messages"])]
         kv_state = data.get("kv_state")
-        return Conversation(system=str(data.get("system", "")), messages=messages,
+        return Conversation(system=_string(data.get("system", ""), "system"), messages=messages,
                             kv_state=kv_state if isinstance(kv_state, dict) else None)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ConversationFileError(f"{where} is damaged ({exc!r})") from None
+        raise ConversationFileError(f"{where} is damaged ({exc!r:.200})") from None
 
 
 def load_conversation(path: Path) -> Conversation:
-    """Read a conversation saved with `save_conversation`."""
+    """Read a conversation saved with `save_conversation` (a regular file, read with a
+    size bound; ConversationFileError for anything else)."""
     file = Path(path).expanduser()
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        raw = read_regular_file(file, MAX_FILE_BYTES)
     except FileNotFoundError:
         raise ConversationFileError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise ConversationFileError(f"{path} could not be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConversationFileError(f"{path} could not be read ({exc})") from None
+    except RecursionError:
+        raise ConversationFileError(f"{path} is not a localsmall chat file (its JSON is "
+                                    "nested too deep)") from None
     return from_json(data, str(path))

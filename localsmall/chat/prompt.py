@@ -10,8 +10,6 @@ on its own, and "[IMG]" in the template's output marks where each image goes.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,11 +17,14 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from localsmall.chat.conversation import Message
 from localsmall.chat.normalize import has_tool_content, normalize_messages
+from localsmall.chat.template_sandbox import (
+    MAX_OUTPUT_CHARS,
+    TemplateLimitError,
+    compile_template,
+    render_bounded,
+)
 from localsmall.chat.tools import ToolSpec, tools_json
 from localsmall.engine.types import ImageSlot, PromptPiece, TokenRun
 from localsmall.errors import EngineError
@@ -51,40 +52,44 @@ class _Text:
     token_ids: tuple[int, ...] | None = None
 
 
-def _raise(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return dt.datetime.now().strftime(fmt)
-
-
-@cache
-def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    # mistral-common serialises with json.dumps(ensure_ascii=False): match it.
-    env.filters["tojson"] = lambda value, **_: json.dumps(value, ensure_ascii=False)
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
-
-
 class ChatTemplate:
-    """A compiled chat template that turns messages into prompt pieces."""
+    """A compiled chat template that turns messages into prompt pieces.
+
+    A model's template is untrusted: it renders in a sandbox bounded in time and output
+    (see template_sandbox); when it does not compile, fails or breaks a bound, the
+    built-in template takes over for the rest of the session and `take_notices` says so."""
 
     def __init__(self, source: str | None) -> None:
         self.is_builtin = not source
         self.source = source or builtin_template()
+        self._notices: list[str] = []
         try:
-            self._template = _compile(self.source)
-        except jinja2.TemplateError as exc:
-            raise EngineError(f"the model's chat template does not compile ({exc})") from None
+            self._template = compile_template(self.source)
+        except TemplateLimitError as exc:
+            if self.is_builtin:
+                raise EngineError(f"the built-in chat template does not compile ({exc})") \
+                    from None
+            self._fall_back(f"the model's chat template does not compile ({exc})")
+
+    def _fall_back(self, reason: str) -> None:
+        self._notices.append(f"{reason[:300]}; using localsmall's built-in Mistral Small 3.2 "
+                             "template instead.")
+        self.is_builtin = True
+        self.source = builtin_template()
+        self._template = compile_template(self.source)
+
+    def take_notices(self) -> list[str]:
+        """Notices about a fallback to the built-in template, each given once."""
+        notices, self._notices = self._notices, []
+        return notices
 
     def _template_messages(self, messages: Sequence[Message],
-                           slots: list[_Text]) -> tuple[list[dict[str, Any]], list[PreparedImage]]:
-        """Messages in the shape chat templates expect, text swapped for placeholders."""
+                           slots: list[_Text]
+                           ) -> tuple[list[dict[str, Any]], list[PreparedImage], int]:
+        """Messages in the shape chat templates expect, text swapped for placeholders;
+        and the index of the last message's first placeholder."""
         images: list[PreparedImage] = []
+        last_start = 0
 
         def slot(text: str, token_ids: tuple[int, ...] | None = None) -> str:
             slots.append(_Text(text, token_ids))
@@ -92,6 +97,7 @@ class ChatTemplate:
 
         out: list[dict[str, Any]] = []
         for m in messages:
+            last_start = len(slots)
             if m.role == "assistant":
                 entry: dict[str, Any] = {"role": "assistant",
                                          "content": slot(m.text, m.token_ids)}
@@ -117,14 +123,15 @@ class ChatTemplate:
                         images.append(part)
                         blocks.append({"type": "image"})
                 out.append({"role": "user", "content": blocks})
-        return out, images
+        return out, images, last_start
 
     def render(self, messages: Sequence[Message], *, bos: str, eos: str,
                tools: Sequence[ToolSpec] | None = None) -> list[tuple[str, bool] | _Text
                                                                 | PreparedImage]:
         """The prompt as segments: (template text, True), message text, images."""
         slots: list[_Text] = []
-        template_messages, images = self._template_messages(messages, slots)
+        template_messages, images, last_start = self._template_messages(messages, slots)
+        last = {id(t) for t in slots[last_start:]}  # the last message's placeholders
         extra: dict[str, Any] = {}
         if tools:
             # Templates get the tools as OpenAI dicts; localsmall's own template writes
@@ -134,32 +141,55 @@ class ChatTemplate:
                          "name": t.name, "description": t.description,
                          "parameters": t.parameters}} for t in tools],
                      "tools_json": f"\ue000{len(slots) - 1}\ue001"}
+        variables = {"messages": template_messages, "bos_token": bos, "eos_token": eos,
+                     "add_generation_prompt": True, **extra}
+        # The prompt is the messages' text in the template's frame: anything far larger
+        # is a runaway template.
+        limit = MAX_OUTPUT_CHARS + 2 * sum(len(t.text) for t in slots)
         try:
-            rendered = self._template.render(messages=template_messages, bos_token=bos,
-                                             eos_token=eos, add_generation_prompt=True,
-                                             **extra)
-        except jinja2.TemplateError as exc:
-            raise EngineError(f"the chat template refused the conversation: {exc}") from None
-        segments: list[tuple[str, bool] | _Text | PreparedImage] = []
-        remaining = iter(images)
-        pos = 0
-        for match in [*_SLOT.finditer(rendered), None]:
-            end = match.start() if match else len(rendered)
-            for k, text in enumerate(rendered[pos:end].split(IMAGE_MARK)):
-                if k:
-                    image = next(remaining, None)
-                    if image is None:
-                        raise EngineError("the chat template placed more images than the "
-                                          "conversation has")
-                    segments.append(image)
-                if text:
-                    segments.append((text, True))
-            if match:
-                segments.append(slots[int(match.group(1))])
-                pos = match.end()
-        if next(remaining, None) is not None:
-            raise EngineError("the model's chat template dropped an image from the prompt")
-        return segments
+            rendered = render_bounded(self._template, variables, max_chars=limit)
+            segments = _segments(rendered, slots, images)
+            if last and not any(id(s) in last for s in segments):
+                raise _LayoutError("it left the conversation's last message out")
+            return segments
+        except (TemplateLimitError, _LayoutError) as exc:
+            if self.is_builtin:
+                raise EngineError(f"the chat template refused the conversation: {exc}") \
+                    from None
+            self._fall_back(f"the model's chat template failed ({exc})")
+            return self.render(messages, bos=bos, eos=eos, tools=tools)
+
+
+class _LayoutError(Exception):
+    """The rendered prompt does not place the conversation's text and images right."""
+
+
+def _segments(rendered: str, slots: list[_Text], images: list[PreparedImage]
+              ) -> list[tuple[str, bool] | _Text | PreparedImage]:
+    """Split a rendered prompt into template text, message text (by placeholder) and
+    images (by [IMG] mark), checking that each image is placed exactly once."""
+    segments: list[tuple[str, bool] | _Text | PreparedImage] = []
+    remaining = iter(images)
+    pos = 0
+    for match in [*_SLOT.finditer(rendered), None]:
+        end = match.start() if match else len(rendered)
+        for k, text in enumerate(rendered[pos:end].split(IMAGE_MARK)):
+            if k:
+                image = next(remaining, None)
+                if image is None:
+                    raise _LayoutError("it placed more images than the conversation has")
+                segments.append(image)
+            if text:
+                segments.append((text, True))
+        if match:
+            index = int(match.group(1))
+            if index >= len(slots):
+                raise _LayoutError("it wrote a placeholder of its own")
+            segments.append(slots[index])
+            pos = match.end()
+    if next(remaining, None) is not None:
+        raise _LayoutError("it dropped an image from the prompt")
+    return segments
 
 
 def build_prompt(template: ChatTemplate, messages: Sequence[Message], *, tokenize: Tokenize,

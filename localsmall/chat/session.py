@@ -191,6 +191,7 @@ class ChatSession:
 
     def _start_reply(self, abandon: Callable[[], None]) -> Reply:
         prompt, notices = self._fit_context()
+        notices = self.template.take_notices() + notices  # a template fallback, once
         generation = self.engine.generate(prompt, self.sampling, self.on_progress)
         return Reply(generation, notices, abandon=abandon, commit=self._commit_reply)
 
@@ -291,8 +292,10 @@ class ChatSession:
         """Load a saved chat; restore its KV cache when it matches this model exactly."""
         path = Path(path).expanduser()
         conversation = load_conversation(path)
-        # Generated token ids are kept only when they still spell the saved text.
-        messages = [m if m.token_ids is None or self.engine.detokenize(m.token_ids) == m.text
+        # Generated token ids are kept only when they belong to this vocabulary and still
+        # spell the saved text (ids out of range must never reach llama.cpp).
+        messages = [m if m.token_ids is None or (self.engine.valid_tokens(m.token_ids) and
+                                                 self.engine.detokenize(m.token_ids) == m.text)
                     else replace(m, token_ids=None) for m in conversation.messages]
         self.conversation = Conversation(system=conversation.system, messages=messages)
         self.window_start = 0
@@ -300,7 +303,8 @@ class ChatSession:
         meta = StateMeta.from_json(conversation.kv_state)
         if meta is None:
             return LoadedChat(self.conversation, 0, "it was saved without one"
-                              if conversation.kv_state is None else "its description is damaged")
+                              if conversation.kv_state is None else
+                              "its description is damaged or unsigned (an older localsmall)")
         reason = self.engine.load_state(state_path_for(path), meta)
         return LoadedChat(self.conversation, 0 if reason else meta.n_pos, reason or "")
 

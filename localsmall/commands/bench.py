@@ -15,7 +15,9 @@ from localsmall.commands.options import (
     MmprojOpt,
     ModelArg,
     NoVisionOpt,
+    RpcOpt,
     VerboseOpt,
+    rpc_endpoints,
 )
 from localsmall.errors import UsageError
 
@@ -121,6 +123,7 @@ def bench(
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write the results to this file (.json, .csv or .md).",
         rich_help_panel=OUTPUT)] = None,
+    rpc: RpcOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Measure speed like llama-bench (and, with --quality, the quality cost of each quant)."""
@@ -140,7 +143,8 @@ def bench(
     if not quality and (text is not None or reference is not None):
         raise UsageError("--text and --reference go with --quality")
     common = RunOptions(mmproj_path=mmproj, vision=not no_vision, n_ctx=ctx,
-                        flash_attn=flash_attn, n_batch=batch, verbose=verbose)
+                        flash_attn=flash_attn, n_batch=batch, verbose=verbose,
+                        rpc=rpc_endpoints(rpc))
     if model_path:
         targets = tuple(replace(common, model_path=p) for p in model_path)
     else:

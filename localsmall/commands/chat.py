@@ -22,6 +22,9 @@ def header_for(engine: Engine, build: LocalBuild) -> ChatHeader:
     info = engine.info
     where = (f"GPU ({info.n_gpu_layers} layers offloaded)" if info.n_gpu_layers
              else f"CPU, {engine.n_threads} threads")
+    if engine.remote_devices:
+        workers = ", ".join(dict.fromkeys(d.endpoint for d in engine.remote_devices))
+        where = f"CPU + workers {workers} ({info.n_gpu_layers} of {info.n_layers + 1} layers)"
     details = [
         f"{info.path.name} · {gib_fixed(info.size_bytes)} · {where}",
         f"context {engine.n_ctx:,} tokens · vision {'on' if info.has_vision else 'off'}",
@@ -48,6 +51,11 @@ def chat(model: ModelArg = None, resume: ResumeOpt = False, *, flags: RunFlags) 
     options = flags.run_options(model)
     with started_session(options, flags.session_options(), yes=flags.yes) as (
             session, build, _):
+        if options.rpc:
+            from localsmall.chat.rescue import rescue_conversation
+            from localsmall.engine.rpc import add_rescue
+
+            add_rescue(lambda: rescue_conversation(session))
         session.autosave_path = paths.last_chat_file()
         resumed = None
         if resume:

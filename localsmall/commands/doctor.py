@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from localsmall.commands.options import JsonOpt
+from typing import Annotated
+
+import typer
+
+from localsmall.commands.options import JsonOpt, rpc_endpoints
 
 
-def doctor(as_json: JsonOpt = False) -> None:
+def doctor(
+    rpc: Annotated[list[str] | None, typer.Option(
+        "--rpc", help="Also list the devices of these RPC workers (HOST:PORT, "
+        "comma-separated or repeated), with their memory.", show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Show the devices, memory, CPU features, versions and download cache."""
     from localsmall.plan.doctor import diagnose
 
-    report = diagnose()
+    report = diagnose(rpc=rpc_endpoints(rpc))
     if as_json:
         from localsmall.ui.console import print_json
 

@@ -41,6 +41,10 @@ FlashAttnOpt = Annotated[bool | None, typer.Option(
     rich_help_panel="Engine", show_default=False)]
 BatchOpt = Annotated[int, typer.Option(
     "--batch", help="Prompt tokens evaluated per llama.cpp call.", rich_help_panel="Engine")]
+RpcOpt = Annotated[list[str] | None, typer.Option(
+    "--rpc", help="RPC workers (`localsmall worker` on other machines) that take part of the "
+    "model: HOST:PORT, comma-separated or repeated.", rich_help_panel="Engine",
+    show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Show llama.cpp's own logs.", rich_help_panel="Engine")]
 TemperatureOpt = Annotated[float | None, typer.Option(
@@ -95,6 +99,7 @@ class RunFlags:
     max_tokens: int | None
     system: str | None
     no_system: bool
+    rpc: list[str] | None
     verbose: bool
     yes: bool
 
@@ -106,7 +111,8 @@ class RunFlags:
                           mmproj_path=self.mmproj, vision=vision and not self.no_vision,
                           n_ctx=self.ctx, n_gpu_layers=self.gpu_layers,
                           n_threads=self.threads, kv_type=self.kv_type,
-                          flash_attn=self.flash_attn, n_batch=self.batch, verbose=self.verbose)
+                          flash_attn=self.flash_attn, n_batch=self.batch, verbose=self.verbose,
+                          rpc=rpc_endpoints(self.rpc))
 
     def session_options(self) -> SessionOptions:
         """Sampling overrides and the system prompt."""
@@ -123,7 +129,7 @@ _RUN_FLAGS: tuple[tuple[str, Any, Any], ...] = (
     ("kv_type", KvTypeOpt, "f16"), ("flash_attn", FlashAttnOpt, None),
     ("batch", BatchOpt, 512), ("temperature", TemperatureOpt, None), ("top_p", TopPOpt, None),
     ("top_k", TopKOpt, None), ("seed", SeedOpt, None), ("max_tokens", MaxTokensOpt, None),
-    ("system", SystemOpt, None), ("no_system", NoSystemOpt, False),
+    ("system", SystemOpt, None), ("no_system", NoSystemOpt, False), ("rpc", RpcOpt, None),
     ("verbose", VerboseOpt, False), ("yes", YesOpt, False),
 )
 
@@ -145,3 +151,10 @@ def with_run_flags(command: Callable[..., None]) -> Callable[..., None]:
     wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in own] + shared)
     return wrapper
+
+
+def rpc_endpoints(values: list[str] | None) -> tuple[str, ...]:
+    """Worker endpoints from --rpc values (none: an empty tuple)."""
+    from localsmall.engine.rpc import parse_endpoints
+
+    return parse_endpoints(values) if values else ()

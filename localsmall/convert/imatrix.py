@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from localsmall.errors import ConversionError
+from localsmall.errors import ConversionError, ModelLoadError
+from localsmall.fileio import read_regular_file
+from localsmall.gguf_header import read_header
 
 GGUF_MAGIC = b"GGUF"
+MAX_FILE_BYTES = 1 << 30  # a 24B model's imatrix is ~10 MB
 
 
 @dataclass(frozen=True)
@@ -36,16 +39,18 @@ def read_imatrix(path: Path) -> ImportanceMatrix:
     """Read an imatrix file in either format; raises ConversionError with the reason."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
+        data = read_regular_file(path, MAX_FILE_BYTES)
     except OSError as exc:
         raise ConversionError(f"cannot read the imatrix {path}: {exc.strerror or exc}") from None
-    matrix = _read_gguf(path) if magic == GGUF_MAGIC else _read_legacy(path)
+    try:
+        matrix = _read_gguf(path) if data[:4] == GGUF_MAGIC else _read_legacy(path, data)
+    except (ValueError, TypeError, IndexError, KeyError, OverflowError) as exc:
+        raise ConversionError(f"{path} is not a usable imatrix file ({exc!s:.200})") from None
     if not matrix.entries:
         raise ConversionError(f"{path} holds no importance data")
     for name, values in matrix.entries.items():
         if not np.isfinite(values).all():
-            raise ConversionError(f"{path}: the importance data of {name} is not finite; "
+            raise ConversionError(f"{path}: the importance data of {name!r:.100} is not finite; "
                                   "the imatrix is damaged")
     return matrix
 
@@ -53,6 +58,10 @@ def read_imatrix(path: Path) -> ImportanceMatrix:
 def _read_gguf(path: Path) -> ImportanceMatrix:
     import gguf
 
+    try:
+        read_header(path)  # bounded checks first: gguf's reader trusts declared lengths
+    except ModelLoadError as exc:
+        raise ConversionError(str(exc)) from None
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError and friends on damaged files
@@ -75,8 +84,8 @@ def _read_gguf(path: Path) -> ImportanceMatrix:
         elif tensor.name.endswith(".counts"):
             counts[tensor.name.removesuffix(".counts")] = np.asarray(tensor.data, np.float32)
     if sums.keys() != counts.keys():
-        odd = sorted(sums.keys() ^ counts.keys())
-        raise ConversionError(f"{path}: sums and counts do not pair up ({', '.join(odd[:3])})")
+        odd = ", ".join(repr(n) for n in sorted(sums.keys() ^ counts.keys())[:3])
+        raise ConversionError(f"{path}: sums and counts do not pair up ({odd})")
     entries = {name: _normalise(sums[name].ravel(), np.rint(counts[name].ravel()))
                for name in sums}
     names = tuple(str(d) for d in datasets) if isinstance(datasets, list) else (str(datasets),)
@@ -85,6 +94,8 @@ def _read_gguf(path: Path) -> ImportanceMatrix:
 
 def _normalise(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Mean squared activations per column, one block of columns per expert."""
+    if not len(counts) or sums.size % len(counts):
+        raise ValueError(f"{sums.size} sums do not split into {len(counts)} experts")
     per_expert = sums.reshape(len(counts), -1)
     out = np.ones_like(per_expert)
     seen = counts > 0
@@ -92,8 +103,7 @@ def _normalise(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return out.ravel()
 
 
-def _read_legacy(path: Path) -> ImportanceMatrix:
-    data = path.read_bytes()
+def _read_legacy(path: Path, data: bytes) -> ImportanceMatrix:
     pos = 0
 
     def take(fmt: str) -> tuple:
@@ -116,10 +126,10 @@ def _read_legacy(path: Path) -> ImportanceMatrix:
         name = take(f"<{length}s")[0].decode("utf-8", errors="replace")
         ncall, nval = take("<ii")
         if nval < 1:
-            raise ConversionError(f"{path} is damaged (entry {name} has no values)")
-        values = np.frombuffer(data, np.float32, nval, pos).copy()
-        if values.size != nval:
+            raise ConversionError(f"{path} is damaged (entry {name!r:.100} has no values)")
+        if pos + 4 * nval > len(data):
             raise ConversionError(f"{path} is truncated")
+        values = np.frombuffer(data, np.float32, nval, pos).copy()
         pos += 4 * nval
         entries[name] = values / ncall if ncall > 0 else values
     chunks = 0

@@ -15,6 +15,7 @@ repositories ship it with either layout).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,14 @@ from typing import Any
 from localsmall.convert.gguf_files import PIXTRAL_MEAN, PIXTRAL_STD, TextHParams, VisionHParams
 from localsmall.convert.safetensors_files import TensorEntry, read_headers
 from localsmall.errors import ConversionError
+from localsmall.fileio import read_regular_file
 
 TOKENIZER_FILE = "tekken.json"
+MAX_CONFIG_BYTES = 64 << 20
+MAX_LAYERS = 1024              # a config beyond this is damaged, not a bigger model
+MAX_WIDTH = 1 << 20            # widths, head counts
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 24
 DEFAULT_CONTEXT = 131072
 PIXTRAL_ROPE_THETA = 10000.0   # llama.cpp's Pixtral encoder hard-codes it
 VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "vision_encoder.",
@@ -54,20 +61,48 @@ class Checkpoint:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_file(path, MAX_CONFIG_BYTES).decode("utf-8"))
     except OSError as exc:
         raise ConversionError(f"cannot read {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise ConversionError(f"{path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ConversionError(f"{path} is not a model config (nested too deep)") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path} does not hold a JSON object")
     return data
 
 
-def _need(config: dict[str, Any], key: str, where: str) -> Any:
-    if config.get(key) is None:
-        raise ConversionError(f"{where} has no {key!r}; is this a Mistral checkpoint?")
-    return config[key]
+def _int(config: dict[str, Any], key: str, where: str, default: int | None = None, *,
+         high: int = MAX_WIDTH) -> int:
+    """A whole-number hyper-parameter from 1 to `high`: checked before any shape is
+    computed from it (a string, a float, 0 or 4e9 layers is a damaged config)."""
+    value = config.get(key)
+    if value is None:
+        if default is None:
+            raise ConversionError(f"{where} has no {key!r}; is this a Mistral checkpoint?")
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ConversionError(f"{where}: {key} is {value!r:.40}, expected a whole number from "
+                              f"1 to {high}")
+    return value
+
+
+def _float(config: dict[str, Any], key: str, where: str, default: float) -> float:
+    """A positive finite number (rope theta, norm epsilon)."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or \
+            not math.isfinite(value) or value <= 0:
+        raise ConversionError(f"{where}: {key} is {value!r:.40}, expected a positive number")
+    return float(value)
+
+
+def _section(config: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """A nested object of the config (absent: empty)."""
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConversionError(f"{where}: {key} is not an object")
+    return value
 
 
 def _tokenizer(directory: Path) -> Path:
@@ -111,34 +146,36 @@ def _check_vision_rope(theta: float, where: str) -> None:
                               "llama.cpp's Pixtral encoder uses")
 
 
-def _rope_theta(config: dict[str, Any], default: float) -> float:
-    params = config.get("rope_parameters") or {}
-    theta = config.get("rope_theta", params.get("rope_theta", default))
-    return float(theta)
+def _rope_theta(config: dict[str, Any], default: float, where: str = "config") -> float:
+    params = _section(config, "rope_parameters", where)
+    if "rope_theta" in config:
+        return _float(config, "rope_theta", where, default)
+    return _float(params, "rope_theta", where, default)
 
 
 def _check_rope_scaling(config: dict[str, Any], where: str) -> None:
-    scaling = config.get("rope_scaling") or {}
+    scaling = _section(config, "rope_scaling", where)
     kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
-    kind = kind or (config.get("rope_parameters") or {}).get("rope_type", "default")
+    kind = kind or _section(config, "rope_parameters", where).get("rope_type", "default")
     if kind not in (None, "default"):
-        raise ConversionError(f"{where} uses rope scaling {kind!r}, which localsmall's "
+        raise ConversionError(f"{where} uses rope scaling {kind!r:.40}, which localsmall's "
                               "converter does not handle")
 
 
 def _transformers_text(config: dict[str, Any], where: str) -> TextHParams:
     _check_rope_scaling(config, where)
-    n_embd = int(_need(config, "hidden_size", where))
-    n_head = int(_need(config, "num_attention_heads", where))
+    n_embd = _int(config, "hidden_size", where)
+    n_head = _int(config, "num_attention_heads", where)
     return TextHParams(
-        n_layers=int(_need(config, "num_hidden_layers", where)), n_embd=n_embd, n_head=n_head,
-        n_head_kv=int(config.get("num_key_value_heads") or n_head),
-        head_dim=int(config.get("head_dim") or n_embd // n_head),
-        n_ff=int(_need(config, "intermediate_size", where)),
-        n_vocab=int(_need(config, "vocab_size", where)),
-        context_length=int(config.get("max_position_embeddings") or DEFAULT_CONTEXT),
-        rope_theta=_rope_theta(config, 10000.0),
-        rms_eps=float(config.get("rms_norm_eps", 1e-5)))
+        n_layers=_int(config, "num_hidden_layers", where, high=MAX_LAYERS), n_embd=n_embd,
+        n_head=n_head, n_head_kv=_int(config, "num_key_value_heads", where, n_head),
+        head_dim=_int(config, "head_dim", where, max(n_embd // n_head, 1)),
+        n_ff=_int(config, "intermediate_size", where),
+        n_vocab=_int(config, "vocab_size", where, high=MAX_VOCAB),
+        context_length=_int(config, "max_position_embeddings", where, DEFAULT_CONTEXT,
+                            high=MAX_CONTEXT),
+        rope_theta=_rope_theta(config, 10000.0, where),
+        rms_eps=_float(config, "rms_norm_eps", where, 1e-5))
 
 
 def _image_norm(directory: Path) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -147,48 +184,57 @@ def _image_norm(directory: Path) -> tuple[tuple[float, float, float], tuple[floa
     if not path.is_file():
         return PIXTRAL_MEAN, PIXTRAL_STD
     config = _read_json(path)
-    mean, std = config.get("image_mean", PIXTRAL_MEAN), config.get("image_std", PIXTRAL_STD)
-    return (float(mean[0]), float(mean[1]), float(mean[2])), (float(std[0]), float(std[1]),
-                                                               float(std[2]))
+    triples = []
+    for key, default in (("image_mean", PIXTRAL_MEAN), ("image_std", PIXTRAL_STD)):
+        value = config.get(key, default)
+        if not isinstance(value, list | tuple) or len(value) != 3 or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in value):
+            raise ConversionError(f"{path}: {key} is not three numbers")
+        triples.append((float(value[0]), float(value[1]), float(value[2])))
+    return triples[0], triples[1]
 
 
 def _transformers_vision(config: dict[str, Any], text: TextHParams, directory: Path,
                          where: str) -> VisionHParams:
-    vision = config.get("vision_config") or {}
+    vision = _section(config, "vision_config", where)
     vwhere = f"{where} (vision_config)"
     if config.get("projector_hidden_act", "gelu") != "gelu":
         raise ConversionError(f"{where}: projector activation "
-                              f"{config.get('projector_hidden_act')!r} is not supported")
+                              f"{config.get('projector_hidden_act')!r:.40} is not supported")
     if config.get("vision_feature_layer", -1) != -1:
         raise ConversionError(f"{where}: only vision_feature_layer -1 is supported")
-    _check_vision_rope(_rope_theta(vision, PIXTRAL_ROPE_THETA), vwhere)
+    _check_vision_rope(_rope_theta(vision, PIXTRAL_ROPE_THETA, vwhere), vwhere)
     mean, std = _image_norm(directory)
+    activation = str(vision.get("hidden_act", "silu"))[:40]
     return VisionHParams(
         **_vision_shape(vision, vwhere, text),
-        image_size=int(vision.get("image_size", 1540)),
-        spatial_merge_size=int(config.get("spatial_merge_size", 2)),
-        rms_eps=float(vision.get("layer_norm_eps", 1e-5)),
-        image_mean=mean, image_std=std,
-        activation=str(vision.get("hidden_act", "silu")))
+        image_size=_int(vision, "image_size", vwhere, 1540, high=1 << 16),
+        spatial_merge_size=_int(config, "spatial_merge_size", where, 2, high=64),
+        rms_eps=_float(vision, "layer_norm_eps", vwhere, 1e-5),
+        image_mean=mean, image_std=std, activation=activation)
 
 
 def _transformers_weights(directory: Path) -> dict[str, TensorEntry]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(f, str) and Path(f).name == f for f in weight_map.values()):
             raise ConversionError(f"{index} has no weight_map")
         names = sorted({str(f) for f in weight_map.values()})
         missing = [f for f in names if not (directory / f).is_file()]
         if missing:
+            listed = ", ".join(repr(n) for n in missing[:3])
             raise ConversionError(f"{len(missing)} weight file(s) listed in {index.name} are "
-                                  f"missing from {directory}: {', '.join(missing[:3])}")
+                                  f"missing from {directory}: {listed}")
         tensors = read_headers(directory / f for f in names)
         absent = [n for n, f in weight_map.items()
                   if n not in tensors or tensors[n].file.name != Path(f).name]
         if absent:
+            listed = ", ".join(repr(n) for n in absent[:3])
             raise ConversionError(f"{index.name} lists tensors its files do not hold "
-                                  f"({', '.join(absent[:3])}); the download is incomplete")
+                                  f"({listed}); the download is incomplete")
         return tensors
     files = sorted(directory.glob("model*.safetensors"))
     if not files:
@@ -201,18 +247,18 @@ def read_transformers(directory: Path) -> Checkpoint:
     where = str(directory / "config.json")
     config = _read_json(directory / "config.json")
     architectures = config.get("architectures") or [config.get("model_type", "unknown")]
-    arch = str(architectures[0])
+    arch = str(architectures[0] if isinstance(architectures, list) else architectures)[:100]
     if arch not in TRANSFORMERS_ARCHITECTURES:
         known = ", ".join(TRANSFORMERS_ARCHITECTURES)
         raise ConversionError(f"{directory} holds a {arch} model; localsmall converts "
                               f"Mistral checkpoints only ({known})")
     has_vision = TRANSFORMERS_ARCHITECTURES[arch]
-    text_config = (config.get("text_config") or {}) if has_vision else config
+    text_config = _section(config, "text_config", where) if has_vision else config
     text = _transformers_text(text_config, where)
     notes = []
     if text_config.get("sliding_window"):
         notes.append(f"the checkpoint declares sliding-window attention "
-                     f"({text_config['sliding_window']} tokens); llama.cpp's llama "
+                     f"({text_config['sliding_window']!s:.20} tokens); llama.cpp's llama "
                      "architecture attends to the whole context")
     vision = _transformers_vision(config, text, directory, where) if has_vision else None
     tokenizer = _tokenizer(directory)
@@ -226,45 +272,47 @@ def read_transformers(directory: Path) -> Checkpoint:
 
 
 def _native_text(params: dict[str, Any], where: str) -> TextHParams:
-    n_embd = int(_need(params, "dim", where))
-    n_head = int(_need(params, "n_heads", where))
+    n_embd = _int(params, "dim", where)
+    n_head = _int(params, "n_heads", where)
     if params.get("yarn") or params.get("rope_scaling"):
         raise ConversionError(f"{where} uses rope scaling, which localsmall's converter does "
                               "not handle")
     return TextHParams(
-        n_layers=int(_need(params, "n_layers", where)), n_embd=n_embd, n_head=n_head,
-        n_head_kv=int(params.get("n_kv_heads") or n_head),
-        head_dim=int(params.get("head_dim") or n_embd // n_head),
-        n_ff=int(_need(params, "hidden_dim", where)),
-        n_vocab=int(_need(params, "vocab_size", where)),
-        context_length=int(params.get("max_seq_len") or params.get("max_position_embeddings")
-                           or DEFAULT_CONTEXT),
-        rope_theta=float(params.get("rope_theta", 1_000_000.0)),
-        rms_eps=float(params.get("norm_eps", 1e-5)))
+        n_layers=_int(params, "n_layers", where, high=MAX_LAYERS), n_embd=n_embd,
+        n_head=n_head, n_head_kv=_int(params, "n_kv_heads", where, n_head),
+        head_dim=_int(params, "head_dim", where, max(n_embd // n_head, 1)),
+        n_ff=_int(params, "hidden_dim", where),
+        n_vocab=_int(params, "vocab_size", where, high=MAX_VOCAB),
+        context_length=_int(params, "max_seq_len", where, _int(
+            params, "max_position_embeddings", where, DEFAULT_CONTEXT, high=MAX_CONTEXT),
+            high=MAX_CONTEXT),
+        rope_theta=_float(params, "rope_theta", where, 1_000_000.0),
+        rms_eps=_float(params, "norm_eps", where, 1e-5))
 
 
 def _vision_shape(vision: dict[str, Any], vwhere: str, text: TextHParams) -> dict[str, Any]:
     """The encoder's dimensions, named alike in both layouts."""
-    return {"n_layers": int(_need(vision, "num_hidden_layers", vwhere)),
-            "n_embd": int(_need(vision, "hidden_size", vwhere)),
-            "n_head": int(_need(vision, "num_attention_heads", vwhere)),
-            "n_ff": int(_need(vision, "intermediate_size", vwhere)),
+    return {"n_layers": _int(vision, "num_hidden_layers", vwhere, high=MAX_LAYERS),
+            "n_embd": _int(vision, "hidden_size", vwhere),
+            "n_head": _int(vision, "num_attention_heads", vwhere),
+            "n_ff": _int(vision, "intermediate_size", vwhere),
             "projection_dim": text.n_embd,
-            "patch_size": int(vision.get("patch_size", 14))}
+            "patch_size": _int(vision, "patch_size", vwhere, 14, high=1024)}
 
 
 def _native_vision(params: dict[str, Any], text: TextHParams, where: str) -> VisionHParams:
-    vision = params["vision_encoder"]
+    vision = _section(params, "vision_encoder", where)
     vwhere = f"{where} (vision_encoder)"
     if vision.get("mm_projector_id", "patch_merge") != "patch_merge":
-        raise ConversionError(f"{vwhere}: projector {vision.get('mm_projector_id')!r} is not "
-                              "supported (Mistral Small 3.x uses patch_merge)")
-    _check_vision_rope(float(vision.get("rope_theta", PIXTRAL_ROPE_THETA)), vwhere)
+        raise ConversionError(f"{vwhere}: projector {vision.get('mm_projector_id')!r:.40} is "
+                              "not supported (Mistral Small 3.x uses patch_merge)")
+    _check_vision_rope(_float(vision, "rope_theta", vwhere, PIXTRAL_ROPE_THETA), vwhere)
     return VisionHParams(
         **_vision_shape(vision, vwhere, text),
-        image_size=int(vision.get("image_size") or vision.get("max_image_size") or 1540),
-        spatial_merge_size=int(vision.get("spatial_merge_size", 1)),
-        rms_eps=float(params.get("norm_eps", 1e-5)),
+        image_size=_int(vision, "image_size", vwhere, _int(
+            vision, "max_image_size", vwhere, 1540, high=1 << 16), high=1 << 16),
+        spatial_merge_size=_int(vision, "spatial_merge_size", vwhere, 1, high=64),
+        rms_eps=_float(params, "norm_eps", where, 1e-5),
         activation="silu")
 
 
@@ -274,7 +322,8 @@ def read_mistral(directory: Path) -> Checkpoint:
     params = _read_json(directory / "params.json")
     if params.get("quantization"):
         raise ConversionError(f"{where}: the weights are quantized "
-                              f"({params['quantization']}); convert the BF16 release instead")
+                              f"({params['quantization']!s:.60}); convert the BF16 release "
+                              "instead")
     if params.get("moe"):
         raise ConversionError(f"{where} describes a mixture-of-experts model; localsmall "
                               "converts dense Mistral models only")

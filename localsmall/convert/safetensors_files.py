@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable
@@ -51,11 +52,11 @@ class TensorEntry:
 
     @property
     def row_elements(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) if len(self.shape) > 1 else 1
+        return math.prod(self.shape[1:])
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
@@ -76,6 +77,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         raise ConversionError(f"{path} is missing; download the checkpoint again") from None
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{path} is not a readable safetensors file ({exc})") from None
+    except RecursionError:
+        raise ConversionError(f"{path} is not a safetensors file (its header is nested too "
+                              "deep)") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{path} has a malformed safetensors header")
 
@@ -88,26 +92,35 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _entry(path: Path, name: str, info: object, data_start: int, size: int) -> TensorEntry:
-    try:
-        assert isinstance(info, dict)
-        dtype = str(info["dtype"])
-        shape = tuple(int(d) for d in info["shape"])
-        begin, end = (int(x) for x in info["data_offsets"])
-    except (AssertionError, KeyError, TypeError, ValueError):
-        raise ConversionError(f"{path}: malformed header entry for {name}") from None
+    """One header entry, checked: a known dtype, whole non-negative dimensions whose
+    product (in Python integers: no int64 overflow) matches its byte range, inside the
+    file."""
+    ok = isinstance(info, dict)
+    shape_raw = info.get("shape") if isinstance(info, dict) else None
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    ok = ok and isinstance(shape_raw, list) and all(_whole(d) and d >= 0 for d in shape_raw) \
+        and isinstance(offsets, list) and len(offsets) == 2 and all(_whole(x) for x in offsets)
+    if not ok or not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise ConversionError(f"{path}: malformed header entry for {name!r:.100}")
+    dtype = str(info["dtype"])
+    shape = tuple(shape_raw)  # type: ignore[arg-type]
+    begin, end = offsets  # type: ignore[misc]
     if dtype not in DTYPES:
         raise ConversionError(
-            f"{path}: tensor {name} has dtype {dtype}; only F32, F16 and BF16 checkpoints "
-            "can be converted (quantized checkpoints such as FP8 cannot)")
-    itemsize = DTYPES[dtype][1]
-    expected = int(np.prod(shape, dtype=np.int64)) * itemsize if shape else itemsize
-    if end - begin != expected or begin < 0:
-        raise ConversionError(f"{path}: tensor {name} has {end - begin} bytes for shape "
+            f"{path}: tensor {name!r:.100} has dtype {dtype!r:.20}; only F32, F16 and BF16 "
+            "checkpoints can be converted (quantized checkpoints such as FP8 cannot)")
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if begin < 0 or end - begin != expected:
+        raise ConversionError(f"{path}: tensor {name!r:.100} has {end - begin} bytes for shape "
                               f"{list(shape)} ({dtype}); the file is damaged")
     if data_start + end > size:
-        raise ConversionError(f"{path} is truncated (tensor {name} ends past the end of the "
-                              "file); download it again")
+        raise ConversionError(f"{path} is truncated (tensor {name!r:.100} ends past the end of "
+                              "the file); download it again")
     return TensorEntry(name=name, file=path, dtype=dtype, shape=shape,
                        offset=data_start + begin, nbytes=end - begin)
 
@@ -118,8 +131,8 @@ def read_headers(paths: Iterable[Path]) -> dict[str, TensorEntry]:
     for path in paths:
         for name, entry in read_header(path).items():
             if name in entries:
-                raise ConversionError(f"tensor {name} appears in both {entries[name].file.name} "
-                                      f"and {path.name}")
+                raise ConversionError(f"tensor {name!r:.100} appears in both "
+                                      f"{entries[name].file.name} and {path.name}")
             entries[name] = entry
     return entries
 

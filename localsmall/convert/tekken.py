@@ -17,6 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from localsmall.errors import ConversionError
+from localsmall.fileio import read_regular_file
 
 # llama.cpp token types (llama_token_type / gguf.TokenType)
 TOKEN_NORMAL = 1
@@ -67,31 +68,76 @@ class GgufVocab:
     pad_id: int
 
 
+MAX_FILE_BYTES = 256 << 20   # tekken.json is ~15 MB
+MAX_VOCAB = 1 << 22          # tekken has 131,072 tokens; llama.cpp's ids are int32
+MAX_TOKEN_BYTES = 1024       # real tokens are a few dozen bytes; bounds derive_merges
+
+
 def read_tekken(path: Path, vocab_size: int | None = None) -> TekkenVocab:
-    """Read tekken.json; `vocab_size` (from the model config) truncates the BPE ranks."""
+    """Read tekken.json; `vocab_size` (from the model config) truncates the BPE ranks.
+    Raises ConversionError for a file that is not a usable tekken tokenizer."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        config = data["config"]
-        num_special = int(config["default_num_special_tokens"])
-        size = int(vocab_size or config["default_vocab_size"])
-        entries = data["vocab"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raw = read_regular_file(Path(path), MAX_FILE_BYTES)
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError) as exc:
         raise ConversionError(f"{path} is not a readable tekken tokenizer file ({exc})") from None
+    except RecursionError:
+        raise ConversionError(f"{path} is not a tekken tokenizer file (nested too deep)") \
+            from None
+    try:
+        return _parse_tekken(data, vocab_size)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ConversionError(f"{path} is not a usable tekken tokenizer file "
+                              f"({type(exc).__name__}: {exc!s:.200})") from None
+
+
+def _count(value: object, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} is {value!r:.40}, expected a whole number from {low} to "
+                         f"{high}")
+    return value
+
+
+def _parse_tekken(data: object, vocab_size: int | None) -> TekkenVocab:
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise TypeError("no config object")
+    config = data["config"]
+    num_special = _count(config["default_num_special_tokens"], "default_num_special_tokens",
+                         0, MAX_VOCAB)
+    size = _count(vocab_size or config["default_vocab_size"], "the vocabulary size",
+                  num_special, MAX_VOCAB)
+    entries, pattern = data["vocab"], config["pattern"]
+    if not isinstance(entries, list) or not isinstance(pattern, str):
+        raise TypeError("vocab is not a list or pattern is not text")
 
     special = [SPECIAL_PLACEHOLDER.format(id=i) for i in range(num_special)]
     listed = data.get("special_tokens")
     if listed:
+        if not isinstance(listed, list):
+            raise TypeError("special_tokens is not a list")
         for item in listed:
-            special[int(item["rank"])] = item["token_str"]
+            rank = _count(item["rank"], "a special token's rank", 0, num_special - 1)
+            if not isinstance(item["token_str"], str):
+                raise TypeError("a special token's token_str is not text")
+            special[rank] = item["token_str"]
     else:
-        special[: len(LEGACY_SPECIAL_TOKENS)] = LEGACY_SPECIAL_TOKENS
+        special[: len(LEGACY_SPECIAL_TOKENS)] = LEGACY_SPECIAL_TOKENS[:num_special]
 
     n_ranks = size - num_special
     if n_ranks > len(entries):
-        raise ConversionError(f"{path} has {len(entries)} BPE tokens, the model needs {n_ranks}")
-    ranks = tuple(base64.b64decode(e["token_bytes"]) for e in entries[:n_ranks])
-    return TekkenVocab(special=tuple(special), ranks=ranks, pattern=config["pattern"],
-                       version=str(config.get("version", "")))
+        raise ValueError(f"it has {len(entries)} BPE tokens, the model needs {n_ranks}")
+    ranks = tuple(_token_bytes(e) for e in entries[:n_ranks])
+    return TekkenVocab(special=tuple(special), ranks=ranks, pattern=pattern,
+                       version=str(config.get("version", ""))[:100])
+
+
+def _token_bytes(entry: object) -> bytes:
+    if not isinstance(entry, dict) or not isinstance(entry.get("token_bytes"), str):
+        raise TypeError("a vocabulary entry has no token_bytes text")
+    token = base64.b64decode(entry["token_bytes"], validate=True)  # binascii.Error: ValueError
+    if not 0 < len(token) <= MAX_TOKEN_BYTES:
+        raise ValueError(f"a token has {len(token)} bytes (1 to {MAX_TOKEN_BYTES} allowed)")
+    return token
 
 
 @cache
@@ -116,11 +162,17 @@ def gpt2_spelling(token: bytes) -> str:
 
 def derive_merges(ranks: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
     """Every (left, right) split of each multi-byte token into two vocabulary tokens,
-    ordered by the merged token's rank (tiktoken's merge priority)."""
+    ordered by the merged token's rank (tiktoken's merge priority). Only cuts where both
+    sides have the length of some token are tried, and tokens are at most
+    MAX_TOKEN_BYTES long (read_tekken): at most that many steps per byte of vocabulary."""
     known = set(ranks)
+    lengths = {len(t) for t in ranks}
     merges: list[tuple[bytes, bytes]] = []
     for token in ranks:
-        for cut in range(1, len(token)):
+        size = len(token)
+        for cut in range(1, size):
+            if cut not in lengths or size - cut not in lengths:
+                continue
             left, right = token[:cut], token[cut:]
             if left in known and right in known:
                 merges.append((left, right))

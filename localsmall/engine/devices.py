@@ -41,8 +41,7 @@ class _Feature(ctypes.Structure):
 @cache
 def _ggml() -> Any:
     native.llama()  # loads and initialises the backends first
-    lib = ctypes.CDLL(os.path.join(native.lib_dir(), "libggml.so")
-                      if os.name != "nt" else os.path.join(native.lib_dir(), "ggml.dll"))
+    lib = native.load_ggml("ggml")  # the copy libllama uses: same device registry
     vp, size_t, cstr = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p
     signatures: dict[str, tuple[list[Any], Any]] = {
         "ggml_backend_dev_count": ([], size_t),
@@ -53,6 +52,8 @@ def _ggml() -> Any:
         "ggml_backend_dev_memory": ([vp, ctypes.POINTER(size_t), ctypes.POINTER(size_t)], None),
         "ggml_backend_dev_backend_reg": ([vp], vp),
         "ggml_backend_reg_name": ([vp], cstr),
+        "ggml_backend_reg_count": ([], size_t),
+        "ggml_backend_reg_get": ([size_t], vp),
         "ggml_backend_reg_get_proc_address": ([vp, cstr], vp),
         "ggml_backend_buft_name": ([vp], cstr),
     }
@@ -115,8 +116,14 @@ def list_devices() -> list[BackendDevice]:
 
 
 def supports_gpu_offload() -> bool:
-    """Whether this llama.cpp build was compiled with a GPU backend."""
-    return bool(native.llama().llama_supports_gpu_offload())
+    """Whether this llama.cpp build was compiled with a GPU backend. (llama.cpp's own
+    llama_supports_gpu_offload also says yes for the RPC backend alone.)"""
+    lib = _ggml()
+    return any(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode().upper()
+               not in _NOT_GPU_BACKENDS for i in range(lib.ggml_backend_reg_count()))
+
+
+_NOT_GPU_BACKENDS = {"CPU", "RPC", "BLAS"}
 
 
 def system_info() -> str:

@@ -21,9 +21,11 @@ from localsmall.engine.types import (
 from localsmall.errors import EngineError, ModelLoadError
 
 
-def load_model(llama: Any, settings: EngineSettings,
-               on_progress: ProgressCallback | None) -> tuple[Any, str]:
-    """The loaded model, and a note when its weights stay out of repacked buffers."""
+def load_model(llama: Any, settings: EngineSettings, on_progress: ProgressCallback | None,
+               *, remote: tuple[int, ...] = ()) -> tuple[Any, str]:
+    """The loaded model, and a note when its weights stay out of repacked buffers.
+    `remote`: RPC devices (ggml_backend_dev_t) that take the last n_gpu_layers layers,
+    shared by settings.tensor_split; local GPUs are then left out."""
     params = llama.llama_model_default_params()
     params.n_gpu_layers = settings.n_gpu_layers
     repack_note = ""
@@ -51,6 +53,7 @@ def load_model(llama: Any, settings: EngineSettings,
 
     callback = llama.llama_progress_callback(report)
     params.progress_callback = callback
+    keep_alive = _offload_to(llama, params, remote, settings.tensor_split) if remote else None
     with interrupt.interrupting():
         model = llama.llama_model_load_from_file(str(settings.model_path).encode(), params)
     if interrupt.take():
@@ -61,7 +64,23 @@ def load_model(llama: Any, settings: EngineSettings,
         raise ModelLoadError(
             f"llama.cpp could not load {settings.model_path}: not a GGUF model it "
             f"supports, or the file is damaged{native.last_error_suffix()}")
+    del keep_alive  # llama.cpp copied the device list and the split while loading
     return model, repack_note
+
+
+def _offload_to(llama: Any, params: Any, devices: tuple[int, ...],
+                split: tuple[float, ...]) -> tuple[Any, ...]:
+    """Point the model params at these devices only (a NULL-terminated list) and their
+    shares; returns the ctypes arrays, which must live until the model is loaded."""
+    device_list = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+    params.devices = ctypes.addressof(device_list)
+    if not split:
+        return (device_list,)
+    if len(split) != len(devices):
+        raise EngineError(f"{len(split)} split shares for {len(devices)} remote devices")
+    shares = (ctypes.c_float * max(int(llama.llama_max_devices()), len(split)))(*split)
+    params.tensor_split = shares
+    return device_list, shares
 
 
 def flash_attn_type(llama: Any, settings: EngineSettings) -> int:

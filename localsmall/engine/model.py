@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from localsmall import interrupt
-from localsmall.engine import native
+from localsmall.engine import native, rpc
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
 from localsmall.engine.constrain import ConstrainedSampler, constraint_accepts
 from localsmall.engine.devices import default_threads
@@ -66,7 +66,11 @@ class Engine:
             if path is not None and not Path(path).is_file():
                 raise ModelNotFoundError(f"{what} file not found: {path}")
         self.settings = settings
+        self._rpc_lost = False
         self._llama = native.llama()
+        # Workers (--rpc) are checked and registered before llama.cpp sees them.
+        self.remote_devices = tuple(rpc.connect(settings.rpc_servers)
+                                    if settings.rpc_servers else ())
         native.set_verbose(settings.verbose)
         self.n_threads = settings.n_threads or default_threads()
         self.repack_note = ""
@@ -75,7 +79,9 @@ class Engine:
         # llama.cpp reports every buffer it allocates in its log: keep those numbers.
         # Ctrl-C while loading only sets the flag; the progress callback stops the load.
         with native.capture_log() as log_lines, interrupt.interrupting():
-            self.model, self.repack_note = load_model(self._llama, settings, on_progress)
+            self.model, self.repack_note = load_model(
+                self._llama, settings, on_progress,
+                remote=tuple(d.handle for d in self.remote_devices))
             self.vocab = self._llama.llama_model_get_vocab(self.model)
             self.tokenizer = Tokenizer(self._llama, self.vocab)
             try:
@@ -112,6 +118,14 @@ class Engine:
         return self.tokenizer.detokenize(tokens, special=special)
 
     @property
+    def n_vocab(self) -> int:
+        return self.tokenizer.n_tokens
+
+    def valid_tokens(self, tokens: Sequence[int]) -> bool:
+        """Whether every id is in the vocabulary (ids outside must never reach llama.cpp)."""
+        return self.tokenizer.valid(tokens)
+
+    @property
     def control_tokens(self) -> dict[str, int]:
         """Every control token of the vocabulary by its text ("[TOOL_CALLS]": 9)."""
         return self.tokenizer.control_tokens
@@ -136,6 +150,7 @@ class Engine:
         items: list[CacheItem] = []
         for piece in prompt:
             if isinstance(piece, TokenRun):
+                self.tokenizer.check(piece.ids)
                 items.extend(piece.ids)
             else:
                 if self.projector is None:
@@ -294,6 +309,7 @@ class Engine:
         (float32, one per vocabulary entry). For checking a model against a reference."""
         if not tokens:
             raise EngineError("logits_for needs at least one token")
+        self._check_workers()
         self.reset()
         self._decode_tokens(list(tokens), logits_last=True)
         n_vocab = self.tokenizer.n_tokens
@@ -317,6 +333,7 @@ class Engine:
         llama = self._llama
         turn_start = time.perf_counter()
         items = self.layout(prompt)
+        self._check_workers()
         stats = self._evaluate(items, prompt, on_progress)
         result.stats = stats
         sampler = sampler_chain(llama, self.tokenizer.n_tokens, sampling)
@@ -392,16 +409,40 @@ class Engine:
                                   else None, s.kv_type, llama_cpp.__version__)
 
     def save_state(self, path: Path) -> StateMeta:
-        """Write the KV cache to `path` (atomically) and describe it."""
+        """Write the KV cache to `path` (atomically) and describe it, signed with this
+        user's key (see engine.state)."""
         return save_kv_state(self._llama, self.ctx, self.kv, path, fingerprint=self.fingerprint)
 
     def load_state(self, path: Path, meta: StateMeta) -> str | None:
         """Restore a KV cache saved by `save_state`: None when restored, else the reason it
         was refused (the cache is then empty and the chat is re-read)."""
         return load_kv_state(self._llama, self.ctx, self.kv, path, meta,
-                             fingerprint=self.fingerprint, n_ctx=self.n_ctx)
+                             fingerprint=self.fingerprint, n_ctx=self.n_ctx,
+                             n_vocab=self.n_vocab, max_bytes=self._state_bound())
+
+    def _state_bound(self) -> int:
+        """The most bytes a state of this context can take: K and V of every position at
+        4 bytes per value (no cache is wider), and room for llama.cpp's headers."""
+        llama, m = self._llama, self.model
+        per_position = 2 * 4 * llama.llama_model_n_layer(m) * max(
+            llama.llama_model_n_embd(m), 1024)
+        return per_position * self.n_ctx + (64 << 20)
 
     # --- lifetime ------------------------------------------------------------------------
+
+    def _check_workers(self) -> None:
+        """Before touching remote buffers: a worker that is gone would make llama.cpp
+        abort the process, so say so while the caller can still keep its state."""
+        if not self.settings.rpc_servers:
+            return
+        if self._rpc_lost:
+            raise rpc.WorkerLostError("a worker was lost earlier in this session; restart "
+                                      "it and start again")
+        try:
+            rpc.check_alive(self.settings.rpc_servers)
+        except rpc.WorkerLostError:
+            self._rpc_lost = True
+            raise
 
     def close(self) -> None:
         """Free the projector, context and model (closing a reply still being generated
@@ -412,6 +453,11 @@ class Engine:
         if live is not None:
             live.close()
         self._live = None
+        if getattr(self, "_rpc_lost", False):
+            # Freeing remote buffers needs the lost worker (llama.cpp would abort):
+            # leave them to the end of the process.
+            self.projector = self._batch = self.ctx = self.model = None
+            return
         if getattr(self, "projector", None) is not None:
             self.projector.close()  # type: ignore[union-attr]
             self.projector = None

@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import re
+import sys
 from collections import deque
 from collections.abc import Iterator
 from functools import cache
@@ -146,3 +147,22 @@ def lib_dir() -> str:
     spec_origin = llama().__file__
     assert spec_origin is not None
     return os.path.join(os.path.dirname(spec_origin), "lib")
+
+
+def load_ggml(name: str) -> ctypes.CDLL:
+    """One of llama.cpp's libraries (`ggml`, `ggml-base`, `ggml-rpc`), the very copy
+    libllama uses: pip installs each Linux library twice (libX.so and libX.so.0, copies,
+    not links) and libllama loads the .so.0 ones, so loading libX.so would give a second
+    instance with its own state (registries, callbacks)."""
+    folder = lib_dir()
+    if os.name == "nt":
+        candidates = [f"{name}.dll"]
+    elif sys.platform == "darwin":
+        candidates = [f"lib{name}.0.dylib", f"lib{name}.dylib"]
+    else:
+        candidates = [f"lib{name}.so.0", f"lib{name}.so"]
+    for candidate in candidates:
+        path = os.path.join(folder, candidate)
+        if os.path.exists(path):
+            return ctypes.CDLL(path)
+    raise OSError(f"{candidates[-1]} is missing from {folder}")

@@ -16,6 +16,7 @@ class Tokenizer:
     def __init__(self, llama: Any, vocab: Any) -> None:
         self._llama = llama
         self.vocab = vocab
+        self._n_tokens = int(llama.llama_vocab_n_tokens(vocab))
 
     def tokenize(self, text: str, *, special: bool) -> list[int]:
         """Token ids for `text`. `special=True` parses control tokens such as [INST]
@@ -28,8 +29,23 @@ class Tokenizer:
             raise EngineError("tokenization failed")
         return list(buf[:n])
 
+    def valid(self, tokens: Sequence[int]) -> bool:
+        """Whether every id is in this vocabulary. llama.cpp looks token ids up with
+        `at()`: one out of range throws inside C++ and aborts the whole process, so ids
+        from outside (a saved chat) are checked before they reach it."""
+        n_tokens = self.n_tokens
+        return all(isinstance(t, int) and 0 <= t < n_tokens for t in tokens)
+
+    def check(self, tokens: Sequence[int]) -> None:
+        """EngineError unless every id is in this vocabulary (see `valid`)."""
+        if not self.valid(tokens):
+            raise EngineError(f"token ids outside this model's {self.n_tokens}-token "
+                              "vocabulary; the saved chat or prompt does not belong to it")
+
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token stands for (control tokens render only with special=True)."""
+        if not (isinstance(token, int) and 0 <= token < self._n_tokens):
+            self.check((token,))  # raises, with the reason
         buf = ctypes.create_string_buffer(256)
         n = self._llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -56,7 +72,7 @@ class Tokenizer:
 
     @property
     def n_tokens(self) -> int:
-        return int(self._llama.llama_vocab_n_tokens(self.vocab))
+        return self._n_tokens
 
     def is_control(self, token: int) -> bool:
         """A control token ([INST], [TOOL_CALLS], ...): it renders as text only when asked."""

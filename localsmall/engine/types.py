@@ -52,6 +52,11 @@ class EngineSettings:
     kv_type: str = "f16"
     flash_attn: bool | None = None  # None: let llama.cpp decide
     verbose: bool = False
+    # RPC workers (HOST:PORT) whose devices take the last n_gpu_layers layers (output head
+    # included), shared in proportion to tensor_split (one share per remote device; empty:
+    # llama.cpp's default, by free memory). Local GPUs are not used alongside workers.
+    rpc_servers: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ class LocalBuild:
     notice: str = ""
     n_ctx: int | None = None          # the plan's context (None: not planned)
     n_gpu_layers: int | None = None   # the plan's GPU layers
+    tensor_split: tuple[float, ...] = ()  # the plan's shares of the RPC workers' devices
 
 
 def cached_file(remote: RemoteFile) -> Path | None:

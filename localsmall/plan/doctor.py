@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -16,6 +17,7 @@ from localsmall.units import GIB, gib_fixed
 
 if TYPE_CHECKING:
     from localsmall.engine.devices import LlamaCppBuild
+    from localsmall.engine.rpc import RemoteDevice
 
 LOW_DISK = 30 * GIB  # below this, a pull of the larger quants will not fit
 _PACKAGES = ("llama-cpp-python", "huggingface-hub", "gguf", "typer", "rich")
@@ -33,6 +35,8 @@ class DoctorReport:
     offline: bool
     token_set: bool
     warnings: tuple[str, ...]
+    rpc_available: bool = False                 # llama.cpp built with its RPC backend
+    workers: tuple[RemoteDevice, ...] = ()      # devices of the workers asked about
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready findings (`localsmall doctor --json`)."""
@@ -41,7 +45,19 @@ class DoctorReport:
                 "cache_dir": str(self.cache_dir), "cache_free": self.cache_free,
                 "data_dir": str(self.data_dir), "endpoint": self.endpoint,
                 "offline": self.offline, "token_set": self.token_set,
-                "warnings": list(self.warnings)}
+                "warnings": list(self.warnings),
+                "rpc": {"available": self.rpc_available,
+                        "protocol": _rpc_protocol(),
+                        "workers": [{"endpoint": d.endpoint, "device": d.index,
+                                     "name": d.name, "memory_free": d.memory_free,
+                                     "memory_total": d.memory_total}
+                                    for d in self.workers]}}
+
+
+def _rpc_protocol() -> str:
+    from localsmall.engine.rpc import PROTOCOL  # plain data: llama.cpp is not loaded
+
+    return ".".join(map(str, PROTOCOL))
 
 
 def _versions() -> dict[str, str]:
@@ -73,8 +89,10 @@ def _warnings(hardware: Hardware, cache_free: int) -> list[str]:
     return found
 
 
-def diagnose() -> DoctorReport:
-    """Look at everything `doctor` reports (loads llama.cpp to ask it about devices)."""
+def diagnose(*, rpc: Sequence[str] = ()) -> DoctorReport:
+    """Look at everything `doctor` reports (loads llama.cpp to ask it about devices),
+    and the devices of the RPC workers named (HOST:PORT)."""
+    from localsmall.engine import rpc as rpc_backend
     from localsmall.engine.devices import build_info, system_info
 
     hardware = detect()
@@ -86,4 +104,5 @@ def diagnose() -> DoctorReport:
         cache_dir=cache, cache_free=free, data_dir=paths.data_dir(),
         endpoint=hubcache.endpoint(), offline=hubcache.offline(),
         token_set=bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
-        warnings=tuple(_warnings(hardware, free)))
+        warnings=tuple(_warnings(hardware, free)), rpc_available=rpc_backend.available(),
+        workers=tuple(rpc_backend.connect(rpc)) if rpc else ())

@@ -26,9 +26,11 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from localsmall.engine.types import KV_CACHE_TYPES
-from localsmall.gguf_header import read_header, type_bytes
+from localsmall.errors import ModelLoadError
+from localsmall.gguf_header import GgufHeader, read_header, type_bytes
 from localsmall.models.catalog import Model, Quant
 from localsmall.models.shape import DecoderShape
 
@@ -147,22 +149,64 @@ class MemoryEstimate:
 # --- weights ----------------------------------------------------------------------------
 
 
+MAX_LAYERS = 4096            # far beyond any real model; bounds per-layer lists
+MAX_DIMENSION = 1 << 32      # any width, head count or vocabulary size beyond is damage
+
+
+def _hparam(header: GgufHeader, key: str, default: int | None = None, *,
+            minimum: int = 1, maximum: int = MAX_DIMENSION) -> int:
+    """An integer hyper-parameter of the file's architecture, checked to be sane."""
+    value = header.arch_value(key, default)
+    name = f"{' '.join(header.architecture.split())[:40]}.{key}"  # the file names it
+    if value is None:
+        raise ModelLoadError(f"{header.path} has no {name}; the file is "
+                             "damaged or not a model localsmall can run")
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not minimum <= value <= maximum:
+        raise ModelLoadError(f"{header.path} has {name} = {value!r:.60}, "
+                             f"expected a whole number from {minimum} to {maximum}; the file "
+                             "is damaged")
+    return value
+
+
+def text_shape_from_header(header: GgufHeader) -> TextShape:
+    """The decoder's dimensions from a GGUF header, each checked (ModelLoadError)."""
+    n_embd = _hparam(header, "embedding_length")
+    n_head = _hparam(header, "attention.head_count")
+    vocab = header.arch_value("vocab_size") or header.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(vocab, list):  # a short vocabulary is read in full
+        vocab = len(vocab)
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 0 < vocab <= MAX_DIMENSION:
+        raise ModelLoadError(f"{header.path} has no usable vocabulary size ({vocab!r}); the "
+                             "file is damaged")
+    return TextShape(
+        n_layers=_hparam(header, "block_count", maximum=MAX_LAYERS),
+        n_embd=n_embd, n_head=n_head,
+        n_head_kv=_hparam(header, "attention.head_count_kv", n_head),
+        head_dim=_hparam(header, "attention.key_length", max(n_embd // n_head, 1)),
+        n_ff=_hparam(header, "feed_forward_length"),
+        n_vocab=vocab,
+        n_ctx_train=_hparam(header, "context_length", 131072))
+
+
+def _layer_index(name: str, n_layers: int, path: Path) -> int:
+    """N of a tensor named blk.N.*, checked against the layer count."""
+    index = name.split(".")[1] if name.count(".") >= 1 else ""
+    if not index.isdigit() or int(index) >= n_layers:
+        raise ModelLoadError(f"{path}: tensor {name!r} names no layer of the model's "
+                             f"{n_layers}; the file is damaged")
+    return int(index)
+
+
 def text_weights_from_file(path: Path) -> TextWeights:
-    """Exact weight bytes from a local GGUF's tensor table."""
-    header = read_header(path)
-    shape = TextShape(
-        n_layers=int(header.arch_value("block_count")),
-        n_embd=int(header.arch_value("embedding_length")),
-        n_head=int(header.arch_value("attention.head_count")),
-        n_head_kv=int(header.arch_value("attention.head_count_kv",
-                                        header.arch_value("attention.head_count"))),
-        head_dim=int(header.arch_value("attention.key_length", 0)) or
-        int(header.arch_value("embedding_length")) // int(header.arch_value(
-            "attention.head_count")),
-        n_ff=int(header.arch_value("feed_forward_length")),
-        n_vocab=int(header.arch_value("vocab_size", 0) or
-                    header.metadata.get("tokenizer.ggml.tokens", 0)),
-        n_ctx_train=int(header.arch_value("context_length", 131072)))
+    """Exact weight bytes from a local GGUF's tensor table. Raises ModelLoadError for a
+    file that is not a readable model (odd or missing hyper-parameters included)."""
+    return text_weights_from_header(read_header(path))
+
+
+def text_weights_from_header(header: GgufHeader) -> TextWeights:
+    """`text_weights_from_file` for a header already read."""
+    shape = text_shape_from_header(header)
     layers = [0] * shape.n_layers
     matrices: list[dict[str, int]] = [{} for _ in range(shape.n_layers)]
     output_matrices: dict[str, int] = {}
@@ -171,7 +215,7 @@ def text_weights_from_file(path: Path) -> TextWeights:
         # ggml repacks matrices whose row count is a multiple of 8 (repack.cpp)
         repackable = len(tensor.shape) == 2 and tensor.shape[1] % 8 == 0
         if tensor.name.startswith("blk."):
-            layer = int(tensor.name.split(".")[1])
+            layer = _layer_index(tensor.name, shape.n_layers, header.path)
             layers[layer] += tensor.n_bytes
             if repackable:
                 kinds = matrices[layer]
@@ -210,19 +254,31 @@ def text_weights_from_catalog(model: Model, quant: Quant) -> TextWeights:
     return TextWeights(s, (per_layer,) * s.n_layers, embd, output, exact=False)
 
 
+def _clip_value(meta: dict[str, Any], key: str, default: int, path: Path,
+                minimum: int = 1) -> int:
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not minimum <= value <= MAX_DIMENSION:
+        raise ModelLoadError(f"{path} has {key} = {value!r}, expected a whole number from "
+                             f"{minimum} to {MAX_DIMENSION}; the projector file is damaged")
+    return value
+
+
 def vision_weights_from_file(path: Path, *, max_tokens: int = 1024) -> VisionWeights:
-    """The projector's exact weight bytes and shape from its GGUF."""
+    """The projector's exact weight bytes and shape from its GGUF (ModelLoadError for a
+    damaged one)."""
     header = read_header(path)
     meta = header.metadata
-    n_embd = int(meta.get("clip.vision.embedding_length", 0))
+    n_embd = _clip_value(meta, "clip.vision.embedding_length", 0, path, minimum=0)
     return VisionWeights(
         weights=sum(t.n_bytes for t in header.tensors), n_embd=n_embd,
-        n_ff=int(meta.get("clip.vision.feed_forward_length", 4 * n_embd)),
-        n_head=int(meta.get("clip.vision.attention.head_count", max(n_embd // 64, 1))),
-        patch_size=int(meta.get("clip.vision.patch_size", 14)),
-        merge=int(meta.get("clip.vision.spatial_merge_size", 1)),
+        n_ff=_clip_value(meta, "clip.vision.feed_forward_length", 4 * n_embd, path, 0),
+        n_head=_clip_value(meta, "clip.vision.attention.head_count", max(n_embd // 64, 1),
+                           path),
+        patch_size=_clip_value(meta, "clip.vision.patch_size", 14, path),
+        merge=_clip_value(meta, "clip.vision.spatial_merge_size", 1, path),
         max_tokens=max_tokens,
-        text_n_embd=int(meta.get("clip.vision.projection_dim", 0)), exact=True)
+        text_n_embd=_clip_value(meta, "clip.vision.projection_dim", 0, path, 0), exact=True)
 
 
 def vision_weights_from_catalog(model: Model) -> VisionWeights:

@@ -31,6 +31,11 @@ def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
     """The build to run with its planned context and GPU layers, pulling what is
     missing when `offer_pull` accepts (see localsmall.runtime.choose)."""
     validate_run_options(options)
+    if options.rpc:
+        from localsmall.runtime.remote import plan_remote_build
+
+        return plan_remote_build(options, offer_pull=offer_pull, on_download=on_download,
+                                 hardware=hardware)
     return plan_build(options, offer_pull=offer_pull, on_download=on_download,
                       hardware=hardware)
 

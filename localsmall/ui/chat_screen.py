@@ -8,6 +8,7 @@ at the prompt, Ctrl-C twice or Ctrl-D leaves.
 from __future__ import annotations
 
 import contextlib
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from localsmall.chat.session import ChatSession
 from localsmall.chat.slash import CommandResult, command_names
 from localsmall.engine.types import TurnStats
 from localsmall.errors import LocalsmallError, debug_enabled
-from localsmall.ui.console import err, error, muted, notice, out, warn
+from localsmall.ui.console import err, error, muted, notice, out, terminal_safe, warn
 from localsmall.ui.markdown_stream import MarkdownStream
 from localsmall.ui.progress import WorkProgress
 
@@ -87,10 +88,18 @@ def _key_bindings() -> KeyBindings:
 
 
 def _history(path: Path | None) -> Any:
+    """The input history: a file private to the user (0600, like saved chats: it holds
+    everything typed), or memory only when it cannot be made so."""
     if path is None:
         return InMemoryHistory()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND |
+                     getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a file made by an older version may be wider
+        finally:
+            os.close(fd)
         return FileHistory(str(path))
     except OSError:
         return InMemoryHistory()
@@ -304,15 +313,18 @@ class ChatScreen:
         self.replay(loaded.conversation)
 
     def replay(self, conversation: Conversation) -> None:
-        """Show a loaded conversation."""
+        """Show a loaded conversation. Its text comes from a file: control and escape
+        sequences are made visible and harmless (terminal_safe) before printing."""
         for message in conversation.messages:
             if message.role == "user":
-                images = "".join(f" [muted][image {escape(Path(i.source).name)}][/]"
-                                 for i in message.images)
-                self.console.print(f"[user]you ›[/] {escape(message.text)}{images}")
+                images = "".join(
+                    f" [muted][image {escape(terminal_safe(Path(i.source).name))}][/]"
+                    for i in message.images)
+                self.console.print(f"[user]you ›[/] {escape(terminal_safe(message.text))}"
+                                   f"{images}")
             else:
                 self.console.print("[bold cyan]mistral ›[/]")
-                self.console.print(Markdown(message.text))
+                self.console.print(Markdown(terminal_safe(message.text)))
 
 
 def unexpected_error(exc: BaseException) -> None:

@@ -21,6 +21,19 @@ THEME = Theme({
 })
 
 
+# C0 controls but tab and newline, DEL, and C1 controls: shown as visible stand-ins
+# (U+2400 "control pictures" for C0, U+FFFD otherwise) so that text from a file (a
+# loaded chat, a file name) can never move the cursor, retitle the terminal or hide
+# what it prints.
+_CONTROLS = {c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}
+_CONTROLS |= {0x7F: 0x2421} | {c: 0xFFFD for c in range(0x80, 0xA0)}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control character except tab and newline made harmless."""
+    return text.translate(_CONTROLS)
+
+
 @cache
 def out() -> Console:
     """Results: replies, tables, JSON."""
@@ -35,19 +48,19 @@ def err() -> Console:
 
 def error(message: str) -> None:
     """A clean one-line error on stderr."""
-    err().print(f"[error]error:[/] {escape(message)}")
+    err().print(f"[error]error:[/] {escape(terminal_safe(message))}")
 
 
 def warn(message: str) -> None:
-    err().print(f"[warn]{escape(message)}[/]")
+    err().print(f"[warn]{escape(terminal_safe(message))}[/]")
 
 
 def notice(message: str) -> None:
-    err().print(f"[notice]{escape(message)}[/]")
+    err().print(f"[notice]{escape(terminal_safe(message))}[/]")
 
 
 def muted(message: str) -> None:
-    err().print(f"[muted]{escape(message)}[/]")
+    err().print(f"[muted]{escape(terminal_safe(message))}[/]")
 
 
 def stdout_write(text: str) -> None:

@@ -33,10 +33,18 @@ def show_doctor(report: DoctorReport) -> None:
         ("GPU offload", "compiled in" if hw.gpu_offload else "not compiled in (CPU-only build)"),
     ]
     machine += [("GPU", g) for g in gpus] or [("GPU", "none usable")]
+    machine.append(("RPC (workers)", "available: `localsmall worker` lends devices, --rpc uses "
+                    "them" if report.rpc_available else "not compiled in: reinstall with "
+                    "`make install` (RPC is on by default)"))
     machine += [("GPU (unusable)", f"{g.name} ({g.vendor})") for g in hw.unusable_gpus]
     if hw.source != "detected":
         machine.append(("described by", hw.source))
     out().print(_table("Machine", machine))
+    if report.workers:
+        out().print(_table("RPC workers", [
+            (f"{d.endpoint} #{d.index}", f"{d.name}: {gib(d.memory_free)} free of "
+                                         f"{gib(d.memory_total)}")
+            for d in report.workers]))
     out().print(_table("Software", [(k, v) for k, v in report.versions.items()]
                        + [("llama.cpp", report.llama_system_info)]))
     out().print(_table("Files", [

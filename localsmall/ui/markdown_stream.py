@@ -10,24 +10,31 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
+from localsmall.ui.console import terminal_safe
+
 LIVE_LINES = 8          # lines at the bottom that stay editable
 MIN_INTERVAL_S = 0.08   # redraw at most ~12 times a second
 
 
 class MarkdownStream:
-    """Feed it the reply text so far; call `finish()` at the end."""
+    """Feed it the reply text so far; call `finish()` at the end. Redraws happen at most
+    once per `min_interval_s` of `clock` (tests pass their own clock)."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, *, min_interval_s: float = MIN_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.console = console
+        self.min_interval_s = min_interval_s
+        self._clock = clock
         self._printed = 0
         self._live: Live | None = None
-        self._last_draw = 0.0
+        self._last_draw: float | None = None
         self._text = ""
 
     def _render_lines(self, text: str) -> list[str]:
@@ -35,13 +42,13 @@ class MarkdownStream:
         scratch = Console(file=buffer, width=self.console.width, force_terminal=True,
                           color_system="truecolor" if self.console.color_system else None,
                           highlight=False)
-        scratch.print(Markdown(text, code_theme="monokai"))
+        scratch.print(Markdown(terminal_safe(text), code_theme="monokai"))
         return buffer.getvalue().splitlines()
 
     def update(self, text: str) -> None:
         self._text = text
-        now = time.monotonic()
-        if now - self._last_draw < MIN_INTERVAL_S:
+        now = self._clock()
+        if self._last_draw is not None and now - self._last_draw < self.min_interval_s:
             return
         self._last_draw = now
         self._draw(final=False)
