@@ -20,6 +20,7 @@ from localsmall.commands import plan as plan_cmd
 from localsmall.commands import pull as pull_cmd
 from localsmall.commands import rm as rm_cmd
 from localsmall.commands import run as run_cmd
+from localsmall.commands import serve as serve_cmd
 from localsmall.commands import worker as worker_cmd
 from localsmall.errors import LocalsmallError
 
@@ -88,6 +89,7 @@ def main_callback(
 
 app.command("chat")(chat_cmd.chat)
 app.command("run")(run_cmd.run)
+app.command("serve")(serve_cmd.serve)
 app.command("plan")(plan_cmd.plan)
 app.command("pull")(pull_cmd.pull)
 app.command("list")(list_cmd.list_builds)

@@ -1,7 +1,8 @@
 """What llama.cpp's KV cache holds, item by item: text tokens and image spans.
 
-The engine keeps this list in step with the cache of sequence 0. A new prompt is laid
-out the same way; the longest common prefix of the two is what can be reused, and
+The engine keeps one list per llama.cpp sequence in step with its cache (a chat uses
+sequence 0; the server keeps several conversations in sequences of one context). A new
+prompt is laid out the same way; the longest common prefix of the two is what can be reused, and
 everything after it is removed from llama.cpp's cache before the rest is evaluated.
 """
 
@@ -57,11 +58,12 @@ def items_from_json(raw: list[Any]) -> list[CacheItem] | None:
 
 
 class KvCache:
-    """The bookkeeping of one llama.cpp context's sequence 0."""
+    """The bookkeeping of one sequence of a llama.cpp context."""
 
-    def __init__(self, llama: Any, ctx: Any) -> None:
+    def __init__(self, llama: Any, ctx: Any, seq_id: int = 0) -> None:
         self._llama = llama
         self._ctx = ctx
+        self.seq_id = seq_id
         self.items: list[CacheItem] = []
         self.n_past = 0
 
@@ -80,8 +82,8 @@ class KvCache:
         del self.items[n_items:]
         self.n_past = positions(self.items)
         mem = self._llama.llama_get_memory(self._ctx)
-        if not self._llama.llama_memory_seq_rm(mem, 0, self.n_past, -1):
-            self._llama.llama_memory_clear(mem, True)
+        if not self._llama.llama_memory_seq_rm(mem, self.seq_id, self.n_past, -1):
+            self._llama.llama_memory_seq_rm(mem, self.seq_id, -1, -1)
             self.items.clear()
             self.n_past = 0
 
@@ -89,6 +91,17 @@ class KvCache:
         """Record items that were just evaluated into the cache."""
         self.items.extend(items)
         self.n_past += positions(items)
+
+    def copy_from(self, other: KvCache, n_items: int) -> None:
+        """Replace this sequence's cache by the first `n_items` of another's. In a
+        unified KV cache llama.cpp shares the cells instead of copying them."""
+        self.truncate(0)
+        items = other.items[:n_items]
+        n_pos = positions(items)
+        if n_pos:
+            mem = self._llama.llama_get_memory(self._ctx)
+            self._llama.llama_memory_seq_cp(mem, other.seq_id, self.seq_id, 0, n_pos)
+        self.items, self.n_past = list(items), n_pos
 
     def restored(self, items: list[CacheItem], n_pos: int) -> None:
         """Record a cache loaded from a saved state."""

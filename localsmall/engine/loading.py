@@ -92,14 +92,18 @@ def flash_attn_type(llama: Any, settings: EngineSettings) -> int:
 
 
 def new_context(llama: Any, model: Any, settings: EngineSettings, n_threads: int) -> Any:
-    """A context for one sequence with the settings' size, batch and KV cache type."""
+    """A context with the settings' size, batch, KV cache type and sequences."""
     s = settings
     params = llama.llama_context_default_params()
     # Never allocate more context than the model was trained for.
     params.n_ctx = min(s.n_ctx, llama.llama_model_n_ctx_train(model)) or s.n_ctx
     params.n_batch = s.n_batch
     params.n_ubatch = min(s.n_batch, 512)
-    params.n_seq_max = 1
+    params.n_seq_max = max(s.n_seq, 1)
+    if s.n_seq > 1:
+        # Sequences share all n_ctx cells (each may grow to the whole context)
+        # instead of splitting the context into n_seq fixed parts.
+        params.kv_unified = True
     params.n_threads = params.n_threads_batch = n_threads
     params.flash_attn_type = flash_attn_type(llama, s)
     params.type_k = params.type_v = KV_CACHE_TYPES[s.kv_type].ggml_type

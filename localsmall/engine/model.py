@@ -12,7 +12,7 @@ import codecs
 import functools
 import time
 import weakref
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,16 @@ class Engine:
                 self.close()
                 raise
         self.buffers: tuple[BufferReport, ...] = parse_buffer_lines(log_lines)
-        self.kv = KvCache(self._llama, self.ctx)
+        # One KV bookkeeping per llama.cpp sequence; `kv` is the one in use.
+        self.sequences = tuple(KvCache(self._llama, self.ctx, seq)
+                               for seq in range(max(settings.n_seq, 1)))
+        self.kv = self.sequences[0]
+        # Called when llama.cpp finds no free cell for a batch (several sequences share
+        # the context): returns True once it made room, and the batch is tried again.
+        self.on_cache_full: Callable[[], bool] | None = None
+        # Engine.interrupt(), from another thread (the server); Ctrl-C is the process-wide
+        # flag in localsmall.interrupt.
+        self._interrupted = False
         self._reading: ReadProgress | None = None
         self._live: weakref.ref[Generation] | None = None  # the reply being generated
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
@@ -187,11 +196,21 @@ class Engine:
             interrupt.request()
         except Exception:  # progress is best effort
             pass
-        return interrupt.requested()
+        return self._interrupted or interrupt.requested()
+
+    def interrupt(self) -> None:
+        """Ask a prompt evaluation or generation running in another thread to stop: it
+        raises KeyboardInterrupt at the next graph node or token."""
+        self._interrupted = True
 
     def reset(self) -> None:
-        """Empty the KV cache."""
+        """Empty the KV cache of the sequence in use."""
         self.kv.truncate(0)
+
+    def use_sequence(self, seq_id: int) -> None:
+        """Work on another sequence of the context (see EngineSettings.n_seq): prompts,
+        generation and saved states then use its cache."""
+        self.kv = self.sequences[seq_id]
 
     def reuse_estimate(self, prompt: Sequence[PromptPiece]) -> tuple[int, int]:
         """(positions reused from the cache, positions to evaluate) if `prompt` ran now."""
@@ -219,17 +238,19 @@ class Engine:
                 batch.token[i] = token
                 batch.pos[i] = self.kv.n_past + i
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
+                batch.seq_id[i][0] = self.kv.seq_id
                 batch.logits[i] = False
             if logits_last and start + len(part) == len(tokens):
                 batch.logits[len(part) - 1] = True
             with interrupt.interrupting():
                 status = llama.llama_decode(self.ctx, batch)
+                while status == 1 and self.on_cache_full is not None and self.on_cache_full():
+                    status = llama.llama_decode(self.ctx, batch)
             if status == 0:
                 self.kv.added(part)
             # Aborted by the abort callback (2), or Ctrl-C came while llama.cpp ran:
             # stop here, where raising is safe.
-            if interrupt.take() or status == 2:  # take() first: the request is consumed
+            if interrupt.take() or status == 2 or self._interrupted:
                 raise KeyboardInterrupt
             if status != 0:
                 raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")
@@ -250,6 +271,7 @@ class Engine:
         reading = ReadProgress(total - self.kv.n_past, on_progress, self._graph_nodes)
         start = time.perf_counter()
         encode_s, encoded_count = 0.0, 0
+        self._interrupted = False
         self._reading = reading
         self._llama.llama_set_abort_callback(self.ctx, self._abort_cb, None)
         try:
@@ -297,7 +319,8 @@ class Engine:
             return 0
 
         reading.begin_batch(min(n_batch, remaining))
-        end = self.projector.decode(self.ctx, encoded, self.kv.n_past, n_batch, after_batch)
+        end = self.projector.decode(self.ctx, encoded, self.kv.n_past, n_batch, after_batch,
+                                     seq_id=self.kv.seq_id)
         if end != self.kv.n_past + span.n_pos:
             raise EngineError(f"the projector placed {image.source} over {end - self.kv.n_past}"
                               f" positions instead of {span.n_pos}")
@@ -378,6 +401,8 @@ class Engine:
                     self._decode_tokens([token], logits_last=True)
                 except KeyboardInterrupt:
                     stop = "interrupted"
+                    if self._interrupted:
+                        raise  # Engine.interrupt(): the caller (the server) sees it raised
                     break
         except (KeyboardInterrupt, GeneratorExit):
             stop = "interrupted"

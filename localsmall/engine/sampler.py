@@ -18,9 +18,10 @@ def sampler_chain(llama: Any, n_vocab: int, sampling: SamplingSettings) -> Any:
             *[llama.llama_logit_bias(t, b) for t, b in sampling.logit_bias])
         add(chain, llama.llama_sampler_init_logit_bias(n_vocab, len(sampling.logit_bias),
                                                        biases))
-    if sampling.repeat_penalty != 1.0:
-        add(chain, llama.llama_sampler_init_penalties(n_vocab, 64, sampling.repeat_penalty,
-                                                      0.0, 0.0))
+    if sampling.repeat_penalty != 1.0 or sampling.presence_penalty or sampling.frequency_penalty:
+        add(chain, llama.llama_sampler_init_penalties(
+            n_vocab, 64, sampling.repeat_penalty, sampling.frequency_penalty,
+            sampling.presence_penalty))
     if sampling.temperature <= 0:
         add(chain, llama.llama_sampler_init_greedy())
         return chain

@@ -129,13 +129,13 @@ def state_path_for(conversation_path: Path) -> Path:
 
 def save_kv_state(llama: Any, ctx: Any, kv: KvCache, path: Path, *,
                   fingerprint: str) -> StateMeta:
-    """Write the context's KV cache (sequence 0) to `path` (atomically) and describe it,
+    """Write the context's KV cache (the sequence of `kv`) to `path` (atomically) and describe it,
     signed with this user's key."""
     key = user_secret()
     items = items_to_json(kv.items)
-    size = int(llama.llama_state_seq_get_size(ctx, 0))
+    size = int(llama.llama_state_seq_get_size(ctx, kv.seq_id))
     buffer = (ctypes.c_uint8 * size)()
-    written = int(llama.llama_state_seq_get_data(ctx, buffer, size, 0))
+    written = int(llama.llama_state_seq_get_data(ctx, buffer, size, kv.seq_id))
     if written == 0 or written > size:
         raise EngineError(f"llama.cpp could not save the KV cache to {path}")
     data = memoryview(buffer).cast("B")[:written]
@@ -175,10 +175,10 @@ def load_kv_state(llama: Any, ctx: Any, kv: KvCache, path: Path, meta: StateMeta
                 "account")
     kv.truncate(0)
     buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
-    read = llama.llama_state_seq_set_data(ctx, buffer, len(data), 0)
+    read = llama.llama_state_seq_set_data(ctx, buffer, len(data), kv.seq_id)
     mem = llama.llama_get_memory(ctx)
-    if read == 0 or llama.llama_memory_seq_pos_max(mem, 0) != meta.n_pos - 1:
-        llama.llama_memory_clear(mem, True)
+    if read == 0 or llama.llama_memory_seq_pos_max(mem, kv.seq_id) != meta.n_pos - 1:
+        kv.truncate(0)
         return "llama.cpp could not read it"
     kv.restored(items, meta.n_pos)
     return None

@@ -52,6 +52,7 @@ class EngineSettings:
     kv_type: str = "f16"
     flash_attn: bool | None = None  # None: let llama.cpp decide
     verbose: bool = False
+    n_seq: int = 1  # sequences (conversations) the context keeps at once, sharing its cells
     # RPC workers (HOST:PORT) whose devices take the last n_gpu_layers layers (output head
     # included), shared in proportion to tensor_split (one share per remote device; empty:
     # llama.cpp's default, by free memory). Local GPUs are not used alongside workers.
@@ -82,6 +83,8 @@ class SamplingSettings:
     top_k: int = 0
     min_p: float = 0.0
     repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0    # OpenAI's: subtract once per token already generated
+    frequency_penalty: float = 0.0   # OpenAI's: subtract per occurrence
     seed: int | None = None
     max_tokens: int | None = None
     constraint: Constraint | None = None

@@ -263,7 +263,7 @@ class Projector:
         return key in self._embeddings
 
     def decode(self, lctx: Any, encoded: EncodedImage, n_past: int, n_batch: int,
-               on_batch: Callable[[int], int]) -> int:
+               on_batch: Callable[[int], int], *, seq_id: int = 0) -> int:
         """Feed an encoded image into the context at position `n_past`; returns the next
         position. `on_batch(n_tokens)` runs after each batch; non-zero aborts."""
         mtmd = self._mtmd
@@ -288,7 +288,7 @@ class Projector:
             status = mtmd.mtmd_helper_decode_image_chunk(
                 self.ctx, lctx, encoded.chunk,
                 embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                n_past, 0, n_batch, ctypes.byref(new_n_past), callback, None)
+                n_past, seq_id, n_batch, ctypes.byref(new_n_past), callback, None)
         interrupt.raise_if_requested()
         if status != 0:
             raise EngineError(f"llama.cpp failed to read an image into the context ({status})")

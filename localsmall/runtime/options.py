@@ -30,6 +30,7 @@ class RunOptions:
     flash_attn: bool | None = None
     n_batch: int = 512
     verbose: bool = False
+    n_seq: int = 1   # conversations the context keeps at once (`serve --slots`)
     rpc: tuple[str, ...] = ()   # RPC workers (HOST:PORT) that take part of the model
 
 
@@ -81,7 +82,8 @@ def engine_settings(build: LocalBuild, options: RunOptions) -> EngineSettings:
         model_path=build.model_path, mmproj_path=build.mmproj_path,
         n_ctx=n_ctx, n_batch=options.n_batch, n_threads=options.n_threads,
         n_gpu_layers=n_gpu_layers, kv_type=options.kv_type, flash_attn=options.flash_attn,
-        verbose=options.verbose, rpc_servers=options.rpc, tensor_split=build.tensor_split)
+        verbose=options.verbose, rpc_servers=options.rpc, tensor_split=build.tensor_split,
+        n_seq=options.n_seq)
 
 
 def sampling_for(build: LocalBuild, overrides: SamplingOptions) -> SamplingSettings:

@@ -1,0 +1,204 @@
+"""`localsmall serve` against llama-cpp-python's own server (`llama_cpp.server`, same GGUF
+and projector) on the 370M-parameter model: a 6-turn conversation with an image in turn 1,
+resent in full each turn as OpenAI clients do. Per turn: time to first token over HTTP
+(streaming) on both servers, and for localsmall the time its engine spent evaluating the
+turn's own new tokens (the `timings` it returns). Then generation speed of the server
+against `localsmall run` on the same prompt.
+
+Targets: from turn 2 on, localsmall's time to first token within 10% of its new tokens'
+evaluation, and at least 5x faster than llama_cpp.server by turn 6; tokens/s within 3% of
+`localsmall run`.
+
+    .venv/bin/python benchmarks/serve_followup.py [--threads 2]
+
+llama_cpp.server needs its extras: pip install fastapi sse-starlette starlette-context
+pydantic-settings. On a CPU with AMX, its quantized weights are kept out of the AMX
+buffer, as localsmall's engine does (benchmarks/placement.py decides): llama.cpp crashes
+there on batched decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import numpy as np
+from PIL import Image
+from synthetic import ROOT, medium_model
+
+from tests.serveprocess import free_port
+
+TURNS = ("What is in this picture?", "Which colour dominates?", "And in the corners?",
+         "Is there any text in it?", "Describe the top half.", "Summarise in one line.")
+REPLY_TOKENS = 24
+SPEED_TOKENS = 128
+SYSTEM = "You describe images."
+
+
+def _picture() -> str:
+    pixels = np.random.default_rng(0).integers(0, 255, (336, 448, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _llama_cpp_server_child(argv: list[str]) -> None:
+    """Run llama_cpp.server with the weight placement localsmall uses (benchmarks/
+    placement.py): on an AMX CPU, quantized weights stay out of the AMX buffer."""
+    sys.argv = ["llama_cpp.server", *argv]
+    import llama_cpp.llama_cpp as low
+    from placement import reference_placement
+
+    if not reference_placement().repack:
+        default = low.llama_model_default_params
+
+        def params() -> Any:
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        low.llama_model_default_params = params  # type: ignore[assignment]
+    from llama_cpp.server.__main__ import main
+
+    main()
+
+
+@contextlib.contextmanager
+def _process(cmd: list[str], health: str, log: Path) -> Iterator[None]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{cmd[2]} exited:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx2.HTTPError):
+                if httpx2.get(health, timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{cmd[2]} did not start")
+            time.sleep(0.5)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _turn(base: str, model: str, messages: list[Any], max_tokens: int, **extra: Any
+          ) -> tuple[float, str, dict[str, Any]]:
+    """Stream one reply: (seconds to the first token, the reply, localsmall's timings)."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0, **extra}
+    start = time.perf_counter()
+    first, text, timings = 0.0, [], {}
+    with httpx2.stream("POST", f"{base}/chat/completions", json=body, timeout=600) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            data = json.loads(line[6:])
+            timings = data.get("timings") or timings
+            for choice in data.get("choices") or ():
+                piece = choice["delta"].get("content")
+                if piece and not first:
+                    first = time.perf_counter() - start
+                text.append(piece or "")
+    return first, "".join(text), timings
+
+
+def _conversation(servers: dict[str, tuple[str, str]]) -> None:
+    picture = _picture()
+    history: dict[str, list[Any]] = {name: [{"role": "system", "content": SYSTEM}]
+                                     for name in servers}
+    ttft: dict[str, list[float]] = {name: [] for name in servers}
+    for number, question in enumerate(TURNS, 1):
+        content: Any = question if number > 1 else [
+            {"type": "image_url", "image_url": {"url": picture}},
+            {"type": "text", "text": question}]
+        line = [f"turn {number}:"]
+        for name, (base, model) in servers.items():
+            history[name].append({"role": "user", "content": content})
+            seconds, text, timings = _turn(base, model, history[name], REPLY_TOKENS)
+            history[name].append({"role": "assistant", "content": text})
+            ttft[name].append(seconds)
+            line.append(f"{name} {seconds * 1000:.0f} ms")
+            if timings:
+                own = timings["prompt_ms"] / 1000
+                line.append(f"(new {timings['prompt_n']} of "
+                            f"{timings['prompt_n'] + timings['cache_n']} positions, "
+                            f"their evaluation {own * 1000:.0f} ms, engine's first token "
+                            f"{timings['first_token_ms']:.0f} ms -> ratio "
+                            f"{seconds / own:.2f})" if own else "")
+        if len(servers) == 2:
+            a, b = ttft.values()
+            line.append(f"-> localsmall x{b[-1] / a[-1]:.1f} faster")
+        print(" ".join(line), flush=True)
+
+
+def _speed(base: str, model: str, gguf: Path, threads: int) -> None:
+    prompt = "Tell me a long story about a lighthouse keeper."
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+    _, _, served = _turn(base, model, messages, SPEED_TOKENS, temperature=1.0, seed=7)
+    run = subprocess.run(
+        [sys.executable, "-m", "localsmall", "run", "--model", str(gguf), "--json",
+         "--threads", str(threads), "--max-tokens", str(SPEED_TOKENS), "--temperature", "1",
+         "--seed", "7", "--system", SYSTEM, "--ctx", "8192", "--gpu-layers", "0", prompt],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=ROOT, check=True)
+    stats = json.loads(run.stdout)["stats"]
+    tps_served, tps_run = served["predicted_per_second"], stats["generation_tps"]
+    print(f"generation: serve {tps_served:.1f} tok/s ({served['predicted_n']} tokens), run "
+          f"{tps_run:.1f} tok/s ({stats['generated_tokens']} tokens) -> ratio "
+          f"{tps_served / tps_run:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-cpp-server-child", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.llama_cpp_server_child is not None:
+        _llama_cpp_server_child(args.llama_cpp_server_child)
+        return
+    gguf, mmproj = medium_model("Q4_K_M")
+    logs = Path(__file__).resolve().parent / ".cache"
+    ours, theirs = free_port(), free_port()
+    ours_cmd = [sys.executable, "-m", "localsmall", "serve", "--model", str(gguf), "--mmproj",
+                str(mmproj), "--ctx", "8192", "--threads", str(args.threads), "--slots", "2",
+                "--gpu-layers", "0", "--port", str(ours)]
+    theirs_cmd = [sys.executable, str(Path(__file__).resolve()), "--llama-cpp-server-child",
+                  "--model", str(gguf), "--clip_model_path", str(mmproj), "--chat_format",
+                  "mtmd", "--n_ctx", "8192", "--n_threads", str(args.threads),
+                  "--n_threads_batch", str(args.threads), "--host", "127.0.0.1", "--port",
+                  str(theirs)]
+    from placement import reference_placement
+
+    print(f"model {gguf.name} + {mmproj.name}, {args.threads} threads; "
+          f"{reference_placement().note}", flush=True)
+    with _process(ours_cmd, f"http://127.0.0.1:{ours}/health", logs / "serve.log"), \
+            _process(theirs_cmd, f"http://127.0.0.1:{theirs}/v1/models", logs / "llama.log"):
+        base = f"http://127.0.0.1:{ours}/v1"
+        model = httpx2.get(f"{base}/models").json()["data"][0]["id"]
+        their_base = f"http://127.0.0.1:{theirs}/v1"
+        their_model = httpx2.get(f"{their_base}/models").json()["data"][0]["id"]
+        _conversation({"localsmall": (base, model), "llama_cpp.server": (their_base,
+                                                                         their_model)})
+        _speed(base, model, gguf, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Images named by `image_url` parts: data: URLs decoded, http(s) URLs fetched, both with
+a size limit (and a time limit for fetches), then prepared like any image."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from localsmall.errors import ImageError
+from localsmall.images import PreparedImage, prepare_image_bytes
+from localsmall.server.errors import invalid
+from localsmall.server.requests import ImageRef
+
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+/-]*)(?P<params>(?:;[^,;]*)*?)(?P<b64>;base64)?,",
+                       re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024   # one image, decoded or downloaded
+    fetch_timeout_s: float = 10.0       # whole download of an http(s) image
+    allow_remote: bool = True           # fetch http(s) URLs at all
+
+
+def decode_data_url(ref: ImageRef, limits: ImageLimits) -> bytes:
+    """The bytes of a `data:` URL (base64 or percent-encoded)."""
+    match = _DATA_URL.match(ref.url)
+    if match is None:
+        raise invalid(ref.param, "a data URL must look like data:image/png;base64,...")
+    payload = ref.url[match.end():]
+    if len(payload) > limits.max_bytes * 4 // 3 + 4:
+        raise _too_large(ref, limits)
+    if not match.group("b64"):
+        from urllib.parse import unquote_to_bytes
+
+        data = unquote_to_bytes(payload)
+    else:
+        try:
+            data = base64.b64decode(payload.strip(), validate=False)
+        except (binascii.Error, ValueError):
+            raise invalid(ref.param, "the image's data URL is not valid base64") from None
+    if len(data) > limits.max_bytes:
+        raise _too_large(ref, limits)
+    return data
+
+
+def _too_large(ref: ImageRef, limits: ImageLimits) -> Exception:
+    from localsmall.server.errors import ApiError
+
+    return ApiError(413, f"the image at {ref.param} is larger than the "
+                    f"{limits.max_bytes // 2**20} MiB limit", param=ref.param,
+                    code="image_too_large")
+
+
+async def fetch_url(ref: ImageRef, limits: ImageLimits) -> bytes:
+    """Download an http(s) image within the size and time limits."""
+    import anyio
+    import httpx2
+
+    if not limits.allow_remote:
+        raise invalid(ref.param, "this server does not fetch image URLs; send the image as a "
+                      "data: URL")
+    deadline = time.monotonic() + limits.fetch_timeout_s
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with anyio.fail_after(limits.fetch_timeout_s):
+            async with httpx2.AsyncClient(follow_redirects=True, max_redirects=3,
+                                          timeout=limits.fetch_timeout_s) as client, \
+                    client.stream("GET", ref.url) as response:
+                if response.status_code != 200:
+                    raise invalid(ref.param, f"fetching the image failed: {ref.url} answered "
+                                  f"{response.status_code}")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limits.max_bytes:
+                    raise _too_large(ref, limits)
+                async for block in response.aiter_bytes():
+                    size += len(block)
+                    if size > limits.max_bytes:
+                        raise _too_large(ref, limits)
+                    chunks.append(block)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError
+    except TimeoutError:
+        raise invalid(ref.param, f"fetching the image took longer than "
+                      f"{limits.fetch_timeout_s:g} s") from None
+    except httpx2.HTTPError as exc:
+        raise invalid(ref.param, f"fetching the image failed ({exc})") from None
+    return b"".join(chunks)
+
+
+def prepare(ref: ImageRef, data: bytes, index: int) -> PreparedImage:
+    """Validate and prepare downloaded or decoded image bytes (CPU work: run it in a
+    thread)."""
+    source = ref.url if ref.url.startswith(("http://", "https://")) else f"image {index}"
+    try:
+        return prepare_image_bytes(data, source[:200])
+    except ImageError as exc:
+        raise invalid(ref.param, str(exc), code="invalid_image") from None
+
+
+class _Recent:
+    """Images prepared from recent data: URLs. Clients resend the whole conversation, so
+    turn 6 carries turn 1's image again: decoding and resizing it once is enough."""
+
+    def __init__(self, size: int = 16) -> None:
+        self._images: OrderedDict[bytes, PreparedImage] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> PreparedImage | None:
+        with self._lock:
+            image = self._images.get(key)
+            if image is not None:
+                self._images.move_to_end(key)
+            return image
+
+    def put(self, key: bytes, image: PreparedImage) -> None:
+        with self._lock:
+            self._images[key] = image
+            while len(self._images) > self._size:
+                self._images.popitem(last=False)
+
+
+_RECENT = _Recent()
+
+
+async def load_image(ref: ImageRef, limits: ImageLimits, index: int) -> PreparedImage:
+    """The prepared image an `image_url` part names."""
+    import anyio
+
+    scheme = ref.url.split(":", 1)[0].lower()
+    if scheme == "data":
+        key = hashlib.sha256(ref.url.encode()).digest()
+        if (known := _RECENT.get(key)) is not None:
+            return known
+        data = decode_data_url(ref, limits)
+        image = await anyio.to_thread.run_sync(prepare, ref, data, index)
+        _RECENT.put(key, image)
+        return image
+    elif scheme in ("http", "https"):
+        data = await fetch_url(ref, limits)
+    else:
+        raise invalid(ref.param, "image_url must be a data: URL or an http(s) URL")
+    return await anyio.to_thread.run_sync(prepare, ref, data, index)

@@ -1,0 +1,37 @@
+"""What `localsmall serve` shows: where it listens, then one line per request (stderr)."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+
+from localsmall.server.runner import Listening
+from localsmall.server.scheduler import RequestLog
+from localsmall.ui.console import err, out, warn
+
+
+def show_listening(listening: Listening, *, api_key: bool, public: bool) -> None:
+    """The URL and model id on stdout (for scripts), the details on stderr."""
+    out().print(f"{listening.url}  model: {listening.model_id}", soft_wrap=True)
+    err().print(f"[muted]Serving the OpenAI API at {escape(listening.url)} · "
+                f"{listening.slots} warm slot{'s' if listening.slots != 1 else ''} · "
+                f"queue {listening.max_queue} · "
+                f"{'API key required' if api_key else 'no API key'} · Ctrl-C stops[/]")
+    if public and not api_key:
+        warn("This server listens beyond this machine without an API key: anyone on the "
+             "network can use it. Pass --api-key (or set LOCALSMALL_API_KEY).")
+
+
+def show_request(entry: RequestLog) -> None:
+    """One line as a request starts and ends."""
+    short = entry.id.removeprefix("chatcmpl-")[:8]
+    if entry.phase == "started":
+        err().print(f"[muted]{short} started · slot {entry.slot} · "
+                    f"{entry.cached_tokens} tokens cached · {entry.waiting} waiting[/]")
+    elif entry.phase == "finished":
+        err().print(f"{short} done · prompt {entry.prompt_tokens} ({entry.cached_tokens} "
+                    f"cached) · {entry.completion_tokens} generated · first token "
+                    f"{entry.time_to_first_token_s:.2f}s · {entry.seconds:.2f}s")
+    elif entry.phase == "cancelled":
+        err().print(f"[warn]{short} cancelled after {entry.completion_tokens} tokens[/]")
+    else:
+        err().print(f"[error]{short} failed:[/] {escape(entry.message)}")

@@ -1,0 +1,153 @@
+"""The server's pieces without HTTP: stop strings over streamed text, request validation,
+and the warm slots (several conversations in one context, least recently used evicted)
+on the real tiny model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from localsmall.engine.kvcache import positions
+from localsmall.engine.model import Engine
+from localsmall.engine.types import EngineSettings, SamplingSettings, TokenRun
+from localsmall.server.errors import ApiError
+from localsmall.server.requests import ImageRef, parse_chat_request
+from localsmall.server.slots import SlotPool, default_slots
+from localsmall.server.stops import StopMatcher
+from tests.conftest import TinyModels
+
+
+@pytest.mark.parametrize("split", range(1, 12))
+def test_stop_matcher_at_every_split(split: int) -> None:
+    text = "Hello world. STOP here"
+    matcher = StopMatcher(("STOP", "xyz"))
+    sent = matcher.feed(text[:split]) + matcher.feed(text[split:])
+    assert matcher.stopped and sent + matcher.flush() == "Hello world. "
+
+
+def test_stop_matcher_releases_held_text() -> None:
+    matcher = StopMatcher(("STOP",))
+    assert matcher.feed("abc ST") == "abc "  # "ST" could begin STOP
+    assert matcher.feed("ART") == "START"
+    assert matcher.feed("S") == ""
+    assert matcher.flush() == "S" and not matcher.stopped
+
+
+def test_parse_request() -> None:
+    body = {"model": "m", "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "look"},
+                                     {"type": "image_url", "image_url": {"url": "data:x"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "abcdefghi", "type": "function",
+             "function": {"name": "f", "arguments": {"a": 1}}}]},
+        {"role": "tool", "tool_call_id": "abcdefghi", "content": "42"}],
+        "max_completion_tokens": 7, "stop": "END", "seed": -1, "user": "ignored"}
+    request = parse_chat_request(body, model_ids=("m",))
+    roles = [m.role for m in request.messages]
+    assert roles == ["system", "user", "assistant", "tool"]
+    assert request.messages[1].parts[1] == ImageRef("data:x", "messages[1].content[1].image_url")
+    assert request.messages[2].tool_calls[0].arguments == '{"a": 1}'
+    assert (request.max_tokens, request.stop, request.seed) == (7, ("END",), 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize(("change", "status", "param"), [
+    ({"model": "other"}, 404, "model"),
+    ({"messages": []}, 400, "messages"),
+    ({"n": 3}, 400, "n"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"stream": "yes"}, 400, "stream"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "assistant", "content": [
+        {"type": "image_url", "image_url": {"url": "data:x"}}]}]}, 400, "messages[0].content[0]"),
+    ({"tool_choice": "required"}, 400, "tool_choice"),
+])
+def test_bad_request_names_param(change: dict[str, object], status: int, param: str) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **change}
+    with pytest.raises(ApiError) as error:
+        parse_chat_request(body, model_ids=("m",))
+    assert (error.value.status, error.value.param) == (status, param)
+
+
+def test_default_slots() -> None:
+    assert [default_slots(n) for n in (2048, 8192, 32768, 131072)] == [1, 2, 8, 8]
+
+
+@pytest.fixture(scope="module")
+def shared(tiny: TinyModels) -> Iterator[Engine]:
+    with Engine(EngineSettings(model_path=tiny.f16, n_ctx=1024, n_threads=1, n_seq=3)) as e:
+        yield e
+
+
+def _prompt(engine: Engine, text: str) -> list[TokenRun]:
+    return [TokenRun(tuple(engine.tokenize(f"<s>[INST]{text}[/INST]", special=True)))]
+
+
+def _run(engine: Engine, pool: SlotPool, prompt: list[TokenRun]) -> tuple[int, int, int]:
+    """(slot, positions reused, positions evaluated) for one short reply."""
+    choice = pool.select(engine.layout(prompt))
+    result = engine.generate(prompt, SamplingSettings(temperature=0, max_tokens=2)).run()
+    return choice.seq_id, result.stats.reused_tokens, result.stats.evaluated_tokens
+
+
+def test_slots_keep_conversations_and_evict_the_oldest(shared: Engine) -> None:
+    engine = shared
+    for kv in engine.sequences:
+        kv.truncate(0)
+    pool = SlotPool(engine)
+    long = "word " * 400  # ~400 tokens: three conversations do not fit in 1024 cells
+    a, b, c = (_prompt(engine, f"{name} {long}") for name in ("alpha", "beta", "gamma"))
+    slot_a, reused, _ = _run(engine, pool, a)
+    assert reused == 0
+    reply_a = tuple(engine.sequences[slot_a].items[positions(engine.layout(a)):])
+    slot_b, _, _ = _run(engine, pool, b)
+    assert slot_b != slot_a
+    # A follow-up of A finds its whole conversation in its slot.
+    follow_a = [*a, TokenRun(reply_a + tuple(engine.tokenize(" more", special=False)))]
+    slot, reused, evaluated = _run(engine, pool, follow_a)
+    assert slot == slot_a and evaluated < 10 and reused >= positions(engine.layout(a)) - 1
+    # C needs room: B, the least recently used, is evicted; A stays warm.
+    slot_c, _, _ = _run(engine, pool, c)
+    assert slot_c not in (slot_a,) and pool.evictions >= 1
+    assert not engine.sequences[slot_b].items or slot_c == slot_b
+    slot, reused, evaluated = _run(engine, pool, follow_a)
+    assert slot == slot_a and evaluated <= 2
+
+
+def test_a_branch_borrows_the_shared_prefix(shared: Engine) -> None:
+    engine = shared
+    for kv in engine.sequences:
+        kv.truncate(0)
+    pool = SlotPool(engine)
+    base = "shared context " * 40
+    first = _prompt(engine, base + "question one " * 20)  # tails longer than SMALL_TAIL
+    second = _prompt(engine, base + "question two " * 20)
+    slot_1, _, _ = _run(engine, pool, first)
+    slot_2, reused, evaluated = _run(engine, pool, second)
+    assert slot_2 != slot_1  # the first conversation stays intact
+    assert reused > 80 and evaluated < 50  # the shared prefix came from slot 1's cells
+    assert engine.sequences[slot_1].items  # still warm
+    # Regenerating the second reply (the same prompt again) stays in its slot.
+    slot, reused, evaluated = _run(engine, pool, second)
+    assert slot == slot_2 and evaluated <= 1
+
+
+def test_cli_refuses_a_port_in_use_and_bad_flags(tiny: TinyModels) -> None:
+    import socket
+
+    from typer.testing import CliRunner
+
+    from localsmall.cli import app
+
+    runner = CliRunner()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = runner.invoke(app, ["serve", "--model", str(tiny.f16), "--port", str(port)])
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.output
+    assert "Traceback" not in result.output
+    for flags, message in ((["--slots", "0"], "--slots"), (["--queue", "0"], "--queue")):
+        result = runner.invoke(app, ["serve", "--model", str(tiny.f16), *flags])
+        assert result.exit_code == 2 and message in result.output
