@@ -6,6 +6,13 @@ and a non-zero exit code (tracebacks only with LOCALSMALL_DEBUG=1).
 
 from __future__ import annotations
 
+import os
+
+
+def debug_enabled() -> bool:
+    """LOCALSMALL_DEBUG=1: tracebacks instead of one-line errors."""
+    return os.environ.get("LOCALSMALL_DEBUG", "") not in ("", "0")
+
 
 class LocalsmallError(Exception):
     """Base class: a problem the user can act on. `str(err)` is the full message."""

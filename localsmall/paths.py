@@ -37,3 +37,8 @@ def cache_dir() -> Path:
 def history_file() -> Path:
     """The chat prompt's input history, shared across sessions."""
     return state_dir() / "chat_history"
+
+
+def last_chat_file() -> Path:
+    """The chat saved after each turn, which `localsmall chat --resume` continues."""
+    return state_dir() / "last_chat.json"

@@ -64,6 +64,7 @@ class ChatSession:
         self.image_policy = images or ImagePolicy()
         self.history: list[TurnStats] = []   # recent turns, for measured speeds
         self.restored_input = ""       # a message taken back after an interrupted start
+        self.autosave_path: Path | None = None  # where each turn is saved (chat --resume)
         self._token_memo = functools.lru_cache(maxsize=4096)(
             lambda text, special: tuple(engine.tokenize(text, special=special)))
 
@@ -290,6 +291,31 @@ class ChatSession:
         finally:
             new_state.unlink(missing_ok=True)  # a failed save leaves the old files as they were
         return SavedChat(path, len(snapshot.messages), state.n_pos if state else 0)
+
+    def autosave(self, *, with_state: bool = False) -> str | None:
+        """Save the chat to `autosave_path` (atomically, like /save), so that a crash or a
+        closed terminal never loses it; `with_state` also writes the KV cache (done when
+        the chat ends: it can be large). Returns why it could not be saved, or None;
+        never raises, because the chat must go on."""
+        if self.autosave_path is None:
+            return None
+        try:
+            if with_state:
+                self.save(self.autosave_path)
+            else:
+                snapshot = replace(self.conversation, kv_state=None)
+                save_conversation(snapshot, self.autosave_path)
+                # The state saved earlier describes an older conversation: drop it.
+                state_path_for(self.autosave_path).unlink(missing_ok=True)
+        except Exception as exc:  # a full disk or a bad folder must not end the chat
+            return f"the chat could not be saved to {self.autosave_path} ({exc})"
+        return None
+
+    def resume(self) -> LoadedChat | None:
+        """Continue the chat last saved to `autosave_path` (None when there is none)."""
+        if self.autosave_path is None or not self.autosave_path.is_file():
+            return None
+        return self.load(self.autosave_path)
 
     def load(self, path: Path) -> LoadedChat:
         """Load a saved chat; restore its KV cache when it matches this model exactly."""

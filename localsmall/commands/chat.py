@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+import typer
 
 from localsmall.commands.options import ModelArg, RunFlags, with_run_flags
 
@@ -45,12 +47,19 @@ def _image_sizing(session: ChatSession) -> str:
     return ""
 
 
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue the last chat (saved after every turn), after a crash or a "
+    "closed terminal.")]
+
+
 @with_run_flags
-def chat(model: ModelArg = None, *, flags: RunFlags) -> None:
+def chat(model: ModelArg = None, resume: ResumeOpt = False, *, flags: RunFlags) -> None:
     """Chat with Mistral Small 3.2 about text and images."""
     from localsmall import paths
     from localsmall.commands.starting import started_session
+    from localsmall.errors import LocalsmallError
     from localsmall.ui.chat_screen import run_chat
+    from localsmall.ui.console import notice
 
     options = flags.run_options(model)
     with started_session(options, flags.session_options(), yes=flags.yes) as (
@@ -60,4 +69,15 @@ def chat(model: ModelArg = None, *, flags: RunFlags) -> None:
             from localsmall.engine.rpc import add_rescue
 
             add_rescue(lambda: rescue_conversation(session))
-        run_chat(session, header_for(session, build), history_path=paths.history_file())
+        session.autosave_path = paths.last_chat_file()
+        resumed = None
+        if resume:
+            try:
+                resumed = session.resume()
+            except LocalsmallError as exc:  # a damaged file, an image gone: chat anyway
+                notice(f"The last chat could not be resumed ({exc}); starting a new one.")
+            else:
+                if resumed is None:
+                    notice("There is no earlier chat to resume: starting a new one.")
+        run_chat(session, header_for(session, build), history_path=paths.history_file(),
+                 resumed=resumed)

@@ -82,6 +82,8 @@ def run(
         if tools:
             calls = read_tool_reply(reply.pieces(progress)).to_json()
             progress.stop()
+            if reply.stats.stop_reason == "interrupted":
+                raise KeyboardInterrupt  # no half a tool call on stdout: exit 130
             if as_json:
                 calls |= {"model": build.label, "stats": reply.stats.to_json()}
             print_json(calls, one_line=True)
@@ -94,6 +96,8 @@ def run(
             if not as_json:
                 stdout_write(piece)
         progress.stop()
+        if reply.stats.stop_reason == "interrupted":
+            raise KeyboardInterrupt  # Ctrl-C during a token: exit 130 like anywhere else
         if as_json:
             sized = [{"source": i.source, "width": i.width, "height": i.height,
                       "tokens": i.n_tokens, "full_tokens": i.full_tokens}

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from localsmall import interrupt
 from localsmall.engine import native
 from localsmall.engine.devices import cpu_has_amx_repack
 from localsmall.engine.types import (
@@ -37,22 +38,25 @@ def load_model(llama: Any, settings: EngineSettings, on_progress: ProgressCallba
         params.use_extra_bufts = False
         repack_note = "repacking off" + (" (AMX CPU)" if placement == "auto" else "")
 
-    interrupted = False
-
     def report(fraction: float, user_data: Any) -> bool:
-        nonlocal interrupted
+        # A callback must never raise: Ctrl-C arrives as the interrupt flag (the caller
+        # runs this inside interrupt.interrupting()), and a failing progress display is
+        # skipped.
         try:
             if on_progress is not None:
                 on_progress(Progress("load", int(fraction * 1000), 1000, "loading model"))
-        except KeyboardInterrupt:
-            interrupted = True
-        return not interrupted  # False makes llama.cpp stop loading
+        except KeyboardInterrupt:  # raised by the progress display itself: keep it
+            interrupt.request()
+        except Exception:  # progress is best effort
+            pass
+        return not interrupt.requested()  # False makes llama.cpp stop loading
 
     callback = llama.llama_progress_callback(report)
     params.progress_callback = callback
     keep_alive = _offload_to(llama, params, remote, settings.tensor_split) if remote else None
-    model = llama.llama_model_load_from_file(str(settings.model_path).encode(), params)
-    if interrupted:
+    with interrupt.interrupting():
+        model = llama.llama_model_load_from_file(str(settings.model_path).encode(), params)
+    if interrupt.take():
         if model:
             llama.llama_model_free(model)
         raise KeyboardInterrupt

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import functools
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from localsmall import interrupt
 from localsmall.engine import native, rpc
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
 from localsmall.engine.constrain import ConstrainedSampler, constraint_accepts
@@ -75,7 +77,8 @@ class Engine:
         self.ctx: Any = None
         self.projector: Projector | None = None
         # llama.cpp reports every buffer it allocates in its log: keep those numbers.
-        with native.capture_log() as log_lines:
+        # Ctrl-C while loading only sets the flag; the progress callback stops the load.
+        with native.capture_log() as log_lines, interrupt.interrupting():
             self.model, self.repack_note = load_model(
                 self._llama, settings, on_progress,
                 remote=tuple(d.handle for d in self.remote_devices))
@@ -91,6 +94,7 @@ class Engine:
                         n_embd=self._llama.llama_model_n_embd_inp(self.model),
                         n_threads=self.n_threads, use_gpu=settings.n_gpu_layers != 0,
                         flash_attn_type=flash_attn_type(self._llama, settings))
+                interrupt.raise_if_requested()
             except BaseException:
                 self.close()
                 raise
@@ -102,8 +106,11 @@ class Engine:
         # Called when llama.cpp finds no free cell for a batch (several sequences share
         # the context): returns True once it made room, and the batch is tried again.
         self.on_cache_full: Callable[[], bool] | None = None
+        # Engine.interrupt(), from another thread (the server); Ctrl-C is the process-wide
+        # flag in localsmall.interrupt.
         self._interrupted = False
         self._reading: ReadProgress | None = None
+        self._live: weakref.ref[Generation] | None = None  # the reply being generated
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
         self._batch = self._llama.llama_batch_init(max(settings.n_batch, 1), 0, 1)
         self.info = model_info(self._llama, self.model, self.ctx, settings,
@@ -180,13 +187,16 @@ class Engine:
 
     def _should_abort(self, user_data: Any) -> bool:
         # Called by llama.cpp's CPU backend after each graph node while a prompt is read.
+        # A callback must never raise (ctypes would swallow it): progress that fails is
+        # skipped, and Ctrl-C arrives as the interrupt flag.
         try:
             if self._reading is not None:
                 self._reading.node()
-            return self._interrupted
-        except KeyboardInterrupt:
-            self._interrupted = True
-            return True
+        except KeyboardInterrupt:  # raised by the progress display itself: keep it
+            interrupt.request()
+        except Exception:  # progress is best effort
+            pass
+        return self._interrupted or interrupt.requested()
 
     def interrupt(self) -> None:
         """Ask a prompt evaluation or generation running in another thread to stop: it
@@ -232,14 +242,18 @@ class Engine:
                 batch.logits[i] = False
             if logits_last and start + len(part) == len(tokens):
                 batch.logits[len(part) - 1] = True
-            status = llama.llama_decode(self.ctx, batch)
-            while status == 1 and self.on_cache_full is not None and self.on_cache_full():
+            with interrupt.interrupting():
                 status = llama.llama_decode(self.ctx, batch)
-            if status == 2 or self._interrupted:
+                while status == 1 and self.on_cache_full is not None and self.on_cache_full():
+                    status = llama.llama_decode(self.ctx, batch)
+            if status == 0:
+                self.kv.added(part)
+            # Aborted by the abort callback (2), or Ctrl-C came while llama.cpp ran:
+            # stop here, where raising is safe.
+            if interrupt.take() or status == 2 or self._interrupted:
                 raise KeyboardInterrupt
             if status != 0:
                 raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")
-            self.kv.added(part)
             if reading is not None:
                 reading.end_batch(len(part))
 
@@ -335,7 +349,9 @@ class Engine:
         """Start a reply to `prompt`. Iterate the result for tokens; `.result` holds the
         text and stats so far (complete once iteration ends or the generation is closed).
         """
-        return Generation(self, prompt, sampling, on_progress)
+        generation = Generation(self, prompt, sampling, on_progress)
+        self._live = weakref.ref(generation)
+        return generation
 
     def _stream(self, prompt: Sequence[PromptPiece], sampling: SamplingSettings,
                 on_progress: ProgressCallback | None,
@@ -361,6 +377,9 @@ class Engine:
         gen_start = time.perf_counter()
         try:
             while True:
+                if interrupt.take():  # Ctrl-C: the reply ends here, what came is kept
+                    stop = "interrupted"
+                    break
                 token = (constrained.sample(self.ctx) if constrained is not None
                          else llama.llama_sampler_sample(sampler, self.ctx, -1))
                 if not result.token_ids:
@@ -381,7 +400,13 @@ class Engine:
                 if self.kv.n_past + 1 >= self.n_ctx:
                     stop = "context"
                     break
-                self._decode_tokens([token], logits_last=True)
+                try:
+                    self._decode_tokens([token], logits_last=True)
+                except KeyboardInterrupt:
+                    stop = "interrupted"
+                    if self._interrupted:
+                        raise  # Engine.interrupt(): the caller (the server) sees it raised
+                    break
         except (KeyboardInterrupt, GeneratorExit):
             stop = "interrupted"
             raise
@@ -448,8 +473,14 @@ class Engine:
             raise
 
     def close(self) -> None:
-        """Free the projector, context and model."""
+        """Free the projector, context and model (closing a reply still being generated
+        first: its clean-up reads the context, which must not be freed under it)."""
         llama = self._llama
+        ref = getattr(self, "_live", None)
+        live = ref() if ref is not None else None
+        if live is not None:
+            live.close()
+        self._live = None
         if getattr(self, "_rpc_lost", False):
             # Freeing remote buffers needs the lost worker (llama.cpp would abort):
             # leave them to the end of the process.

@@ -19,6 +19,8 @@ from functools import cache
 from types import ModuleType
 from typing import Any
 
+from localsmall import interrupt
+
 log = logging.getLogger("localsmall.llama")
 
 _verbose = False
@@ -62,19 +64,31 @@ def _install_log_callback(llama_cpp: ModuleType) -> None:
 
     @llama_cpp.llama_log_callback
     def forward(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if not text:
-            return
-        if level == GGML_LOG_LEVEL_ERROR:
-            _recent_errors.append(text.decode(errors="replace").strip())
-        elif b"graph: nodes = " in text:
-            _note_graph_size(text)
-        if _captures:
-            _collect(text.decode(errors="replace"))
-        if _verbose:
-            os.write(2, text)
+        # A callback must never raise: ctypes would print and swallow the exception
+        # (a Ctrl-C landing here is kept as the interrupt flag instead).
+        try:
+            _forward(level, text)
+        except KeyboardInterrupt:
+            interrupt.request()
+        except BaseException:  # logging is best effort
+            pass
 
     _log_callback = forward
     llama_cpp.llama_log_set(forward, None)
+
+
+def _forward(level: int, text: bytes) -> None:
+    """Where llama.cpp's log lines go: error memory, graph sizes, captures, stderr."""
+    if not text:
+        return
+    if level == GGML_LOG_LEVEL_ERROR:
+        _recent_errors.append(text.decode(errors="replace").strip())
+    elif b"graph: nodes = " in text:
+        _note_graph_size(text)
+    if _captures:
+        _collect(text.decode(errors="replace"))
+    if _verbose:
+        os.write(2, text)
 
 
 def _note_graph_size(text: bytes) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from localsmall import interrupt
 from localsmall.engine import native
 from localsmall.errors import EngineError, ModelLoadError
 from localsmall.gguf_header import read_header
@@ -89,7 +90,6 @@ class Projector:
         self.n_layers = facts.n_layers
         self._img_break = facts.img_break
         self._progress: Callable[[int, int], None] | None = None
-        self._interrupted = False
         self._cb_eval = native.llama().ggml_backend_sched_eval_callback(self._on_eval)
 
         params = mtmd.mtmd_context_params_default()
@@ -114,6 +114,8 @@ class Projector:
     # --- progress and interruption during the encoder's graph --------------------------
 
     def _on_eval(self, tensor: int, ask: bool, user_data: int) -> bool:
+        # A callback must never raise (ctypes would swallow it): Ctrl-C arrives as the
+        # interrupt flag, and a failing progress display is skipped.
         try:
             name = _ggml_get_name()(tensor) or b""
             if ask:
@@ -123,12 +125,11 @@ class Projector:
             if self._progress is not None and self.n_layers:
                 layer = int(name.split(b"-")[1].split(b" ")[0])
                 self._progress(layer + 1, self.n_layers)
-            return not self._interrupted
-        except KeyboardInterrupt:
-            self._interrupted = True
-            return False
-        except Exception:
-            return not self._interrupted
+        except KeyboardInterrupt:  # raised by the progress display itself: keep it
+            interrupt.request()
+        except Exception:  # progress is best effort
+            pass
+        return not interrupt.requested()
 
     # --- images ------------------------------------------------------------------------
 
@@ -219,13 +220,13 @@ class Projector:
                      on_progress: Callable[[int, int], None] | None) -> np.ndarray:
         """One pass of the vision tower over a chunk: [n_tokens, n_embd] float32."""
         mtmd = self._mtmd
-        self._progress, self._interrupted = on_progress, False
+        self._progress = on_progress
         try:
-            status = mtmd.mtmd_encode_chunk(self.ctx, chunk)
+            with interrupt.interrupting():
+                status = mtmd.mtmd_encode_chunk(self.ctx, chunk)
         finally:
             self._progress = None
-        if self._interrupted:
-            raise KeyboardInterrupt
+        interrupt.raise_if_requested()
         if status != 0:
             raise EngineError(f"{image.source}: the vision encoder failed (status {status})")
         n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
@@ -269,22 +270,26 @@ class Projector:
         llama = native.llama()
 
         def after_batch(view: Any, user_data: Any) -> int:
+            # Never raises (see _on_eval); non-zero stops mtmd's decoding.
+            if interrupt.requested():
+                return 1
             try:
                 return on_batch(int(view.contents.n_tokens))
             except KeyboardInterrupt:
-                self._interrupted = True
+                interrupt.request()
                 return 1
+            except Exception:  # progress is best effort
+                return 0
 
         callback = mtmd.mtmd_helper_post_decode_callback(after_batch)
-        self._interrupted = False
         new_n_past = llama.llama_pos(0)
         embd = encoded.embeddings
-        status = mtmd.mtmd_helper_decode_image_chunk(
-            self.ctx, lctx, encoded.chunk,
-            embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            n_past, seq_id, n_batch, ctypes.byref(new_n_past), callback, None)
-        if self._interrupted:
-            raise KeyboardInterrupt
+        with interrupt.interrupting():
+            status = mtmd.mtmd_helper_decode_image_chunk(
+                self.ctx, lctx, encoded.chunk,
+                embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                n_past, seq_id, n_batch, ctypes.byref(new_n_past), callback, None)
+        interrupt.raise_if_requested()
         if status != 0:
             raise EngineError(f"llama.cpp failed to read an image into the context ({status})")
         return int(new_n_past.value)

@@ -7,7 +7,9 @@ at the prompt, Ctrl-C twice or Ctrl-D leaves.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +26,15 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from localsmall import interrupt
 from localsmall.chat.conversation import Conversation
-from localsmall.chat.results import Reply, SessionStats
+from localsmall.chat.results import LoadedChat, Reply, SessionStats
 from localsmall.chat.session import ChatSession
 from localsmall.chat.slash import CommandResult, command_names
 from localsmall.engine.types import TurnStats
-from localsmall.errors import LocalsmallError
+from localsmall.errors import LocalsmallError, debug_enabled
 from localsmall.images import PreparedImage
-from localsmall.ui.console import err, error, muted, notice, out, terminal_safe
+from localsmall.ui.console import err, error, muted, notice, out, terminal_safe, warn
 from localsmall.ui.markdown_stream import MarkdownStream
 from localsmall.ui.progress import WorkProgress
 
@@ -173,6 +176,7 @@ class ChatScreen:
             history=_history(history_path), completer=ChatCompleter(),
             complete_while_typing=False, key_bindings=_key_bindings(), multiline=True,
             bottom_toolbar=self._toolbar, enable_history_search=False)
+        self._save_warned = False
 
     def _toolbar(self) -> Any:
         s = self.session
@@ -192,47 +196,72 @@ class ChatScreen:
             notice(message)
 
     def run(self) -> None:
-        """Loop until /exit, Ctrl-D or two Ctrl-C in a row."""
+        """Loop until /exit, Ctrl-D or two Ctrl-C in a row at the prompt.
+
+        Outside the input prompt, Ctrl-C only sets the interrupt flag (see
+        localsmall.interrupt) and never raises wherever Python happens to be: the engine
+        reads the flag (a reply stops at its next token, reading a prompt or encoding an
+        image stops within a graph node). The prompt, which owns the terminal while it
+        reads, sees Ctrl-C as a key."""
         interrupts = 0
-        while interrupts < 2:
-            try:
-                if self._turn():
+        with interrupt.interrupting():
+            while interrupts < 2:
+                try:
+                    if self._turn():
+                        break
+                    interrupts = 0
+                except KeyboardInterrupt:  # Ctrl-C at the prompt
+                    interrupts += 1
+                    if interrupts < 2:
+                        muted("(Ctrl-C again or Ctrl-D to leave)")
+                except EOFError:
                     break
-                interrupts = 0
-            except KeyboardInterrupt:
-                # At the prompt, or in the instant between two prompts.
-                interrupts += 1
-                if interrupts < 2:
-                    muted("(Ctrl-C again or Ctrl-D to leave)")
-            except EOFError:
-                break
+            self._save(with_state=True)
 
     def _turn(self) -> bool:
-        """Read one input and act on it; True means leave."""
+        """Read one input and act on it; True means leave. Whatever goes wrong while
+        acting on it costs one line, never the chat."""
         default, self.session.restored_input = self.session.restored_input, ""
-        line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "), default=default)
+        # While the prompt reads, Ctrl-C raises as prompt_toolkit expects (a key in its raw
+        # mode; KeyboardInterrupt while it sets up). A Ctrl-C that no turn took (between
+        # two prompts) counts as one at the prompt: twice leaves, as the user expects.
+        with interrupt.raising():
+            line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "),
+                                      default=default)
         try:
             result = self.session.handle(line)
+            if result is None:
+                return False
+            if isinstance(result, Reply):
+                self.stream(result)
+                return False
+            return self.show(result)
         except LocalsmallError as exc:
             error(str(exc))
-            return False
         except KeyboardInterrupt:
             muted("(interrupted)")
-            return False
-        if result is None:
-            return False
-        if isinstance(result, Reply):
-            self.stream(result)
-            return False
-        return self.show(result)
+        except Exception as exc:
+            unexpected_error(exc)
+        finally:
+            self._save(with_state=False)
+        return False
+
+    def _save(self, *, with_state: bool) -> None:
+        """Autosave the chat for `localsmall chat --resume`; warn once if it fails."""
+        problem = self.session.autosave(with_state=with_state)
+        if problem and not self._save_warned:
+            self._save_warned = True
+            warn(problem)
 
     def stream(self, reply: Reply) -> None:
-        """Show a reply as it arrives: progress while the prompt is read, then Markdown."""
+        """Show a reply as it arrives: progress while the prompt is read, then Markdown.
+        Ctrl-C ends the reply at its next token (the engine reads the interrupt flag);
+        during the prompt it raises KeyboardInterrupt from the engine, where it is safe."""
         for message in reply.notices:
             notice(message)
         progress = WorkProgress(err())
         markdown = MarkdownStream(self.console)
-        started = False
+        started = stopped_early = False
         tokens = reply.stream(progress)  # the engine reports to the bar it is given here
         try:
             for _ in tokens:
@@ -242,20 +271,19 @@ class ChatScreen:
                     started = True
                 markdown.update(reply.text)
         except KeyboardInterrupt:
-            reply.close()
-            progress.stop()
+            stopped_early = True
+        except BaseException:
+            _quietly(reply.close, progress.stop, markdown.finish)
+            raise
+        reply.close()  # a no-op unless the loop ended early; commits what came
+        progress.stop()
+        if stopped_early or reply.stats.stop_reason == "interrupted":
             markdown.finish()
             if started:
                 muted("(stopped)")
             else:
                 muted("(stopped before the answer began; your message is back in the input)")
             return
-        except LocalsmallError as exc:
-            progress.stop()
-            markdown.finish()
-            error(str(exc))
-            return
-        progress.stop()
         if not started:
             self.console.print("[bold cyan]mistral ›[/]")
         markdown.finish()
@@ -278,6 +306,16 @@ class ChatScreen:
             self.console.print(f"[notice]{escape(result.message)}[/]")
         return False
 
+    def show_resumed(self, loaded: LoadedChat) -> None:
+        """The chat continued by --resume, and whether its KV cache came back."""
+        count = len(loaded.conversation.messages)
+        how = (f"{loaded.state_tokens:,} tokens restored from its KV cache"
+               if loaded.state_tokens else
+               f"it will be read again: {loaded.state_ignored}" if loaded.state_ignored
+               else "it will be read again")
+        notice(f"Resumed the last chat ({count} message{'s' if count != 1 else ''}; {how}).")
+        self.replay(loaded.conversation)
+
     def replay(self, conversation: Conversation) -> None:
         """Show a loaded conversation. Its text comes from a file: control and escape
         sequences are made visible and harmless (terminal_safe) before printing."""
@@ -293,8 +331,28 @@ class ChatScreen:
                 self.console.print(Markdown(terminal_safe(message.text)))
 
 
-def run_chat(session: ChatSession, header: ChatHeader, *, history_path: Path | None) -> None:
-    """The interactive chat, until the user leaves."""
+def unexpected_error(exc: BaseException) -> None:
+    """A failure that is not one of localsmall's own: one line (the traceback with
+    LOCALSMALL_DEBUG=1), and the chat goes on."""
+    if debug_enabled():
+        traceback.print_exception(exc)
+    text = " ".join(str(exc).split()) or "no details"
+    error(f"{type(exc).__name__}: {text} (the chat goes on)")
+
+
+def _quietly(*steps: Any) -> None:
+    """Clean-up steps after a failure: each runs even if another fails."""
+    for step in steps:
+        with contextlib.suppress(Exception):  # the first failure is the one reported
+            step()
+
+
+def run_chat(session: ChatSession, header: ChatHeader, *, history_path: Path | None,
+             resumed: LoadedChat | None = None) -> None:
+    """The interactive chat, until the user leaves; `resumed` is a chat continued from
+    the last session (shown before the prompt)."""
     screen = ChatScreen(session, history_path=history_path)
     screen.banner(header)
+    if resumed is not None:
+        screen.show_resumed(resumed)
     screen.run()
