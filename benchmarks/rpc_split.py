@@ -4,6 +4,7 @@ network per prompt token and per generated token (TCP's counters for the workers
 connections, read with `ss`).
 
     python benchmarks/rpc_split.py [--quant Q4_K_M] [--prompt 256] [--gen 64] [--tiny]
+                                   [--model FILE.gguf ...]
 
 The default model is the ~370M-parameter synthetic one (8 layers, 1024 wide, the real
 131072-token vocabulary); --tiny adds the test suite's model (2 layers, 256 wide) so the
@@ -122,6 +123,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="per process (1: a shared machine's cores are not oversubscribed)")
     parser.add_argument("--tiny", action="store_true", help="also the test suite's model")
+    parser.add_argument("--model", type=Path, action="append", default=[],
+                        help="also this GGUF (e.g. one written by make_fullshape.py --layers 8: "
+                        "the real width, so the real traffic per token)")
     parser.add_argument("--cpu", type=int, default=0,
                         help="pin everything to this CPU (-1: no pinning), so that local and "
                         "split runs get the same CPU time on a shared machine")
@@ -130,6 +134,7 @@ def main() -> None:
     models = [("370M " + args.quant, medium_model(args.quant)[0])]
     if args.tiny:
         models.append(("tiny F16", tiny_model()[0]))
+    models += [(path.stem, path) for path in args.model]
     if args.cpu is not None:  # this process and the workers (inherited) share one core
         os.sched_setaffinity(0, {args.cpu})
     procs: list[subprocess.Popen[bytes]] = []

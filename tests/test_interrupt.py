@@ -54,9 +54,10 @@ class Outcome:
 
 
 def _turn(session: ChatSession, text: str, *, sampling: SamplingSettings,
-          images: tuple[Path, ...] = (), after_token: Callable[[int], None] | None = None
-          ) -> Outcome:
-    """One turn as the chat screen runs it (SIGINT only sets the interrupt flag)."""
+          images: tuple[Path, ...] = (), after_token: Callable[[int], None] | None = None,
+          on_progress: Callable[[Progress], None] | None = None) -> Outcome:
+    """One turn as the chat screen runs it (SIGINT only sets the interrupt flag), with
+    progress reported to `on_progress` as the screen's bar is."""
     session.sampling = sampling
     for image in images:
         session.attach(str(image))
@@ -65,7 +66,7 @@ def _turn(session: ChatSession, text: str, *, sampling: SamplingSettings,
     count = 0
     deadline = time.monotonic() + TURN_WATCHDOG_S
     try:
-        for _ in reply:
+        for _ in reply.stream(on_progress):
             count += 1
             if after_token is not None:
                 after_token(count)
@@ -159,6 +160,7 @@ def test_ctrl_c_at_random_moments(session: ChatSession, make_image) -> None:
                 fire(from_main=True)
 
         timer = None
+        progress_hook: Callable[[Progress], None] | None = None
         with interrupt.interrupting():
             if kind == "timer":
                 timer = threading.Timer(rng.uniform(0, span), fire,
@@ -177,12 +179,12 @@ def test_ctrl_c_at_random_moments(session: ChatSession, make_image) -> None:
                         if seen[0] >= target:
                             fire(from_main=True)
 
-                session.on_progress = on_progress
+                progress_hook = on_progress
             try:
                 outcome = _turn(session, text, sampling=UNLIMITED, images=images,
-                                after_token=after_token)
+                                after_token=after_token,
+                                on_progress=progress_hook)
             finally:
-                session.on_progress = None
                 if timer is not None:
                     timer.cancel()
                     timer.join()
@@ -211,15 +213,14 @@ def test_sigint_inside_a_callback_is_never_swallowed(session: ChatSession) -> No
         if calls[0] == 1:
             signal.raise_signal(signal.SIGINT)
 
-    session.on_progress = on_progress
     session.sampling = UNLIMITED
     reply = session.handle(" ".join(WORDS * 20))
     assert isinstance(reply, Reply)
     with pytest.raises(KeyboardInterrupt):
-        list(reply)
+        list(reply.stream(on_progress))
+    assert calls[0] >= 1
     assert not interrupt.requested()
     assert session.conversation.messages == []
-    session.on_progress = None
     session.restored_input = ""
     _next_turn_works(session)
 
