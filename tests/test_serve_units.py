@@ -151,3 +151,36 @@ def test_cli_refuses_a_port_in_use_and_bad_flags(tiny: TinyModels) -> None:
     for flags, message in ((["--slots", "0"], "--slots"), (["--queue", "0"], "--queue")):
         result = runner.invoke(app, ["serve", "--model", str(tiny.f16), *flags])
         assert result.exit_code == 2 and message in result.output
+
+
+def test_long_steps_reach_the_request_log(shared: Engine) -> None:
+    """The scheduler hands the engine a progress callback whose lines reach the request
+    log (every step counts as long here, so the test does not depend on speed)."""
+    import asyncio
+
+    from localsmall.server.prompting import ReplyMemory
+    from localsmall.server.scheduler import Finished, Job, RequestLog, Scheduler
+
+    for kv in shared.sequences:
+        kv.truncate(0)
+    entries: list[RequestLog] = []
+    scheduler = Scheduler(shared, replies=ReplyMemory(), on_log=entries.append)
+    scheduler.progress_after_s = 0.0
+
+    async def one_request() -> object:
+        job = Job("chatcmpl-progress", _prompt(shared, "word " * 100),
+                  SamplingSettings(temperature=0, max_tokens=2), asyncio.get_running_loop())
+        scheduler.submit(job)
+        while True:
+            event = await asyncio.wait_for(job.events.get(), 120)
+            if not hasattr(event, "token_id"):
+                return event
+
+    scheduler.start()
+    try:
+        assert isinstance(asyncio.run(one_request()), Finished)
+    finally:
+        scheduler.stop()
+    progress = [e.message for e in entries if e.phase == "progress"]
+    assert progress and progress[-1].startswith("reading prompt")
+    assert "(100%)" in progress[-1]
