@@ -184,3 +184,19 @@ def test_long_steps_reach_the_request_log(shared: Engine) -> None:
     progress = [e.message for e in entries if e.phase == "progress"]
     assert progress and progress[-1].startswith("reading prompt")
     assert "(100%)" in progress[-1]
+
+
+def test_the_server_sizes_images_to_its_budget() -> None:
+    from localsmall.chat.cost import PLANNED, ImagePolicy, Speeds, budget_for, fixed_budget
+    from localsmall.server.image_urls import ImageLimits, prepare
+    from tests.tinymodels import image_bytes
+
+    slow_cpu = Speeds(prompt_tps=5.0, image_tps=40.0, source=PLANNED)
+    assert fixed_budget(ImagePolicy(max_tokens=64, auto=True, planned=slow_cpu)) == 64
+    assert fixed_budget(ImagePolicy(auto=True, planned=slow_cpu)) == budget_for(slow_cpu, 20.0)
+    assert fixed_budget(ImagePolicy()) is None  # a GPU: full resolution
+    ref = ImageRef(url="data:image/png;base64,", param="messages[0].content[0]")
+    data = image_bytes(504, 504)
+    full = prepare(ref, data, 0)
+    small = prepare(ref, data, 0, ImageLimits(max_tokens=40))
+    assert small.n_tokens <= 40 < full.n_tokens
