@@ -50,8 +50,8 @@ def serve(
     """Serve an OpenAI-compatible API (for editors, Open WebUI, the openai client...)."""
     import dataclasses
 
-    from localsmall.runtime.options import sampling_for, system_prompt_for
     from localsmall.chat.cost import fixed_budget
+    from localsmall.runtime.options import sampling_for, system_prompt_for
     from localsmall.runtime.start import image_policy, load_engine, prepare
     from localsmall.server.app import ServerConfig
     from localsmall.server.image_urls import ImageLimits
