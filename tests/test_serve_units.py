@@ -151,3 +151,52 @@ def test_cli_refuses_a_port_in_use_and_bad_flags(tiny: TinyModels) -> None:
     for flags, message in ((["--slots", "0"], "--slots"), (["--queue", "0"], "--queue")):
         result = runner.invoke(app, ["serve", "--model", str(tiny.f16), *flags])
         assert result.exit_code == 2 and message in result.output
+
+
+def test_long_steps_reach_the_request_log(shared: Engine) -> None:
+    """The scheduler hands the engine a progress callback whose lines reach the request
+    log (every step counts as long here, so the test does not depend on speed)."""
+    import asyncio
+
+    from localsmall.server.prompting import ReplyMemory
+    from localsmall.server.scheduler import Finished, Job, RequestLog, Scheduler
+
+    for kv in shared.sequences:
+        kv.truncate(0)
+    entries: list[RequestLog] = []
+    scheduler = Scheduler(shared, replies=ReplyMemory(), on_log=entries.append)
+    scheduler.progress_after_s = 0.0
+
+    async def one_request() -> object:
+        job = Job("chatcmpl-progress", _prompt(shared, "word " * 100),
+                  SamplingSettings(temperature=0, max_tokens=2), asyncio.get_running_loop())
+        scheduler.submit(job)
+        while True:
+            event = await asyncio.wait_for(job.events.get(), 120)
+            if not hasattr(event, "token_id"):
+                return event
+
+    scheduler.start()
+    try:
+        assert isinstance(asyncio.run(one_request()), Finished)
+    finally:
+        scheduler.stop()
+    progress = [e.message for e in entries if e.phase == "progress"]
+    assert progress and progress[-1].startswith("reading prompt")
+    assert "(100%)" in progress[-1]
+
+
+def test_the_server_sizes_images_to_its_budget() -> None:
+    from localsmall.chat.cost import PLANNED, ImagePolicy, Speeds, budget_for, fixed_budget
+    from localsmall.server.image_urls import ImageLimits, prepare
+    from tests.tinymodels import image_bytes
+
+    slow_cpu = Speeds(prompt_tps=5.0, image_tps=40.0, source=PLANNED)
+    assert fixed_budget(ImagePolicy(max_tokens=64, auto=True, planned=slow_cpu)) == 64
+    assert fixed_budget(ImagePolicy(auto=True, planned=slow_cpu)) == budget_for(slow_cpu, 20.0)
+    assert fixed_budget(ImagePolicy()) is None  # a GPU: full resolution
+    ref = ImageRef(url="data:image/png;base64,", param="messages[0].content[0]")
+    data = image_bytes(504, 504)
+    full = prepare(ref, data, 0)
+    small = prepare(ref, data, 0, ImageLimits(max_tokens=40))
+    assert small.n_tokens <= 40 < full.n_tokens

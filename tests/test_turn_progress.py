@@ -141,3 +141,19 @@ def test_progress_log_lines_say_elapsed_and_eta() -> None:
     assert len(lines) == 7  # every 2 s of the 12 s, and the end
     assert progress_line(Progress("prompt", 100, 400, "reading prompt"), 20.0) == (
         "reading prompt: 100/400 (25%), 20.0 s, about 60 s left")
+
+
+def test_progress_log_keeps_short_steps_out_of_the_server_log() -> None:
+    lines: list[str] = []
+    clock = [0.0]
+    log = ProgressLog(lines.append, every_s=5.0, after_s=1.0, clock=lambda: clock[0])
+    log(Progress("prompt", 1, 10, "reading prompt"))
+    clock[0] = 0.4
+    log(Progress("prompt", 10, 10, "reading prompt"))  # done in 0.4 s: nothing said
+    log(Progress("image", 1, 24, "encoding cat.png"))
+    clock[0] = 7.0
+    log(Progress("image", 12, 24, "encoding cat.png"))
+    clock[0] = 14.0
+    log(Progress("image", 24, 24, "encoding cat.png"))
+    assert lines == ["encoding cat.png: 12/24 (50%), 6.6 s, about 7 s left",
+                     "encoding cat.png: 24/24 (100%), 13.6 s"]

@@ -63,6 +63,17 @@ def budget_for(speeds: Speeds, target_s: float) -> int:
     return max(MIN_IMAGE_BUDGET, min(MAX_IMAGE_TOKENS, math.floor(target_s / per_token)))
 
 
+def fixed_budget(policy: ImagePolicy) -> int | None:
+    """One budget for every image, for a server (it has no chat of its own to measure
+    speeds in): the user's, else on a CPU-only plan the one that keeps an image near the
+    target at the plan's speeds, else None (full resolution)."""
+    if policy.max_tokens is not None:
+        return policy.max_tokens
+    if policy.auto and policy.planned is not None:
+        return budget_for(policy.planned, policy.target_s)
+    return None
+
+
 def measured_speeds(turns: Sequence[TurnStats], planned: Speeds | None) -> Speeds | None:
     """The latest speeds measured in this chat (long enough reads only), the missing one
     scaled from the plan's ratio; the plan's estimate when nothing was measured."""

@@ -50,8 +50,9 @@ def serve(
     """Serve an OpenAI-compatible API (for editors, Open WebUI, the openai client...)."""
     import dataclasses
 
+    from localsmall.chat.cost import fixed_budget
     from localsmall.runtime.options import sampling_for, system_prompt_for
-    from localsmall.runtime.start import load_engine, prepare
+    from localsmall.runtime.start import image_policy, load_engine, prepare
     from localsmall.server.app import ServerConfig
     from localsmall.server.image_urls import ImageLimits
     from localsmall.server.runner import bind, serve
@@ -82,10 +83,13 @@ def serve(
         engine = load_engine(build, dataclasses.replace(options, n_seq=n_slots),
                              on_progress=progress)
     with engine:
+        image_tokens = fixed_budget(image_policy(engine, build,
+                                                 max_tokens=session.image_tokens))
         config = ServerConfig(model_ids=model_ids(build),
                               api_key=api_key, cors_origins=tuple(cors or ()),
                               max_body_bytes=max_body_mb * 2**20,
-                              image_limits=ImageLimits(max_bytes=max_image_mb * 2**20),
+                              image_limits=ImageLimits(max_bytes=max_image_mb * 2**20,
+                                                       max_tokens=image_tokens),
                               sampling=sampling)
         serve(engine, config=config, host=host, port=port, max_queue=queue,
               system_prompt=system_prompt_for(build, session.system,

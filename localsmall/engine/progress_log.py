@@ -19,9 +19,11 @@ class ProgressLog:
     """
 
     def __init__(self, write: Callable[[str], None], *, every_s: float = 2.0,
+                 after_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._write = write
         self._every_s = every_s
+        self._after_s = after_s  # a stage shorter than this writes nothing at all
         self._clock = clock
         self._started: dict[tuple[str, str], float] = {}
         self._last_line = -float("inf")
@@ -35,6 +37,8 @@ class ProgressLog:
         start = self._started.setdefault(key, now)
         done = event.done >= event.total
         if key in self._finished or not (done or now - self._last_line >= self._every_s):
+            return
+        if now - start < self._after_s:
             return
         self._last_line = now
         if done:

@@ -26,6 +26,7 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024   # one image, decoded or downloaded
     fetch_timeout_s: float = 10.0       # whole download of an http(s) image
     allow_remote: bool = True           # fetch http(s) URLs at all
+    max_tokens: int | None = None       # image budget: --image-tokens, or the CPU default
 
 
 def decode_data_url(ref: ImageRef, limits: ImageLimits) -> bytes:
@@ -95,12 +96,13 @@ async def fetch_url(ref: ImageRef, limits: ImageLimits) -> bytes:
     return b"".join(chunks)
 
 
-def prepare(ref: ImageRef, data: bytes, index: int) -> PreparedImage:
+def prepare(ref: ImageRef, data: bytes, index: int,
+            limits: ImageLimits = ImageLimits()) -> PreparedImage:
     """Validate and prepare downloaded or decoded image bytes (CPU work: run it in a
     thread)."""
     source = ref.url if ref.url.startswith(("http://", "https://")) else f"image {index}"
     try:
-        return prepare_image_bytes(data, source[:200])
+        return prepare_image_bytes(data, source[:200], max_tokens=limits.max_tokens)
     except ImageError as exc:
         raise invalid(ref.param, str(exc), code="invalid_image") from None
 
@@ -137,15 +139,15 @@ async def load_image(ref: ImageRef, limits: ImageLimits, index: int) -> Prepared
 
     scheme = ref.url.split(":", 1)[0].lower()
     if scheme == "data":
-        key = hashlib.sha256(ref.url.encode()).digest()
+        key = hashlib.sha256(f"{limits.max_tokens}:{ref.url}".encode()).digest()
         if (known := _RECENT.get(key)) is not None:
             return known
         data = decode_data_url(ref, limits)
-        image = await anyio.to_thread.run_sync(prepare, ref, data, index)
+        image = await anyio.to_thread.run_sync(prepare, ref, data, index, limits)
         _RECENT.put(key, image)
         return image
     elif scheme in ("http", "https"):
         data = await fetch_url(ref, limits)
     else:
         raise invalid(ref.param, "image_url must be a data: URL or an http(s) URL")
-    return await anyio.to_thread.run_sync(prepare, ref, data, index)
+    return await anyio.to_thread.run_sync(prepare, ref, data, index, limits)

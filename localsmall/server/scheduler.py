@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from localsmall.engine.progress_log import ProgressLog
 from localsmall.engine.types import PromptPiece, SamplingSettings, TurnStats
 from localsmall.errors import ContextFullError, EngineError
 from localsmall.server.errors import ApiError, busy, internal, invalid
@@ -63,7 +64,7 @@ class RequestLog:
     """What the server did with a request, for the terminal (see ui/serve_view.py)."""
 
     id: str
-    phase: Literal["started", "finished", "failed", "cancelled"]
+    phase: Literal["started", "progress", "finished", "failed", "cancelled"]
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -105,6 +106,8 @@ class Scheduler:
         self.replies = replies
         self.max_queue = max_queue
         self.on_log = on_log
+        # Steps shorter than this (most on a warm cache) stay out of the request log.
+        self.progress_after_s = 1.0
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._running: Job | None = None
@@ -196,7 +199,11 @@ class Scheduler:
             return
         self._log(RequestLog(job.id, "started", slot=slot.seq_id, waiting=self.waiting,
                              cached_tokens=slot.reused_positions))
-        generation = engine.generate(job.prompt, job.sampling)
+        # Long steps (an image encoded, a long prompt read) show in the request log.
+        progress = ProgressLog(lambda line: self._log(RequestLog(job.id, "progress",
+                                                                 message=line)),
+                               every_s=5.0, after_s=self.progress_after_s)
+        generation = engine.generate(job.prompt, job.sampling, progress)
         matcher = StopMatcher(job.stops)
         finish: FinishReason = "stop"
         sent: list[str] = []

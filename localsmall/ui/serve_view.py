@@ -27,6 +27,8 @@ def show_request(entry: RequestLog) -> None:
     if entry.phase == "started":
         err().print(f"[muted]{short} started · slot {entry.slot} · "
                     f"{entry.cached_tokens} tokens cached · {entry.waiting} waiting[/]")
+    elif entry.phase == "progress":
+        err().print(f"[muted]{short} {escape(entry.message)}[/]")
     elif entry.phase == "finished":
         err().print(f"{short} done · prompt {entry.prompt_tokens} ({entry.cached_tokens} "
                     f"cached) · {entry.completion_tokens} generated · first token "
