@@ -7,6 +7,7 @@ at the prompt, Ctrl-C twice or Ctrl-D leaves.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import traceback
@@ -226,8 +227,13 @@ class ChatScreen:
         # mode; KeyboardInterrupt while it sets up). A Ctrl-C that no turn took (between
         # two prompts) counts as one at the prompt: twice leaves, as the user expects.
         with interrupt.raising():
-            line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "),
-                                      default=default)
+            try:
+                line = self.prompt.prompt(HTML("<ansigreen><b>you ›</b></ansigreen> "),
+                                          default=default)
+            except asyncio.CancelledError:
+                # A Ctrl-C that lands while prompt_toolkit starts or stops its event loop
+                # cancels the loop's task instead of raising KeyboardInterrupt.
+                raise KeyboardInterrupt from None
         try:
             result = self.session.handle(line)
             if result is None:
