@@ -250,7 +250,8 @@ def read_transformers(directory: Path) -> Checkpoint:
     arch = str(architectures[0] if isinstance(architectures, list) else architectures)[:100]
     if arch not in TRANSFORMERS_ARCHITECTURES:
         known = ", ".join(TRANSFORMERS_ARCHITECTURES)
-        raise ConversionError(f"{directory} holds a {arch!r} model; localsmall converts "
+        shown = "".join(c if c.isprintable() else "?" for c in arch)  # one line, always
+        raise ConversionError(f"{directory} holds a {shown} model; localsmall converts "
                               f"Mistral checkpoints only ({known})")
     has_vision = TRANSFORMERS_ARCHITECTURES[arch]
     text_config = _section(config, "text_config", where) if has_vision else config
