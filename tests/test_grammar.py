@@ -26,16 +26,8 @@ from localsmall.engine.json_grammar import SchemaError, integer_range, json_sche
 from localsmall.engine.model import Engine
 from localsmall.engine.types import Constraint, SamplingSettings, TurnResult
 from localsmall.errors import ToolsError
+from tests.tool_schemas import CONVERT, WEATHER
 
-WEATHER = {"type": "object", "properties": {
-    "city": {"type": "string", "maxLength": 6},
-    "unit": {"enum": ["celsius", "fahrenheit"]},
-    "days": {"type": "integer", "minimum": 1, "maximum": 14}},
-    "required": ["city", "unit"], "additionalProperties": False}
-CONVERT = {"type": "object", "properties": {
-    "value": {"type": "number", "minimum": -40, "maximum": 300},
-    "to": {"type": "array", "items": {"enum": ["F", "K"]}, "minItems": 1, "maxItems": 2}},
-    "required": ["value", "to"]}
 TOOLS = parse_tools([{"type": "function", "function": {"name": "get_weather",
                                                        "parameters": WEATHER}},
                      {"type": "function", "function": {"name": "convert",

@@ -16,16 +16,8 @@ import pytest
 
 from tests.conftest import TinyModels
 from tests.serveprocess import ServerProcess, running_server
+from tests.tool_schemas import CONVERT, WEATHER
 
-WEATHER = {"type": "object", "properties": {
-    "city": {"type": "string", "maxLength": 6},
-    "unit": {"enum": ["celsius", "fahrenheit"]},
-    "days": {"type": "integer", "minimum": 1, "maximum": 14}},
-    "required": ["city", "unit"], "additionalProperties": False}
-CONVERT = {"type": "object", "properties": {
-    "value": {"type": "number", "minimum": -40, "maximum": 300},
-    "to": {"type": "array", "items": {"enum": ["F", "K"]}, "minItems": 1, "maxItems": 2}},
-    "required": ["value", "to"]}
 SCHEMAS = {"get_weather": WEATHER, "convert": CONVERT}
 TOOLS: Any = [{"type": "function", "function": {"name": n, "description": f"{n} tool",
                                                "parameters": s}} for n, s in SCHEMAS.items()]
