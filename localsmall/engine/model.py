@@ -24,6 +24,7 @@ from localsmall.engine import native, rpc
 from localsmall.engine.buffers import BufferReport, parse_buffer_lines
 from localsmall.engine.constrain import ConstrainedSampler, constraint_accepts
 from localsmall.engine.devices import default_threads
+from localsmall.engine.embed_read import TokenEmbeddings, fill_batch
 from localsmall.engine.kvcache import (
     CacheItem,
     ImageSpan,
@@ -98,6 +99,11 @@ class Engine:
             except BaseException:
                 self.close()
                 raise
+        # Text as embeddings, so an image turn shares llama_decode calls (embed_read).
+        self._token_rows = (TokenEmbeddings.open(Path(settings.model_path),
+                                                 self._llama.llama_model_n_embd_inp(self.model))
+                            if self.projector is not None and self.projector.plain else None)
+        self._embd_batch: Any = None
         self.buffers: tuple[BufferReport, ...] = parse_buffer_lines(log_lines)
         # One KV bookkeeping per llama.cpp sequence; `kv` is the one in use.
         self.sequences = tuple(KvCache(self._llama, self.ctx, seq)
@@ -112,6 +118,7 @@ class Engine:
         self._reading: ReadProgress | None = None
         self._live: weakref.ref[Generation] | None = None  # the reply being generated
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
+        self.decode_calls = 0  # llama_decode calls made (prompt reading and generation)
         self._batch = self._llama.llama_batch_init(max(settings.n_batch, 1), 0, 1)
         self.info = model_info(self._llama, self.model, self.ctx, settings,
                                has_vision=self.projector is not None,
@@ -227,7 +234,7 @@ class Engine:
 
     def _decode_tokens(self, tokens: Sequence[int], logits_last: bool,
                        reading: ReadProgress | None = None) -> None:
-        llama, batch = self._llama, self._batch
+        batch = self._batch
         n_batch = self.settings.n_batch
         for start in range(0, len(tokens), n_batch):
             part = tokens[start:start + n_batch]
@@ -242,20 +249,26 @@ class Engine:
                 batch.logits[i] = False
             if logits_last and start + len(part) == len(tokens):
                 batch.logits[len(part) - 1] = True
-            with interrupt.interrupting():
-                status = llama.llama_decode(self.ctx, batch)
-                while status == 1 and self.on_cache_full is not None and self.on_cache_full():
-                    status = llama.llama_decode(self.ctx, batch)
-            if status == 0:
-                self.kv.added(part)
-            # Aborted by the abort callback (2), or Ctrl-C came while llama.cpp ran:
-            # stop here, where raising is safe.
-            if interrupt.take() or status == 2 or self._interrupted:
-                raise KeyboardInterrupt
-            if status != 0:
-                raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")
+            self._decode_batch(batch, functools.partial(self.kv.added, part))
             if reading is not None:
                 reading.end_batch(len(part))
+
+    def _decode_batch(self, batch: Any, on_done: Callable[[], None]) -> None:
+        """One llama_decode call; `on_done` records what it added to the cache."""
+        llama = self._llama
+        self.decode_calls += 1
+        with interrupt.interrupting():
+            status = llama.llama_decode(self.ctx, batch)
+            while status == 1 and self.on_cache_full is not None and self.on_cache_full():
+                status = llama.llama_decode(self.ctx, batch)
+        if status == 0:
+            on_done()
+        # Aborted by the abort callback (2), or Ctrl-C came while llama.cpp ran:
+        # stop here, where raising is safe.
+        if interrupt.take() or status == 2 or self._interrupted:
+            raise KeyboardInterrupt
+        if status != 0:
+            raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")
 
     def _evaluate(self, items: Sequence[CacheItem], prompt: Sequence[PromptPiece],
                   on_progress: ProgressCallback | None) -> TurnStats:
@@ -274,9 +287,15 @@ class Engine:
         self._interrupted = False
         self._reading = reading
         self._llama.llama_set_abort_callback(self.ctx, self._abort_cb, None)
+        calls_before = self.decode_calls
         try:
-            reading.start()
             rest = list(items[keep:])
+            if self._token_rows is not None and any(isinstance(x, ImageSpan) for x in rest):
+                encode_s, encoded_count, encoded_tokens = self._read_together(
+                    rest, images, reading, on_progress)
+                rest = []
+            else:
+                reading.start()
             i = 0
             while i < len(rest):
                 if isinstance(rest[i], int):
@@ -300,7 +319,56 @@ class Engine:
             self._llama.llama_set_abort_callback(self.ctx, self._abort_cb.__class__(), None)
         return replace(stats, evaluated_tokens=reading.todo, images_encoded=encoded_count,
                        image_tokens_encoded=encoded_tokens, image_encode_s=encode_s,
-                       prompt_eval_s=time.perf_counter() - start)
+                       prompt_eval_s=time.perf_counter() - start,
+                       read_batches=self.decode_calls - calls_before)
+
+    def _read_together(self, rest: Sequence[CacheItem], images: dict[str, Any],
+                       reading: ReadProgress, on_progress: ProgressCallback | None
+                       ) -> tuple[float, int, int]:
+        """Encode the images of `rest`, then read all of it (text as token embeddings)
+        in n_batch-position llama_decode calls (see embed_read); returns (encode seconds,
+        images encoded, their positions)."""
+        assert self.projector is not None and self._token_rows is not None
+        encode_s, count, n_tokens = 0.0, 0, 0
+        rows: list[np.ndarray] = []
+        run: list[int] = []
+        for item in rest:
+            if isinstance(item, int):
+                run.append(item)
+                continue
+            rows.append(self._token_rows.rows(run))
+            run = []
+            image = images[item.key]
+            fresh = not self.projector.is_encoded(item.key)
+            t0 = time.perf_counter()
+            encoded = self.projector.encode(image, image_progress(on_progress, image.source))
+            if fresh:
+                encode_s += time.perf_counter() - t0
+                count, n_tokens = count + 1, n_tokens + item.n_pos
+            if encoded.n_tokens != item.n_pos:
+                raise EngineError(f"the projector made {encoded.n_tokens} positions of "
+                                  f"{image.source} instead of {item.n_pos}")
+            rows.append(encoded.embeddings)
+        rows.append(self._token_rows.rows(run))
+        embd = np.concatenate(rows)
+        if self._embd_batch is None:
+            self._embd_batch = self._llama.llama_batch_init(
+                max(self.settings.n_batch, 1), embd.shape[1], 1)
+        ends = np.cumsum([1 if isinstance(x, int) else x.n_pos for x in rest])
+        base, recorded, n_batch = self.kv.n_past, 0, max(self.settings.n_batch, 1)
+        reading.start()
+        for start in range(0, len(embd), n_batch):
+            stop = min(start + n_batch, len(embd))
+            reading.begin_batch(stop - start)
+            fill_batch(self._embd_batch, embd[start:stop], base + start, self.kv.seq_id,
+                       logits_last=stop == len(embd))
+            # Record the items this call completed (an image may span two calls).
+            complete = int(np.searchsorted(ends, stop, side="right"))
+            self._decode_batch(self._embd_batch,
+                               functools.partial(self.kv.added, rest[recorded:complete]))
+            recorded = complete
+            reading.end_batch(stop - start)
+        return encode_s, count, n_tokens
 
     def _read_image(self, image: Any, span: ImageSpan, reading: ReadProgress,
                     on_progress: ProgressCallback | None) -> float | None:
@@ -317,6 +385,7 @@ class Engine:
         def after_batch(n_tokens: int) -> int:
             nonlocal remaining
             remaining -= n_tokens
+            self.decode_calls += 1  # mtmd's helper calls llama_decode itself
             reading.end_batch(n_tokens)
             reading.begin_batch(min(n_batch, remaining))
             return 0
@@ -484,7 +553,7 @@ class Engine:
         if getattr(self, "_rpc_lost", False):
             # Freeing remote buffers needs the lost worker (llama.cpp would abort):
             # leave them to the end of the process.
-            self.projector = self._batch = self.ctx = self.model = None
+            self.projector = self._batch = self._embd_batch = self.ctx = self.model = None
             return
         if getattr(self, "projector", None) is not None:
             self.projector.close()  # type: ignore[union-attr]
@@ -492,6 +561,9 @@ class Engine:
         if getattr(self, "_batch", None) is not None:
             llama.llama_batch_free(self._batch)
             self._batch = None
+        if getattr(self, "_embd_batch", None) is not None:
+            llama.llama_batch_free(self._embd_batch)
+            self._embd_batch = None
         if getattr(self, "ctx", None):
             llama.llama_free(self.ctx)
             self.ctx = None

@@ -135,6 +135,7 @@ class TurnStats:
     images_encoded: int = 0         # images run through the vision encoder this turn
     image_tokens_encoded: int = 0   # their prompt positions (patches and row breaks)
     generated_tokens: int = 0
+    read_batches: int = 0           # llama_decode calls that read the prompt
     image_encode_s: float = 0.0
     prompt_eval_s: float = 0.0      # evaluation of the prompt, images included
     time_to_first_token_s: float = 0.0

@@ -109,6 +109,9 @@ class Projector:
             self.close()
             raise ModelLoadError(f"{path} is a projector without a vision encoder")
         self._embeddings: OrderedDict[str, EncodedImage] = OrderedDict()
+        # plain: image positions are sequential and causal like text (Pixtral), so an
+        # image's embeddings may share llama_decode batches with text (engine.embed_read).
+        self.plain = False
         self.prefix_tokens, self.suffix_tokens = self._probe_layout()
 
     # --- progress and interruption during the encoder's graph --------------------------
@@ -178,8 +181,12 @@ class Projector:
         probe = PreparedImage(key="probe", width=w, height=h, rgb=bytes(w * h * 3),
                               source="probe", original_size=(w, h))
         before, chunk, after = self._tokenize(probe)
+        mtmd = self._mtmd
         try:
-            n_tokens = self._mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            self.plain = (not mtmd.mtmd_decode_use_mrope(self.ctx)
+                          and not mtmd.mtmd_decode_use_non_causal(self.ctx, chunk)
+                          and mtmd.mtmd_input_chunk_get_n_pos(chunk) == n_tokens)
         finally:
             self._mtmd.mtmd_input_chunk_free(chunk)
         if n_tokens != probe.n_tokens:
