@@ -6,6 +6,7 @@ either a `Reply` to stream or a `CommandResult` to show.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -19,10 +20,11 @@ from localsmall.chat.conversation import (
     load_conversation,
     save_conversation,
 )
-from localsmall.chat.cost import ImagePolicy, Speeds, cost_note, image_limit, measured_speeds
+from localsmall.chat.cost import ImagePolicy, cost_note, image_limit
 from localsmall.chat.prompt import ChatTemplate, build_prompt
 from localsmall.chat.results import LoadedChat, Reply, SavedChat, SessionStats
 from localsmall.chat.slash import CommandResult, run_command
+from localsmall.chat.speeds import MEASURED, Speeds, measured_speeds
 from localsmall.chat.tools import ToolSpec
 from localsmall.engine.model import Engine, Generation
 from localsmall.engine.state import StateMeta, state_path_for
@@ -82,8 +84,9 @@ class ChatSession:
         return self.ask(line)  # a message (or a dropped absolute path, not a command)
 
     def speeds(self) -> Speeds | None:
-        """The best speeds known here: measured in this chat, else the plan's estimate."""
-        return measured_speeds(self.history, self.image_policy.planned)
+        """The best speeds known here: measured in this chat, else the policy's (an
+        earlier session's, else the plan's estimate); see chat.speeds."""
+        return measured_speeds(self.history, self.image_policy.base)
 
     def prepare(self, path: str, *, max_tokens: int | None = None) -> PreparedImage:
         """Read an image at `max_tokens`, else at the session's budget (see chat.cost)."""
@@ -96,7 +99,7 @@ class ChatSession:
         `explicit`: its size was asked for (/image --tokens), not chosen automatically."""
         policy = self.image_policy
         automatic = policy.auto and policy.max_tokens is None and not explicit
-        return cost_note(image, self.speeds(), automatic=automatic, target_s=policy.target_s)
+        return cost_note(image, self.speeds(), automatic=automatic, policy=policy)
 
     def attach(self, path: str, *, max_tokens: int | None = None) -> PreparedImage:
         """Queue an image for the next message (again: replaces the queued copy, so
@@ -222,12 +225,21 @@ class ChatSession:
         return Reply(start, notices + (notes or []), abandon=abandon,
                      commit=self._commit_reply, images=images)
 
+    def _remember_speeds(self) -> None:
+        remember = self.image_policy.remember
+        speeds = self.speeds() if remember is not None else None
+        if remember is not None and speeds is not None and speeds.source == MEASURED:
+            # A read-only cache only costs the next session a better first guess.
+            with contextlib.suppress(OSError):
+                remember(speeds)
+
     def _commit_reply(self, reply: Reply) -> None:
         assert reply.generation is not None
         result = reply.generation.result
         stats = result.stats
         self.last_stats = stats
         self.history = [*self.history[-7:], stats]
+        self._remember_speeds()
         self.totals.evaluated += stats.evaluated_tokens
         self.totals.reused += stats.reused_tokens
         self.totals.generated += stats.generated_tokens

@@ -186,6 +186,11 @@ class Engine:
         return int(self._llama.llama_n_ctx(self.ctx))
 
     @property
+    def reads_images_together(self) -> bool:
+        """Whether an image turn's text and images share llama_decode calls (embed_read)."""
+        return self._token_rows is not None
+
+    @property
     def cached_positions(self) -> int:
         """Positions currently held in the KV cache."""
         return self.kv.n_past

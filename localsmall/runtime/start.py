@@ -3,11 +3,14 @@ engine, and open a chat session on it. `chat`, `run` and `bench` start here."""
 
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from localsmall.chat.cost import PLANNED, ImagePolicy, Speeds
+from localsmall.chat.cost import ImagePolicy
 from localsmall.chat.session import ChatSession
+from localsmall.chat.speeds import PLANNED, Speeds
 from localsmall.engine.types import ProgressCallback
 from localsmall.errors import UsageError
 from localsmall.hub.pull import PullCallback
@@ -62,26 +65,53 @@ def open_engine(options: RunOptions, on_progress: ProgressCallback | None = None
 def image_policy(engine: Engine, build: LocalBuild, *, max_tokens: int | None = None,
                  hardware: Hardware | None = None) -> ImagePolicy:
     """How a session sizes images: `max_tokens` when the user gave one; on a CPU-only
-    plan, a budget from the speeds (the plan's estimate until the chat measures them);
-    on a GPU, full resolution."""
+    plan, a budget from the best speeds known (an earlier session's measurement on this
+    machine, else the plan's estimate, until the chat measures its own); on a GPU, full
+    resolution."""
     from localsmall.images import MIN_IMAGE_BUDGET
     from localsmall.plan.hardware import detect
-    from localsmall.plan.rules import cpu_prompt_speed
+    from localsmall.runtime import speed_memory
 
     if max_tokens is not None and max_tokens < MIN_IMAGE_BUDGET:
         raise UsageError(f"--image-tokens must be at least {MIN_IMAGE_BUDGET}")
     info = engine.info
+    shape = ImagePolicy(max_tokens=max_tokens, n_batch=engine.settings.n_batch,
+                        together=engine.reads_images_together)
     if info.n_gpu_layers != 0 or not info.has_vision:
-        return ImagePolicy(max_tokens=max_tokens)
+        return shape
     hardware = hardware or detect()
+    planned = planned_speeds(engine, build, hardware)
+    remember = None
+    try:
+        where = speed_memory.memory_path(model=Path(build.model_path), mmproj=build.mmproj_path,
+                                         n_threads=engine.n_threads, cpu=hardware.cpu.model)
+    except OSError:
+        stored = None
+    else:
+        stored = speed_memory.recall(where)
+        remember = functools.partial(speed_memory.remember, where)
+    return replace(shape, auto=True, base=stored or planned, remember=remember)
+
+
+def planned_speeds(engine: Engine, build: LocalBuild, hardware: Hardware) -> Speeds:
+    """The plan's estimate of an image turn's costs here: a llama_decode call reads every
+    weight once at the plan's memory bandwidth, a position costs the plan's prompt FLOPs,
+    the encoder reads its weights once per image and costs its FLOPs per token."""
+    from localsmall.plan.rules import BANDWIDTH_EFFICIENCY, cpu_bandwidth, cpu_prompt_speed
+
+    info = engine.info
     mmproj = build.mmproj_path
     vision_bytes = Path(mmproj).stat().st_size if mmproj is not None else 0
-    speed = cpu_prompt_speed(hardware, n_params=info.n_params,
-                             n_lookup_params=info.n_vocab * info.n_embd,
+    n_lookup = info.n_vocab * info.n_embd
+    speed = cpu_prompt_speed(hardware, n_params=info.n_params, n_lookup_params=n_lookup,
                              vision_params=vision_bytes // 2,  # F16 projectors
                              n_threads=engine.n_threads)
-    return ImagePolicy(max_tokens=max_tokens, auto=True,
-                       planned=Speeds(speed.prompt_tps, speed.image_tps, PLANNED))
+    bandwidth = cpu_bandwidth(hardware) * BANDWIDTH_EFFICIENCY
+    weights = info.size_bytes * (1 - n_lookup / max(info.n_params, 1))
+    return Speeds(batch_s=weights / bandwidth, token_s=1 / speed.prompt_tps,
+                  encode_s=vision_bytes / bandwidth,
+                  encode_token_s=1 / speed.image_tps if speed.image_tps else 0.0,
+                  source=PLANNED)
 
 
 def start_session(engine: Engine, build: LocalBuild, options: SessionOptions) -> ChatSession:
