@@ -103,8 +103,8 @@ def test_a_small_batch_splits_the_turn_and_the_cache_follows(tiny, engine: Engin
         assert _close(_last_logits(small), reference)
         assert small.cached_positions == n
         # The next turn reuses the image from the cache and reads only its new text.
-        follow = prompt + [TokenRun(tuple(small.tokenize("Fine.[INST]More?[/INST]",
-                                                         special=True)))]
+        more = small.tokenize("Fine.[INST]More?[/INST]", special=True)
+        follow = [*prompt, TokenRun(tuple(more))]
         again = small.generate(follow, ONE).run()
         assert again.stats.reused_tokens >= n - 1 and again.stats.images_encoded == 0
 
