@@ -187,13 +187,16 @@ def test_long_steps_reach_the_request_log(shared: Engine) -> None:
 
 
 def test_the_server_sizes_images_to_its_budget() -> None:
-    from localsmall.chat.cost import PLANNED, ImagePolicy, Speeds, budget_for, fixed_budget
+    from localsmall.chat.cost import ImagePolicy, budget_for, fixed_budget
+    from localsmall.chat.speeds import PLANNED, Speeds
     from localsmall.server.image_urls import ImageLimits, prepare
     from tests.tinymodels import image_bytes
 
-    slow_cpu = Speeds(prompt_tps=5.0, image_tps=40.0, source=PLANNED)
-    assert fixed_budget(ImagePolicy(max_tokens=64, auto=True, planned=slow_cpu)) == 64
-    assert fixed_budget(ImagePolicy(auto=True, planned=slow_cpu)) == budget_for(slow_cpu, 20.0)
+    slow_cpu = Speeds(batch_s=1.5, token_s=0.2, encode_s=2.0, encode_token_s=0.025,
+                      source=PLANNED)
+    assert fixed_budget(ImagePolicy(max_tokens=64, auto=True, base=slow_cpu)) == 64
+    policy = ImagePolicy(auto=True, base=slow_cpu)
+    assert fixed_budget(policy) == budget_for(slow_cpu, policy) < 1024
     assert fixed_budget(ImagePolicy()) is None  # a GPU: full resolution
     ref = ImageRef(url="data:image/png;base64,", param="messages[0].content[0]")
     data = image_bytes(504, 504)
