@@ -135,6 +135,12 @@ def test_cost_notes(make_image) -> None:
     auto = cost_note(small, SLOW_CPU, automatic=True, policy=ONE_CALL)
     assert f"photo.png is scaled to {small.n_tokens} tokens (from 341)" in auto
     assert f"/image --tokens 341 {path}" in auto
+    assert "to keep this CPU near 20 s per image: about" in auto
+    busy = SLOW_CPU.scaled(10, MEASURED)
+    tiny = prepare_image(path, max_tokens=budget_for(busy, ONE_CALL))
+    assert tiny.n_tokens <= 16
+    assert "(as small as images go: this CPU is too slow or busy for 20 s per image)" in \
+        cost_note(tiny, busy, automatic=True, policy=ONE_CALL)
     fast = Speeds(0.01, 0.0005, 0.01, 0.0005, MEASURED)
     assert cost_note(full, fast, automatic=False) == ""  # quick
     assert cost_note(full, None, automatic=False) == ""

@@ -96,9 +96,13 @@ def cost_note(image: PreparedImage, speeds: Speeds | None, *, automatic: bool,
     here = f"about {seconds:.0f} s to the first token here ({speeds.describe()})"
     if image.downscaled and automatic:
         full = image_seconds(image.full_tokens, speeds, policy)
-        return (f"{name} is scaled to {image.n_tokens} tokens (from {image.full_tokens}) to "
-                f"keep this CPU near {policy.target_s:.0f} s per image: {here}. Full size "
-                f"would take about {full:.0f} s: /image --tokens {image.full_tokens} {quoted}")
+        aim = (f"to keep this CPU near {policy.target_s:.0f} s per image"
+               if seconds <= policy.target_s * 1.05 else
+               f"(as small as images go: this CPU is too slow or busy for "
+               f"{policy.target_s:.0f} s per image)")
+        return (f"{name} is scaled to {image.n_tokens} tokens (from {image.full_tokens}) "
+                f"{aim}: {here}. Full size would take about {full:.0f} s: "
+                f"/image --tokens {image.full_tokens} {quoted}")
     if seconds < SLOW_IMAGE_S:
         return ""
     smaller = budget_for(speeds, policy)
