@@ -3,6 +3,7 @@ and how a session applies them."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,12 @@ def test_a_timed_reply_separates_the_fixed_cost_from_the_per_token_one() -> None
     assert speeds is not None
     assert speeds.encode_s == pytest.approx(4.0) and speeds.encode_token_s == pytest.approx(
         2 / 40)
+    # two encodes of different sizes: the fixed and per-token parts fitted apart
+    small = replace(image, image_tokens_encoded=11, image_encode_s=2.0 + 11 * 0.1)
+    large = replace(image, image_tokens_encoded=155, image_encode_s=2.0 + 155 * 0.1)
+    speeds = measured_speeds([turn, small, large], SLOW_CPU)
+    assert speeds is not None
+    assert speeds.encode_s == pytest.approx(2.0) and speeds.encode_token_s == pytest.approx(0.1)
     # a reply timed but no long read: the plan's reading scaled by the measured batch
     reply = TurnStats(evaluated_tokens=8, prompt_eval_s=1.0, read_batches=1,
                       generated_tokens=5, generation_s=12.0)

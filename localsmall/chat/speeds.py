@@ -107,8 +107,19 @@ def _reading(turns: Sequence[TurnStats], base: Speeds, batch_s: float) -> Speeds
 
 def _encoding(turns: Sequence[TurnStats], base: Speeds, reading_factor: float
               ) -> tuple[float, float]:
-    """(encode_s, encode_token_s): the latest measured encode scales `base`'s pair; with
-    none, the factor the reading was found slower or faster by."""
+    """(encode_s, encode_token_s): fitted to the two latest measured encodes of one
+    image each when their sizes differ enough to tell the parts apart, else the latest
+    one scales `base`'s pair; with none, the factor the reading was found off by."""
+    encodes = [(t.image_tokens_encoded, t.image_encode_s) for t in turns
+               if t.images_encoded == 1 and t.image_encode_s > 0]
+    sizes = dict(encodes[-4:])  # the latest timing of each size
+    if len(sizes) >= 2:
+        (n1, s1), (n2, s2) = sorted(sizes.items())[0], sorted(sizes.items())[-1]
+        if n2 >= 1.5 * n1:
+            per_token = (s2 - s1) / (n2 - n1)
+            fixed = s1 - n1 * per_token
+            if per_token > 0 and fixed >= 0:
+                return fixed, per_token
     for t in reversed(turns):
         if t.images_encoded and t.image_encode_s > 0:
             predicted = (t.images_encoded * base.encode_s
