@@ -157,3 +157,23 @@ def test_progress_log_keeps_short_steps_out_of_the_server_log() -> None:
     log(Progress("image", 24, 24, "encoding cat.png"))
     assert lines == ["encoding cat.png: 12/24 (50%), 6.6 s, about 7 s left",
                      "encoding cat.png: 24/24 (100%), 13.6 s"]
+
+
+def test_the_bar_crosses_a_whole_batch_while_it_is_read(engine: Engine) -> None:
+    # Inside one llama_decode call the bar moves with the graph nodes llama.cpp has
+    # computed; the share must be of the nodes a batch really reports, or the bar stops
+    # halfway and jumps (as it did on the full-size model: 235 of 448, then done).
+    from localsmall.engine.types import TokenRun
+
+    words = " ".join(f"word{i}" for i in range(120))
+    tokens = tuple(engine.tokenize(f"<s>[INST]{words}[/INST]", special=True))
+    assert len(tokens) < engine.settings.n_batch  # one call
+    for _ in range(2):  # the second read knows the count the first one made
+        engine.reset()
+        events: list[Progress] = []
+        engine.generate([TokenRun(tokens)], SamplingSettings(temperature=0, max_tokens=1),
+                        on_progress=events.append).run()
+        seen = [p.done for p in events if p.stage == "prompt"]
+        inside = [d for d in seen if 0 < d < len(tokens)]
+        assert inside and max(inside) >= 0.75 * len(tokens)
+        assert seen[-1] == len(tokens)

@@ -33,7 +33,7 @@ from localsmall.engine.kvcache import (
     positions,
 )
 from localsmall.engine.loading import flash_attn_type, load_model, model_info, new_context
-from localsmall.engine.read_progress import ReadProgress, image_progress
+from localsmall.engine.read_progress import CALLBACK_SHARE, ReadProgress, image_progress
 from localsmall.engine.sampler import sampler_chain
 from localsmall.engine.state import StateMeta, engine_fingerprint, load_kv_state, save_kv_state
 from localsmall.engine.tokenizer import Tokenizer
@@ -88,7 +88,8 @@ class Engine:
             try:
                 native.take_graph_nodes()
                 self.ctx = new_context(self._llama, self.model, settings, self.n_threads)
-                self._graph_nodes = native.take_graph_nodes()
+                # Abort callbacks a prompt batch makes: estimated until a read counts them.
+                self._batch_nodes = int(native.take_graph_nodes() * CALLBACK_SHARE)
                 if settings.mmproj_path is not None:
                     self.projector = Projector(
                         Path(settings.mmproj_path), self.model,
@@ -286,7 +287,7 @@ class Engine:
         self.kv.truncate(keep)
         stats = TurnStats(prompt_tokens=total, reused_tokens=self.kv.n_past)
         images = {p.image.key: p.image for p in prompt if isinstance(p, ImageSlot)}
-        reading = ReadProgress(total - self.kv.n_past, on_progress, self._graph_nodes)
+        reading = ReadProgress(total - self.kv.n_past, on_progress, self._batch_nodes)
         start = time.perf_counter()
         encode_s, encoded_count, encoded_tokens = 0.0, 0, 0
         self._interrupted = False
@@ -321,6 +322,7 @@ class Engine:
                 i += 1
         finally:
             self._reading = None
+            self._batch_nodes = reading.nodes_per_batch or self._batch_nodes
             self._llama.llama_set_abort_callback(self.ctx, self._abort_cb.__class__(), None)
         return replace(stats, evaluated_tokens=reading.todo, images_encoded=encoded_count,
                        image_tokens_encoded=encoded_tokens, image_encode_s=encode_s,
