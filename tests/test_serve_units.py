@@ -200,3 +200,48 @@ def test_the_server_sizes_images_to_its_budget() -> None:
     full = prepare(ref, data, 0)
     small = prepare(ref, data, 0, ImageLimits(max_tokens=40))
     assert small.n_tokens <= 40 < full.n_tokens
+
+
+@pytest.mark.parametrize(("host", "public"), [
+    ("127.0.0.1", False), ("127.0.0.2", False), ("localhost", False), ("::1", False),
+    ("[::1]", False), ("0.0.0.0", True), ("::", True), ("", True), ("192.168.1.20", True),
+    ("my-laptop.lan", True)])
+def test_exposure_warning(host: str, public: bool) -> None:
+    from localsmall.server.runner import exposure_warning, is_loopback
+
+    assert is_loopback(host) is not public
+    bare, keyed = exposure_warning(host, api_key=False), exposure_warning(host, api_key=True)
+    if not public:
+        assert bare is None and keyed is None
+        return
+    assert bare is not None and keyed is not None
+    assert "anyone on the network can use it" in bare and "--api-key" in bare
+    assert "anyone" not in keyed and "API key" in keyed and "plain HTTP" in keyed
+
+
+def test_cli_warns_before_listening_beyond_loopback(tiny: TinyModels) -> None:
+    """The warning comes first, before the socket is even tried (192.0.2.1 is a
+    documentation address no machine has: nothing gets bound here)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from localsmall.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--model", str(tiny.f16), "--host", "192.0.2.1",
+                                 "--port", "0"], env={"LOCALSMALL_API_KEY": ""})
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "cannot listen on 192.0.2.1" in output
+    assert "anyone on the network can use it" in output
+    assert output.index("anyone on the network") < output.index("cannot listen")
+    keyed = runner.invoke(app, ["serve", "--model", str(tiny.f16), "--host", "192.0.2.1",
+                                "--port", "0", "--api-key", "k"])
+    keyed_output = " ".join(keyed.output.split())
+    assert "plain HTTP" in keyed_output and "anyone" not in keyed_output
+    with socket.socket() as busy:  # loopback: no warning (the port is taken to stop there)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        local = runner.invoke(app, ["serve", "--model", str(tiny.f16), "--port",
+                                    str(busy.getsockname()[1])])
+    assert local.exit_code == 2 and "network" not in local.output

@@ -33,6 +33,31 @@ class Listening:
     max_queue: int
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` keeps the server on this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost, or "" (every interface)
+
+
+def exposure_warning(host: str, *, api_key: bool) -> str | None:
+    """What to tell the user when `host` lets other machines reach the server (None on
+    loopback): without an API key anyone on the network can use the model."""
+    if is_loopback(host):
+        return None
+    where = f"--host {host or repr(host)} lets other machines on the network reach this server"
+    if not api_key:
+        return (f"{where} without an API key: anyone on the network can use it. Pass "
+                "--api-key (or set LOCALSMALL_API_KEY), or keep the default --host 127.0.0.1.")
+    return (f"{where}; it requires the API key, but the traffic (key included) is plain "
+            "HTTP: use it only on a network you trust.")
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket, or a UsageError saying why not."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
