@@ -57,7 +57,7 @@ def test_models_and_health(server: ServerProcess, client: openai.OpenAI) -> None
     models = client.models.list()
     assert [m.id for m in models.data] == [server.model_id()] == ["tiny-F16.gguf"]
     health = httpx2.get(f"{server.root_url}/health").json()  # no key needed
-    assert health["status"] == "ready" and health["slots"] == 3
+    assert health["status"] == "ok" and health["slots"] == 3
 
 
 def test_completion_and_stream_agree(server: ServerProcess, client: openai.OpenAI) -> None:
@@ -316,7 +316,7 @@ def test_raw_http_errors(server: ServerProcess) -> None:
         "Origin": "http://evil", "Access-Control-Request-Method": "POST"})
     assert "access-control-allow-origin" not in preflight.headers
     assert preflight.status_code in (401, 405)
-    assert httpx2.get(f"{server.root_url}/health").json()["status"] == "ready"  # still up
+    assert httpx2.get(f"{server.root_url}/health").json()["status"] == "ok"  # still up
 
 
 def _short_id(chunk_line: bytes) -> str:

@@ -3,11 +3,19 @@ server on 127.0.0.1), and /health while the model is still loading."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx2
 import pytest
 
+from localsmall.engine.model import Engine
+from localsmall.engine.types import EngineSettings
+from localsmall.errors import ModelLoadError
+from localsmall.server.app import ServerConfig
+from localsmall.server.runner import Listening, Load, Ready, serve
 from tests.conftest import TinyModels
 from tests.serveprocess import ServerProcess, running_server
 
@@ -61,3 +69,104 @@ def test_cors_refuses_other_origins(cors_server: ServerProcess) -> None:
     page = httpx2.get(f"{server.base_url}/models",
                       headers={"Authorization": f"Bearer {KEY}", "Origin": evil})
     assert page.status_code == 200 and "access-control-allow-origin" not in page.headers
+
+
+class InProcess:
+    """`serve()` from the library on a thread, over a load the test controls."""
+
+    def __init__(self, load: Load) -> None:
+        self.stop = threading.Event()
+        self.listening: list[Listening] = []
+        self.ready: list[Ready] = []
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(load,), daemon=True)
+
+    def _run(self, load: Load) -> None:
+        try:
+            serve(config=CONFIG, load=load, host="127.0.0.1", port=0, system_prompt="",
+                  max_queue=2, on_listening=self.listening.append,
+                  on_ready=self.ready.append, stop=self.stop)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def start(self) -> str:
+        """Start it; the root URL once it listens."""
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.listening:
+            assert self.thread.is_alive() and time.monotonic() < deadline, self.errors
+            time.sleep(0.02)
+        return self.listening[0].url.removesuffix("/v1")
+
+    def join(self) -> None:
+        self.thread.join(120)
+        assert not self.thread.is_alive(), "serve() did not return"
+
+
+CONFIG = ServerConfig(model_ids=("tiny",))
+CHAT = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_health_says_loading_until_the_model_is_ready(tiny: TinyModels) -> None:
+    """The server answers while the model loads (the load is held until the test has
+    looked: nothing depends on how long loading takes)."""
+    release = threading.Event()
+
+    def load() -> tuple[Engine, ServerConfig]:
+        assert release.wait(120)
+        engine = Engine(EngineSettings(model_path=tiny.f16, n_ctx=1024, n_threads=1))
+        return engine, CONFIG
+
+    server = InProcess(load)
+    root = server.start()
+    try:
+        health = httpx2.get(f"{root}/health")
+        assert (health.status_code, health.json()) == (503, {"status": "loading"})
+        chat = httpx2.post(f"{root}/v1/chat/completions", json=CHAT)
+        assert chat.status_code == 503 and chat.headers["retry-after"].isdigit()
+        error = chat.json()["error"]
+        assert error["code"] == "model_loading" and "still loading" in error["message"]
+        assert httpx2.get(f"{root}/v1/models").json()["data"][0]["id"] == "tiny"
+        assert not server.ready
+        release.set()
+        deadline = time.monotonic() + 120
+        while (health := httpx2.get(f"{root}/health")).status_code == 503:
+            assert health.json() == {"status": "loading"}
+            assert time.monotonic() < deadline and not server.errors, server.errors
+            time.sleep(0.05)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert server.ready == [Ready(slots=1)]
+        reply = httpx2.post(f"{root}/v1/chat/completions", json=CHAT, timeout=120)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        release.set()
+        server.stop.set()
+        server.join()
+    assert not server.errors
+
+
+def test_a_failed_load_ends_serving_with_its_error() -> None:
+    def load() -> tuple[Engine, ServerConfig]:
+        raise ModelLoadError("llama.cpp could not load broken.gguf")
+
+    server = InProcess(load)
+    server.start()
+    server.join()  # without stop being set: the failure ends serving
+    assert len(server.errors) == 1 and isinstance(server.errors[0], ModelLoadError)
+
+
+def test_cli_load_failure_is_one_clean_line(tmp_path: Path) -> None:
+    """A GGUF the planner reads but llama.cpp cannot load: the same one-line error as
+    before the server listened first, and a non-zero exit."""
+    from typer.testing import CliRunner
+
+    from localsmall.cli import app
+
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 16)
+    result = CliRunner().invoke(app, ["serve", "--model", str(broken), "--port", "0",
+                                      "--gpu-layers", "0", "--ctx", "1024"])
+    output = " ".join(result.output.split())  # the terminal wraps long lines
+    assert result.exit_code == 1 and "Traceback" not in output
+    assert output.count("error:") == 1 and "could not load" in output
+    assert output.index("loading the model") < output.index("error: llama.cpp could not load")

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from localsmall.server.prompting import PromptBuilder
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+LOADING_RETRY_S = 5
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class ServerConfig:
 
 @dataclass
 class ServerState:
-    """What the routes work with. `scheduler` is None while the model loads."""
+    """What the routes work with. `scheduler` is None while the model loads; `config`
+    is replaced once it has loaded."""
 
     config: ServerConfig
     builder: PromptBuilder | None = None
@@ -127,7 +129,8 @@ class ChatCompletions:
 
         state = self.state
         if not state.ready:
-            raise busy(5, "the model is still loading", status=503)
+            raise busy(LOADING_RETRY_S, "the model is still loading; retry once GET /health "
+                       "answers 200", status=503, code="model_loading")
         assert state.scheduler is not None and state.builder is not None
         body = await read_json(request, state.config.max_body_bytes)
         chat = parse_chat_request(body, model_ids=state.config.model_ids)
@@ -239,10 +242,12 @@ def _health(state: ServerState) -> Callable[[Request], Awaitable[Response]]:
     async def health(request: Request) -> Response:
         from starlette.responses import JSONResponse
 
+        # llama.cpp's server convention: 503 {"status": "loading"}, then 200 "ok".
         if not state.ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "loading"}, status_code=503,
+                                headers={"Retry-After": str(LOADING_RETRY_S)})
         assert state.scheduler is not None
-        return JSONResponse({"status": "ready", "model": state.config.model_ids[0],
+        return JSONResponse({"status": "ok", "model": state.config.model_ids[0],
                              "waiting": state.scheduler.waiting,
                              "slots": len(state.scheduler.pool)})
     return health

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.markup import escape
 
-from localsmall.server.runner import Listening
+from localsmall.server.runner import Listening, Ready
 from localsmall.server.scheduler import RequestLog
 from localsmall.ui.console import err, out, warn
 
@@ -16,12 +16,18 @@ def show_exposure(message: str | None) -> None:
 
 
 def show_listening(listening: Listening, *, api_key: bool) -> None:
-    """The URL and model id on stdout (for scripts), the details on stderr."""
+    """The URL and model id on stdout (for scripts), the details on stderr. The model
+    loads next (/health answers "loading" meanwhile)."""
     out().print(f"{listening.url}  model: {listening.model_id}", soft_wrap=True)
     err().print(f"[muted]Serving the OpenAI API at {escape(listening.url)} · "
-                f"{listening.slots} warm slot{'s' if listening.slots != 1 else ''} · "
                 f"queue {listening.max_queue} · "
-                f"{'API key required' if api_key else 'no API key'} · Ctrl-C stops[/]")
+                f"{'API key required' if api_key else 'no API key'} · Ctrl-C stops · "
+                "loading the model…[/]")
+
+
+def show_ready(ready: Ready) -> None:
+    """The model is loaded: requests are answered from now on."""
+    err().print(f"[muted]Ready · {ready.slots} warm slot{'s' if ready.slots != 1 else ''}[/]")
 
 
 def show_request(entry: RequestLog) -> None:
