@@ -245,3 +245,52 @@ def test_cli_warns_before_listening_beyond_loopback(tiny: TinyModels) -> None:
         local = runner.invoke(app, ["serve", "--model", str(tiny.f16), "--port",
                                     str(busy.getsockname()[1])])
     assert local.exit_code == 2 and "network" not in local.output
+
+
+def test_a_resent_tool_call_is_laid_out_with_its_generated_tokens(shared: Engine) -> None:
+    """The client sends a tool call back as id, name and arguments; tokenizing those
+    afresh may split them otherwise than the model did. A call the server answered is
+    laid out with the tokens it generated (here deliberately split character by
+    character, which no tokenizer would do), so the resent turn is found in the cache."""
+    from localsmall.chat.tools import ToolCall
+    from localsmall.server.prompting import PromptBuilder, calls_key
+
+    builder = PromptBuilder(shared, system_prompt="")
+    call = ToolCall("a1B2c3D4e", "get_weather", '{"city":"Paris"}')  # as a model may write
+    text = f"[TOOL_CALLS]{call.name}[CALL_ID]{call.id}[ARGS]{call.arguments}"
+    generated = [*shared.tokenize("[TOOL_CALLS]", special=True),
+                 *[t for ch in call.name for t in shared.tokenize(ch, special=False)],
+                 *shared.tokenize("[CALL_ID]", special=True),
+                 *[t for ch in call.id for t in shared.tokenize(ch, special=False)],
+                 *shared.tokenize("[ARGS]", special=True),
+                 *[t for ch in call.arguments for t in shared.tokenize(ch, special=False)]]
+    assert shared.detokenize(generated, special=True) == text
+
+    def prompt(arguments: str) -> list[int]:
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}]
+        body = {"model": "m", "tools": tools, "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.name, "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]}
+        pieces = builder.build(parse_chat_request(body, model_ids=("m",)), {})
+        return [t for p in pieces if isinstance(p, TokenRun) for t in p.ids]
+
+    def contains(tokens: list[int], run: list[int]) -> bool:
+        return any(tokens[i:i + len(run)] == run for i in range(len(tokens)))
+
+    fresh = prompt(call.arguments)
+    assert not contains(fresh, generated)  # re-tokenized: other tokens
+    builder.replies.remember_calls(content=None, calls=[call], token_ids=tuple(generated))
+    resent = prompt(call.arguments)
+    assert contains(resent, generated) and resent != fresh
+    # The client's own formatting of the same arguments is the same call...
+    assert prompt('{\n  "city": "Paris"\n}') == resent
+    # ...other arguments are another call.
+    assert not contains(prompt('{"city": "Lyon"}'), generated)
+    # Another id (the client's own) is another call.
+    assert builder.replies.tokens_for(calls_key("", [call])) == tuple(generated)
+    assert builder.replies.tokens_for(calls_key("", [ToolCall("zzzzzzzzz", call.name,
+                                                              call.arguments)])) is None

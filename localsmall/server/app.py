@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from localsmall.chat.toolparse import ToolCallParser
-from localsmall.chat.tools import reply_constraint
+from localsmall.chat.tools import ToolCall, reply_constraint
 from localsmall.engine.types import Constraint, PromptPiece, SamplingSettings
 from localsmall.errors import ToolsError
 from localsmall.server import responses as r
@@ -162,6 +162,14 @@ class ChatCompletions:
                                               "X-Accel-Buffering": "no"})
         return JSONResponse(await self._collect(job, chat, request))
 
+    def _remember_calls(self, event: Finished, content: str | None,
+                        calls: Sequence[ToolCall]) -> None:
+        """A reply with tool calls comes back as its calls: know it by them (see
+        prompting.ReplyMemory)."""
+        if calls and not event.cut and self.state.builder is not None:
+            self.state.builder.replies.remember_calls(content=content, calls=calls,
+                                                      token_ids=event.token_ids)
+
     async def _collect(self, job: Job, chat: ChatRequest, request: Request) -> dict[str, Any]:
         assert self.state.scheduler is not None
         scheduler = self.state.scheduler
@@ -178,8 +186,9 @@ class ChatCompletions:
                 if isinstance(event, Failed):
                     raise event.error
                 if isinstance(event, Finished):
-                    message, called = r.reply_message(event.text, tools=bool(chat.tools))
-                    finish = "tool_calls" if called else event.finish_reason
+                    message, calls = r.reply_message(event.text, tools=bool(chat.tools))
+                    self._remember_calls(event, message["content"], calls)
+                    finish = "tool_calls" if calls else event.finish_reason
                     return r.completion(id=job.id, model=chat.model, created=r.now(),
                                         message=message, finish_reason=finish,
                                         usage=r.usage(event.stats, len(event.token_ids)),
@@ -214,6 +223,7 @@ class ChatCompletions:
                         for delta in parser.finish():
                             yield chunk(r.stream_delta(delta))
                         finish = "tool_calls" if parser.calls else finish
+                        self._remember_calls(event, parser.content or None, parser.calls)
                     last = r.chunk(id=job.id, model=model, created=created, delta={},
                                    finish_reason=finish, with_usage=with_usage)
                     yield r.sse(last | {"timings": r.timings(event.stats)})
