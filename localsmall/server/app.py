@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 LOADING_RETRY_S = 5
+INLINE_PREPARE_CHARS = 16_000  # conversations laid out on the event loop (see below)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,6 @@ class ChatCompletions:
         builder, engine = state.builder, state.scheduler.engine
 
         def prepare() -> tuple[list[PromptPiece], Constraint | None]:
-            # One trip to a worker thread: each trip costs a scheduling delay.
             prompt = builder.build(chat, images)
             needed = engine.count_tokens(prompt)
             if needed >= engine.n_ctx:
@@ -150,7 +150,15 @@ class ChatCompletions:
                               f"context holds {engine.n_ctx}", code="context_length_exceeded")
             return prompt, constraint_for(chat)
 
-        prompt, constraint = await anyio.to_thread.run_sync(prepare)
+        # A short conversation without grammars to build is laid out here (~2 ms): a
+        # round trip to a worker thread costs as much again on a busy CPU, on the way to
+        # the first token. The rest goes to a thread so as not to hold up other
+        # requests' streams.
+        if not chat.tools and chat.response_format.kind == "text" and \
+                sum(len(m.text) for m in chat.messages) <= INLINE_PREPARE_CHARS:
+            prompt, constraint = prepare()
+        else:
+            prompt, constraint = await anyio.to_thread.run_sync(prepare)
         state.requests += 1
         sampling = replace(sampling_for(chat, state.config.sampling), constraint=constraint)
         job = Job(id=r.completion_id(), prompt=prompt, loop=asyncio.get_running_loop(),
