@@ -294,3 +294,36 @@ def test_a_resent_tool_call_is_laid_out_with_its_generated_tokens(shared: Engine
     assert builder.replies.tokens_for(calls_key("", [call])) == tuple(generated)
     assert builder.replies.tokens_for(calls_key("", [ToolCall("zzzzzzzzz", call.name,
                                                               call.arguments)])) is None
+
+
+def test_connections_send_without_delay() -> None:
+    """The server's connections have Nagle's algorithm off: with it on, the second write
+    of a response (the body after the headers, a token after the role chunk) waits for
+    the client's delayed ACK, ~40 ms on every answer. asyncio (under uvicorn) sets
+    TCP_NODELAY only on connections of a socket created as TCP."""
+    import asyncio
+    import socket
+
+    from localsmall.server.runner import bind
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                conn = transport.get_extra_info("socket")
+                seen.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        listener = bind("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        port = listener.getsockname()[1]
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            value = await asyncio.wait_for(seen, 30)
+            writer.close()
+            return value
+        finally:
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
