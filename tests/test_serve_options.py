@@ -170,3 +170,29 @@ def test_cli_load_failure_is_one_clean_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Traceback" not in output
     assert output.count("error:") == 1 and "could not load" in output
     assert output.index("loading the model") < output.index("error: llama.cpp could not load")
+
+
+def test_stopping_while_loading_stops_the_load() -> None:
+    """Ctrl-C or SIGTERM while the model loads: the load is asked to stop as Ctrl-C asks
+    it (the flag llama.cpp's load progress callback reads), serve() returns without an
+    error, and no request to stop is left behind for later work."""
+    from localsmall import interrupt
+
+    asked = threading.Event()
+
+    def load() -> tuple[Engine, ServerConfig]:
+        deadline = time.monotonic() + 120
+        while not interrupt.requested():  # what load_model's progress callback reads
+            assert time.monotonic() < deadline, "the load was never asked to stop"
+            time.sleep(0.01)
+        asked.set()
+        interrupt.take()
+        raise KeyboardInterrupt  # as load_model raises after an interrupted load
+
+    server = InProcess(load)
+    root = server.start()
+    assert httpx2.get(f"{root}/health").json() == {"status": "loading"}
+    server.stop.set()
+    server.join()
+    assert asked.is_set() and not server.errors and not server.ready
+    assert not interrupt.requested()
