@@ -88,11 +88,11 @@ def modes(placement: Placement | None = None) -> dict[str, str]:
             "on": (placement or reference_placement()).skip_repacking()}
 
 
-def _child(args: argparse.Namespace, path: Path, mode: str) -> dict:
+def child(args: argparse.Namespace, path: Path, mode: str, threads: int | None = None) -> dict:
     """One measurement in a fresh process (under `--wrap`, e.g. a lock)."""
     command = [*shlex.split(args.wrap), sys.executable, __file__, "--child", mode,
                "--model", str(path), "--prompt", str(args.prompt), "--gen", str(args.gen),
-               "--threads", str(args.threads), "--per-load", str(args.per_load)]
+               "--threads", str(threads or args.threads), "--per-load", str(args.per_load)]
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{mode}: exit {out.returncode}\n{out.stderr[-2000:]}")
@@ -103,10 +103,11 @@ def _median(rounds: list[dict], key: str) -> float:
     return statistics.median(run[key] for r in rounds for run in r["runs"])
 
 
-def report(results: dict[str, list[dict]]) -> None:
-    """Medians per placement and the same-round ratios to "off"."""
+def report(results: dict[str, list[dict]], base_name: str = "off") -> None:
+    """Medians per placement (or other setting) and the same-round ratios to
+    `base_name`'s."""
     keys = ("prompt_tps", "gen_tps", "prompt_cpu_tps", "gen_cpu_tps")
-    print(f"{'placement':11} {'prompt/s':>9} {'gen/s':>7} {'prompt/cpu-s':>13} "
+    print(f"{'':11} {'prompt/s':>9} {'gen/s':>7} {'prompt/cpu-s':>13} "
           f"{'gen/cpu-s':>10} {'load s':>7}  load averages (1, 5, 15 min)")
     for mode, rounds in results.items():
         loads = "; ".join(" ".join(f"{x:.1f}" for x in r["loadavg"]) for r in rounds)
@@ -115,9 +116,9 @@ def report(results: dict[str, list[dict]]) -> None:
               + f" {statistics.median(r['load_s'] for r in rounds):7.1f}  {loads}")
         if rounds[0]["note"]:
             print(f"{'':11} ({rounds[0]['note']})")
-    base = results.get("off", [])
+    base = results.get(base_name, [])
     for mode, rounds in results.items():
-        if mode == "off":
+        if mode == base_name:
             continue
         ratios = {k: statistics.median(
             statistics.median(run[k] for run in r["runs"])
@@ -125,7 +126,7 @@ def report(results: dict[str, list[dict]]) -> None:
             for r, b in zip(rounds, base, strict=False)) for k in keys}
         same = all(run["tokens"] == brun["tokens"] for r, b in zip(rounds, base, strict=False)
                    for run, brun in zip(r["runs"], b["runs"], strict=False))
-        print(f"{mode}/off same-round ratios: prompt {ratios['prompt_tps']:.3f} "
+        print(f"{mode}/{base_name} same-round ratios: prompt {ratios['prompt_tps']:.3f} "
               f"(cpu {ratios['prompt_cpu_tps']:.3f}), generation {ratios['gen_tps']:.3f} "
               f"(cpu {ratios['gen_cpu_tps']:.3f}); same greedy tokens: {same}")
 
@@ -141,7 +142,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default="off,cpu_repack,on")
     parser.add_argument("--wrap", default="", help="command prefix for each measurement")
-    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("auto", *MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     path = args.model or medium_model(args.quant)[0]
     if args.child:
@@ -161,7 +162,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in runnable}
     for _ in range(args.runs):
         for mode in runnable:
-            results[mode].append(_child(args, path, mode))
+            results[mode].append(child(args, path, mode))
             print(f"  {mode}: {results[mode][-1]['runs']}"[:200], file=sys.stderr, flush=True)
     report(results)
 

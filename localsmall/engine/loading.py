@@ -96,6 +96,27 @@ def _weight_placement(params: Any, settings: EngineSettings, *,
                        f"AMX off" + why)
 
 
+def placement_summary(*, amx: bool, mode: str | None = None) -> str:
+    """One line on where quantized weights go on a CPU with (or without) the AMX buffer
+    type, under LOCALSMALL_WEIGHT_REPACK (`mode`, default: the environment's)."""
+    mode = (mode or os.environ.get("LOCALSMALL_WEIGHT_REPACK", "auto")).lower()
+    if mode == "on" or (mode == "auto" and not amx):
+        return "llama.cpp's default: repacked layouts where the CPU has them"
+    if mode == "off":
+        return "plain buffers, no repacking (LOCALSMALL_WEIGHT_REPACK=off)"
+    if mode == "cpu_repack":
+        return (f"{REPACK_BUFT} for the matrices it can multiply, AMX unused "
+                f"(LOCALSMALL_WEIGHT_REPACK=cpu_repack)")
+    if mode != "auto":
+        return f"LOCALSMALL_WEIGHT_REPACK={mode} is not valid: use auto, on, off or cpu_repack"
+    crash = "AMX CPU: its buffer crashes on batched decodes (llama.cpp #20824)"
+    if REPACK_ON_AMX:
+        return f"{REPACK_BUFT} for the matrices it can multiply, AMX unused ({crash})"
+    return (f"plain buffers, no repacking ({crash}; {REPACK_BUFT} without AMX measured slower "
+            f"for prompts on an AMX Xeon, benchmarks/weight_repack.py; "
+            f"LOCALSMALL_WEIGHT_REPACK=cpu_repack uses it)")
+
+
 def _offload_to(llama: Any, params: Any, devices: tuple[int, ...],
                 split: tuple[float, ...]) -> tuple[Any, ...]:
     """Point the model params at these devices only (a NULL-terminated list) and their
