@@ -97,12 +97,12 @@ def _warnings(hardware: Hardware, cache_free: int) -> list[str]:
 def thread_choice(hardware: Hardware) -> ThreadChoice:
     """The engine's default threads on this machine, with the load now; on a described
     machine (LOCALSMALL_HARDWARE), for its CPU, with its load unknown."""
-    from localsmall.engine.threads import choose_threads, detect_threads
+    from localsmall.engine.threads import choose_threads, detect_threads, wait_policy
 
     if hardware.source == "detected":
         return detect_threads(with_load=True)
     return choose_threads(physical_cores=hardware.cpu.physical_cores,
-                          logical_cpus=hardware.cpu.logical_cores)
+                          logical_cpus=hardware.cpu.logical_cores, policy=wait_policy())
 
 
 def weight_placement(hardware: Hardware) -> str:
