@@ -5,6 +5,9 @@ other programs keep the cores busy. No timing is measured."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -29,14 +32,32 @@ def test_one_thread_per_physical_core_for_generation_and_prompts() -> None:
 @pytest.mark.parametrize(("cores", "load", "advised"), [
     (2, 0.3, None), (2, 1.2, None), (2, 1.6, 1), (2, 8.8, 1), (8, 3.0, 5), (1, 9.0, None),
 ])
-def test_busy_cores_bring_advice_to_use_fewer_threads(cores: int, load: float,
-                                                      advised: int | None) -> None:
-    choice = choose_threads(physical_cores=cores, logical_cpus=cores, load_average=load)
-    assert choice.generation == cores  # the default itself does not follow the load
+def test_busy_cores_bring_advice_when_threads_spin(cores: int, load: float,
+                                                   advised: int | None) -> None:
+    spinning = choose_threads(physical_cores=cores, logical_cpus=cores, load_average=load,
+                              policy="active")
+    assert spinning.generation == cores  # the default itself does not follow the load
+    assert "spin (OMP_WAIT_POLICY=ACTIVE)" in spinning.reason
     if advised is None:
-        assert choice.advice == ""
+        assert spinning.advice == ""
     else:
-        assert f"--threads {advised} " in choice.advice and f"{load:.1f}" in choice.advice
+        assert f"--threads {advised};" in spinning.advice and f"{load:.1f}" in spinning.advice
+    # sleeping threads (the engine's default) leave busy cores to their programs
+    sleeping = choose_threads(physical_cores=cores, logical_cpus=cores, load_average=load)
+    assert sleeping.advice == "" and "OMP_WAIT_POLICY=PASSIVE" in sleeping.reason
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_llama_cpp_loads_with_passive_threads_unless_told_otherwise(
+        given: str | None, used: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os; from localsmall.engine import native; native.llama(); "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert out.stdout.strip() == used
 
 
 def test_engine_default_is_the_detected_choice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,12 +88,19 @@ def test_doctor_on_this_machine_warns_when_its_cores_are_busy(
     monkeypatch.setattr(threads, "available_cpus", lambda: 2)
     monkeypatch.setattr(threads, "physical_cores", lambda available: 2)
     monkeypatch.setattr(threads, "load_average", lambda: 7.5)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
     data = json.loads(CliRunner().invoke(app, ["doctor", "--json"]).stdout)
     assert data["threads"]["generation"] == 2 and data["threads"]["load_average"] == 7.5
+    assert data["threads"]["wait_policy"] == "ACTIVE"
     assert any("--threads 1" in w for w in data["warnings"])
     monkeypatch.setattr(threads, "load_average", lambda: 0.2)
     calm = json.loads(CliRunner().invoke(app, ["doctor", "--json"]).stdout)
     assert not any("--threads" in w for w in calm["warnings"])
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(threads, "load_average", lambda: 7.5)
+    sleeping = json.loads(CliRunner().invoke(app, ["doctor", "--json"]).stdout)
+    assert not any("--threads" in w for w in sleeping["warnings"])
+    assert "sleep (OMP_WAIT_POLICY=PASSIVE)" in sleeping["threads"]["reason"]
 
 
 def test_doctor_names_the_weight_placement_of_an_amx_cpu(monkeypatch: pytest.MonkeyPatch,
