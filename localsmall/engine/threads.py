@@ -2,22 +2,23 @@
 
 One thread per physical core available to this process, for generation and for prompt
 reading alike. SMT siblings share a core's execution units and its path to memory, so
-a second thread on a core adds nothing to a matrix product and only makes llama.cpp's
-threads wait for each other at every step. Generation reads every weight once per token
-and is bound by memory bandwidth, which a few cores already saturate; prompt reading is
-bound by arithmetic and uses every core. llama.cpp's threads meet at a barrier after
-each operation, spinning while they wait: a thread whose core is taken by another
-program stalls all of them. Measured on a 2-core machine shared with other work
-(benchmarks/threads.py, load average 6 to 8): one thread read prompts 2.6 times and
-generated 8 times faster than two. That waiting is OpenMP's: llama.cpp's threads meet at
-an OpenMP barrier and spin there. With OMP_WAIT_POLICY=PASSIVE they sleep instead, and
-two threads were then 1.6 times faster at prompts and 2.9 times faster at generation
-than one under the same load, using no more CPU time per token than one thread. So the
-engine sets OMP_WAIT_POLICY=PASSIVE unless the user set it (before llama.cpp loads;
-`localsmall worker` did so already), and keeps one thread per core. A sleeping thread
-costs a wake-up (microseconds) at each of the few hundred barriers of a token: well
-under 1% of a token of the full-size model. `doctor` warns when the cores are busy and
-OMP_WAIT_POLICY makes the threads spin.
+a second thread on a core adds nothing to a matrix product. Generation reads every
+weight once per token and is bound by memory bandwidth; prompt reading is bound by
+arithmetic; both gained from every core here.
+
+llama.cpp's threads meet at an OpenMP barrier after each operation. By default OpenMP
+spins there, so a thread whose core another program holds stalls the others: on this
+project's 2-core machine, shared with other work (load average 5 to 8), two spinning
+threads read prompts 2.6 times and generated 8 times slower than one thread (synthetic
+medium model, benchmarks/threads.py). With OMP_WAIT_POLICY=PASSIVE waiting threads
+sleep, and two threads were faster than one under the same kind of load: medium model
+2.0x at prompts and 1.6x at generation, full-size Q4_K_M model 3.2x and 2.5x (wall
+clock; the CPU time per token stayed that of one thread). So the engine sets
+OMP_WAIT_POLICY=PASSIVE unless the user set it (before llama.cpp loads; `localsmall
+worker` did so already) and keeps one thread per core. A sleeping thread costs a wake-up
+(microseconds) at each of the few hundred barriers of a token: well under 1% of a token
+of the full-size model. `doctor` warns when the cores are busy and OMP_WAIT_POLICY makes
+the threads spin.
 """
 
 from __future__ import annotations
