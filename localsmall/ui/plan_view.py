@@ -26,22 +26,38 @@ def _row(option: QuantOption, chosen: bool, local: set[str], gpus: bool) -> list
         cells += [f"{option.gpu_layers}/{option.n_layers}" if option.fits else "-",
                   _gb(option.gpu_bytes)]
     cells += [_gb(option.ram_bytes),
-              f"{option.tokens_per_s:.0f}" if option.fits else "-",
+              _pair(option.tokens_per_s, option.tokens_per_s_deep) if option.fits else "-",
+              _pair(option.prompt_tps, option.prompt_tps_deep) if option.fits else "-",
+              option.speed_source if option.fits else "",
               quality_label(option.kld)]
     return cells
+
+
+def _tps(value: float | None) -> str:
+    if value is None or value <= 0:
+        return "?"
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
+def _pair(empty: float | None, deep: float | None) -> str:
+    """Speed at an empty context -> at the planned depth."""
+    return f"{_tps(empty)} → {_tps(deep)}"
 
 
 def plan_table(plan: Plan, local: set[str], *, gpus: bool) -> Table:
     """One row per quant; the recommendation is marked (➜), downloaded builds ticked."""
     choice = plan.choice.quant if plan.choice else None
     n_ctx = plan.choice.n_ctx if plan.choice else plan.requested_ctx
+    depth = plan.choice.speed_depth if plan.choice else n_ctx
     table = Table(title=f"{escape(plan.model_id)}: {n_ctx:,}-token context, {plan.kv_type} "
-                        "KV cache (sizes in GiB)", title_justify="left",
+                        f"KV cache (sizes in GiB; tokens/s with an empty context → with "
+                        f"{depth:,} tokens in it)", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     columns = [("", "left"), ("quant", "left"), ("size", "right"), ("runs on", "left")]
     if gpus:
         columns += [("layers", "right"), ("GPU", "right")]
-    columns += [("RAM", "right"), ("tok/s", "right"), ("quality", "left")]
+    columns += [("RAM", "right"), ("generate tok/s", "right"), ("prompt tok/s", "right"),
+                ("speeds", "left"), ("quality", "left")]
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for option in plan.options:

@@ -1,0 +1,126 @@
+"""Calibrating the planner's speeds: llama.cpp's own kernels timed on this machine.
+
+For each ggml type, one decoder layer of the model's real width (calibration_model) is
+loaded through the engine, so the engine's real weight placement (repacking, AMX, ...)
+applies, and timed the way `localsmall bench` times a model (engine.timing): generation
+one token at a time, prompt reading in one batch. The best of a few short repetitions
+counts: the machine may be shared, and the fastest run is the one least disturbed.
+
+The cost of the attention over cached positions is timed apart, on a model with the real
+heads and head size but narrow matrices (cheap to fill to a depth): generation and
+prompt reading at an empty cache and at `depth`, the difference per position and layer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from localsmall.bench.calibration_model import LayerShape, write_calibration_model
+from localsmall.engine.types import EngineSettings
+from localsmall.plan.speed import (
+    CALIBRATED_TYPES,
+    Calibration,
+    CalibrationProgress,
+    KernelTiming,
+    MachineKey,
+)
+
+
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What to time. The defaults take seconds on a laptop at Mistral Small 3.2's width;
+    tests pass a narrow `shape`."""
+
+    shape: LayerShape
+    types: Sequence[str] = CALIBRATED_TYPES
+    n_threads: int | None = None
+    n_prompt: int = 128
+    n_gen: int = 4
+    repetitions: int = 2
+    depth: int = 1024               # cached positions for the attention timing
+    attention_layers: int = 4
+    attention_n_embd: int = 256     # narrow matrices: the attention model's prefill is cheap
+    workdir: Path | None = None     # where the temporary GGUF files go (None: the temp dir)
+
+
+def calibrate(request: CalibrationRequest, *, key: MachineKey,
+              on_progress: CalibrationProgress | None = None) -> Calibration:
+    """Time every type and the attention; the files written are deleted afterwards."""
+    started = time.perf_counter()
+    total = len(request.types) + 1
+    report = on_progress or (lambda label, done, total: None)
+    kernels: dict[str, KernelTiming] = {}
+    with tempfile.TemporaryDirectory(prefix="localsmall-calibration-",
+                                     dir=request.workdir) as tmp:
+        for i, qtype in enumerate(request.types):
+            report(f"timing {qtype} kernels", i, total)
+            path = write_calibration_model(Path(tmp) / f"{qtype}.gguf", shape=request.shape,
+                                           qtype=qtype)
+            gen, pp = _time_layer(path, request)
+            path.unlink()
+            params = request.shape.layer_params
+            kernels[qtype] = KernelTiming(gen_s=gen / params, pp_s=pp / params)
+        report("timing attention over a filled context", len(request.types), total)
+        attn_gen, attn_pp = _time_attention(Path(tmp) / "attention.gguf", request)
+    report("done", total, total)
+    return Calibration(key=key, kernels=kernels, attn_gen_s=attn_gen, attn_pp_s=attn_pp,
+                       n_prompt=request.n_prompt,
+                       created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                       seconds=time.perf_counter() - started)
+
+
+def _engine_settings(path: Path, request: CalibrationRequest, n_ctx: int) -> EngineSettings:
+    return EngineSettings(model_path=path, n_ctx=max(256, -(-n_ctx // 256) * 256),
+                          n_batch=max(request.n_prompt, 1), n_threads=request.n_threads)
+
+
+def _time_layer(path: Path, request: CalibrationRequest) -> tuple[float, float]:
+    """Best seconds per generated token and per prompt token of one layer."""
+    from localsmall.engine.model import Engine
+    from localsmall.engine.timing import DecodeTimer
+
+    n = request.n_prompt + request.n_gen * (request.repetitions + 1) + 8
+    with Engine(_engine_settings(path, request, n)) as engine, DecodeTimer(engine) as timer:
+        timer.generate(1)  # warm-up: page in the weights, build the graph
+        gen = min(timer.generate(request.n_gen) / request.n_gen
+                  for _ in range(request.repetitions))
+        pp = []
+        for _ in range(request.repetitions):
+            timer.clear()
+            pp.append(timer.prompt(request.n_prompt) / request.n_prompt)
+    return gen, min(pp)
+
+
+def _time_attention(path: Path, request: CalibrationRequest) -> tuple[float, float]:
+    """Seconds per cached position and layer: generation, and per prompt token."""
+    from localsmall.engine.model import Engine
+    from localsmall.engine.timing import DecodeTimer
+
+    shape = request.shape
+    narrow = LayerShape(request.attention_n_embd, shape.n_head, shape.n_head_kv,
+                        shape.head_dim, 256)
+    write_calibration_model(path, shape=narrow, qtype="Q8_0",
+                            n_layers=request.attention_layers)
+    depth, n_gen, n_prompt = request.depth, max(request.n_gen, 4) * 2, request.n_prompt
+    n_ctx = depth + n_prompt + n_gen * (request.repetitions + 1) + 8
+    with Engine(_engine_settings(path, request, n_ctx)) as engine, DecodeTimer(engine) as timer:
+        timings: dict[int, tuple[float, float]] = {}
+        for at in (0, depth):
+            gens, pps = [], []
+            for _ in range(request.repetitions):
+                timer.clear()
+                timer.prefill(at)
+                gens.append(timer.generate(n_gen) / n_gen)
+                timer.clear()
+                timer.prefill(at)
+                pps.append(timer.prompt(n_prompt) / n_prompt)
+            timings[at] = (min(gens), min(pps))
+    per = max(depth * request.attention_layers, 1)
+    gen = max(timings[depth][0] - timings[0][0], 0.0) / per
+    pp = max(timings[depth][1] - timings[0][1], 0.0) / per
+    return gen, pp
