@@ -67,8 +67,8 @@ def image_policy(engine: Engine, build: LocalBuild, *, max_tokens: int | None = 
     plan, a budget from the speeds (the plan's estimate until the chat measures them);
     on a GPU, full resolution."""
     from localsmall.images import MIN_IMAGE_BUDGET
-    from localsmall.plan.hardware import detect
     from localsmall.plan.assumed import cpu_prompt_speed
+    from localsmall.plan.hardware import detect
 
     if max_tokens is not None and max_tokens < MIN_IMAGE_BUDGET:
         raise UsageError(f"--image-tokens must be at least {MIN_IMAGE_BUDGET}")

@@ -28,7 +28,6 @@ def _row(option: QuantOption, chosen: bool, local: set[str], gpus: bool) -> list
     cells += [_gb(option.ram_bytes),
               _pair(option.tokens_per_s, option.tokens_per_s_deep) if option.fits else "-",
               _pair(option.prompt_tps, option.prompt_tps_deep) if option.fits else "-",
-              option.speed_source if option.fits else "",
               quality_label(option.kld)]
     return cells
 
@@ -41,7 +40,28 @@ def _tps(value: float | None) -> str:
 
 def _pair(empty: float | None, deep: float | None) -> str:
     """Speed at an empty context -> at the planned depth."""
-    return f"{_tps(empty)} → {_tps(deep)}"
+    return f"{_tps(empty)}→{_tps(deep)}"
+
+
+SOURCE_WORDS = {
+    "measured": "measured by `localsmall bench` on this machine",
+    "calibrated": "from a calibration of this machine's llama.cpp kernels",
+    "estimated": "estimated from assumed memory bandwidth and FLOP/s (not measured)",
+}
+
+
+def speed_sources(plan: Plan) -> str:
+    """Where the table's speeds come from, by quant when they differ."""
+    by_source: dict[str, list[str]] = {}
+    for option in plan.options:
+        if option.fits:
+            by_source.setdefault(option.speed_source, []).append(option.quant)
+    if len(by_source) <= 1:
+        source = next(iter(by_source), "estimated")
+        return f"[muted]Speeds: {SOURCE_WORDS[source]}.[/]"
+    parts = [f"{', '.join(escape(q) for q in quants)} {SOURCE_WORDS[source]}"
+             for source, quants in by_source.items()]
+    return f"[muted]Speeds: {'; '.join(parts)}.[/]"
 
 
 def plan_table(plan: Plan, local: set[str], *, gpus: bool) -> Table:
@@ -56,8 +76,8 @@ def plan_table(plan: Plan, local: set[str], *, gpus: bool) -> Table:
     columns = [("", "left"), ("quant", "left"), ("size", "right"), ("runs on", "left")]
     if gpus:
         columns += [("layers", "right"), ("GPU", "right")]
-    columns += [("RAM", "right"), ("generate tok/s", "right"), ("prompt tok/s", "right"),
-                ("speeds", "left"), ("quality", "left")]
+    columns += [("RAM", "right"), ("gen\ntok/s", "right"), ("prompt\ntok/s", "right"),
+                ("quality", "left")]
     for name, justify in columns:
         table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for option in plan.options:
@@ -69,6 +89,7 @@ def plan_table(plan: Plan, local: set[str], *, gpus: bool) -> Table:
 def show_plan(plan: Plan, local: set[str], *, gpus: bool) -> None:
     """The table, then the one sentence why (on stdout: it is the command's result)."""
     out().print(plan_table(plan, local, gpus=gpus))
+    out().print(speed_sources(plan))
     out().print(escape(plan.reason))
     if plan.choice is not None and plan.choice.quant.lower() not in local:
         out().print(f"[muted]Download it with: localsmall pull {escape(plan.model_id)}:"
