@@ -79,7 +79,7 @@ def plan_json(*args: str) -> dict:
 def test_calibration_times_each_type_and_the_attention(tmp_path: Path) -> None:
     steps: list[tuple[str, int, int]] = []
     request = CalibrationRequest(shape=NARROW, types=("Q4_K", "Q8_0"), n_threads=2,
-                                 n_prompt=32, n_gen=2, depth=256, attention_layers=2,
+                                 n_prompt=32, n_gen=3, repetitions=1, depth=256, attention_layers=2,
                                  attention_n_embd=256, workdir=tmp_path)
     key = MachineKey("cpu", "build", "CPU", 2, "auto/v1")
     result = calibrate(request, key=key, on_progress=lambda *step: steps.append(step))
