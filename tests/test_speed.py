@@ -312,3 +312,14 @@ def test_chat_plans_for_its_min_speed(calibrated: Calibration) -> None:
     assert "Q4_K_M is not downloaded" not in fast.stderr
     hopeless = invoke("serve", "--min-speed", "1000")
     assert hopeless.exit_code == 1 and "Nothing reaches 1000 tokens/s" in hopeless.stderr
+
+
+def test_block_sizes_agree_with_gguf() -> None:
+    import gguf
+
+    from localsmall.plan.speed import BLOCKS
+
+    for name, (size, block) in BLOCKS.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (block, size)
+    assert bytes_per_weight("IQ2_XXS") == pytest.approx(66 / 256)  # from gguf's table
+    assert bytes_per_weight("NOT_A_TYPE") is None

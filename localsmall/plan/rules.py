@@ -304,7 +304,7 @@ def plan(model: Model, hardware: Hardware, *, ctx: int | None = None, kv_type: s
 
 
 def _speed(tps: float) -> str:
-    return f"{tps:.1f}" if tps < 10 else f"{tps:.0f}"
+    return f"{tps:.2f}" if tps < 1 else f"{tps:.1f}" if tps < 10 else f"{tps:.0f}"
 
 
 def _traded(before: QuantOption | None, after: QuantOption, target: float) -> str:

@@ -35,7 +35,7 @@ def _row(option: QuantOption, chosen: bool, local: set[str], gpus: bool) -> list
 def _tps(value: float | None) -> str:
     if value is None or value <= 0:
         return "?"
-    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def _pair(empty: float | None, deep: float | None) -> str:
