@@ -87,7 +87,7 @@ def main() -> None:
                            args.repetitions)
         after = load()
 
-        def ratio(key: str) -> str:
+        def ratio(key: str, predicted: dict = predicted, measured: dict = measured) -> str:
             p, m = predicted[key], measured[key]
             return f"{p / m:.2f}" if isinstance(p, float) and isinstance(m, float) else "-"
 
