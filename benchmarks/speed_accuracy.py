@@ -29,6 +29,22 @@ def load() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+def vmstat(name: str) -> int:
+    """A counter of /proc/vmstat (pgmajfault: pages read from disk on a fault)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == name:
+            return int(value)
+    return 0
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
 def predict(path: Path, n_ctx: int, depth: int, n_prompt: int) -> dict[str, object]:
     import dataclasses
 
@@ -78,14 +94,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append JSON lines here")
     args = parser.parse_args()
     print("| file | ctx | depth | gen predicted | gen bench | ratio | prompt predicted | "
-          "prompt bench | ratio | load before / after |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "prompt bench | ratio | load before / after | RAM available | major faults |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n_ctx in args.ctx:
         before = load()
         predicted = predict(args.model, n_ctx, args.depth, args.n_prompt)
+        free, faults = available_gib(), vmstat("pgmajfault")
         measured = measure(args.model, n_ctx, args.depth, args.n_prompt, args.n_gen,
                            args.repetitions)
         after = load()
+        # weights read again from disk while measuring (memory pressure), in GiB
+        measured["major_fault_gib"] = (vmstat("pgmajfault") - faults) * 4096 / 2**30
+        measured["available_gib_before"] = free
 
         def ratio(key: str, predicted: dict = predicted, measured: dict = measured) -> str:
             p, m = predicted[key], measured[key]
@@ -93,7 +113,8 @@ def main() -> None:
 
         print(f"| {args.model.name} | {n_ctx} | {args.depth} | {predicted['gen']:.3f} | "
               f"{measured['gen']:.3f} | {ratio('gen')} | {predicted['pp']:.2f} | "
-              f"{measured['pp']:.2f} | {ratio('pp')} | {before} / {after} |", flush=True)
+              f"{measured['pp']:.2f} | {ratio('pp')} | {before} / {after} | "
+              f"{free:.1f} GiB | {measured['major_fault_gib']:.1f} GiB |", flush=True)
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps({"model": str(args.model), "ctx": n_ctx,

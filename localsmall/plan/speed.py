@@ -8,7 +8,12 @@ then the sum over its matrices of weights x seconds per weight of their type, pl
 output head, plus the attention over the cached context:
 
     generation:  sum(weights_t * gen_s[t]) + n_layers * depth * attn_gen_s
-    prompt:      sum(weights_t * pp_s[t])  + n_layers * depth * attn_pp_s   (per token)
+    prompt:      sum(weights_t * pp_n[t])  + n_layers * depth * attn_pp_s   (per token)
+
+A batch of n prompt tokens reads each weight once and computes with it n times, so its
+cost per token is pp_n = (gen_s + marginal * (n - 1)) / n, the marginal cost of a
+token taken from the calibration's batch (pp_s at n_prompt tokens): small batches are
+bound by reading the weights, large ones by computing.
 
 A `localsmall bench` result for the same quant, machine and llama.cpp build replaces
 the kernel terms (the attention term still moves it to other depths). GPUs and partial
@@ -195,12 +200,22 @@ def kernel(calibration: Calibration, ggml_type: str) -> KernelTiming:
     return KernelTiming(kernels[nearest].gen_s * ratio, kernels[nearest].pp_s)
 
 
-def _kernel_seconds(calibration: Calibration, mix: Mapping[str, float]) -> tuple[float, float]:
+def prompt_per_weight(timing: KernelTiming, n_calibrated: int, n_batch: int) -> float:
+    """Seconds per weight and prompt token in a batch of `n_batch` (module docstring)."""
+    if n_calibrated <= 1:
+        return timing.pp_s
+    marginal = max((timing.pp_s * n_calibrated - timing.gen_s) / (n_calibrated - 1), 0.0)
+    n = max(n_batch, 1)
+    return (timing.gen_s + marginal * (n - 1)) / n
+
+
+def _kernel_seconds(calibration: Calibration, mix: Mapping[str, float],
+                    n_batch: int) -> tuple[float, float]:
     gen = pp = 0.0
     for kind, params in mix.items():
         timing = kernel(calibration, kind)
         gen += params * timing.gen_s
-        pp += params * timing.pp_s
+        pp += params * prompt_per_weight(timing, calibration.n_prompt, n_batch)
     return gen, pp
 
 
@@ -218,10 +233,10 @@ def predict(*, text: TextWeights, quant: Quant | None, memory: MemoryEstimate,
     n_layers = text.shape.n_layers
     kv = KV_SCALE.get(run.kv_type, 1.0)
     layers, output = weight_mix(text, quant)
-    gen_layers, pp_layers = _kernel_seconds(calibration, layers)
-    gen_out, pp_out = _kernel_seconds(calibration, output)
+    gen_layers, pp_layers = _kernel_seconds(calibration, layers, run.n_ubatch)
+    gen_out, _ = _kernel_seconds(calibration, output, run.n_ubatch)
     gen0 = gen_layers + gen_out
-    pp0 = pp_layers + pp_out / max(run.n_ubatch, 1)  # logits for one token per batch
+    pp0 = pp_layers + gen_out / max(run.n_ubatch, 1)  # logits for one token per batch
     source: Source = "calibrated"
     measured = _measured(inputs, quant, run)
     at_gen = at_pp = 0
