@@ -30,7 +30,7 @@ def load() -> str:
 
 
 def vmstat(name: str) -> int:
-    """A counter of /proc/vmstat (pgmajfault: pages read from disk on a fault)."""
+    """A counter of /proc/vmstat (pgpgin: KiB read from disk)."""
     for line in Path("/proc/vmstat").read_text().splitlines():
         key, _, value = line.partition(" ")
         if key == name:
@@ -94,17 +94,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append JSON lines here")
     args = parser.parse_args()
     print("| file | ctx | depth | gen predicted | gen bench | ratio | prompt predicted | "
-          "prompt bench | ratio | load before / after | RAM available | major faults |")
+          "prompt bench | ratio | load before / after | RAM available | read from disk |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n_ctx in args.ctx:
         before = load()
         predicted = predict(args.model, n_ctx, args.depth, args.n_prompt)
-        free, faults = available_gib(), vmstat("pgmajfault")
+        free, read = available_gib(), vmstat("pgpgin")
         measured = measure(args.model, n_ctx, args.depth, args.n_prompt, args.n_gen,
                            args.repetitions)
         after = load()
-        # weights read again from disk while measuring (memory pressure), in GiB
-        measured["major_fault_gib"] = (vmstat("pgmajfault") - faults) * 4096 / 2**30
+        # read from disk while measuring (loading, and weights evicted and read again
+        # under memory pressure), in GiB
+        measured["disk_read_gib"] = (vmstat("pgpgin") - read) / 2**20
         measured["available_gib_before"] = free
 
         def ratio(key: str, predicted: dict = predicted, measured: dict = measured) -> str:
@@ -114,7 +115,7 @@ def main() -> None:
         print(f"| {args.model.name} | {n_ctx} | {args.depth} | {predicted['gen']:.3f} | "
               f"{measured['gen']:.3f} | {ratio('gen')} | {predicted['pp']:.2f} | "
               f"{measured['pp']:.2f} | {ratio('pp')} | {before} / {after} | "
-              f"{free:.1f} GiB | {measured['major_fault_gib']:.1f} GiB |", flush=True)
+              f"{free:.1f} GiB | {measured['disk_read_gib']:.1f} GiB |", flush=True)
         if args.out:
             with args.out.open("a") as f:
                 f.write(json.dumps({"model": str(args.model), "ctx": n_ctx,
