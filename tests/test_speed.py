@@ -323,3 +323,13 @@ def test_block_sizes_agree_with_gguf() -> None:
         assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (block, size)
     assert bytes_per_weight("IQ2_XXS") == pytest.approx(66 / 256)  # from gguf's table
     assert bytes_per_weight("NOT_A_TYPE") is None
+
+
+def test_small_prompt_batches_pay_for_reading_the_weights() -> None:
+    from localsmall.plan.speed import prompt_per_weight
+
+    timing = KernelTiming(gen_s=1e-9, pp_s=2e-11)
+    assert prompt_per_weight(timing, 128, 1) == pytest.approx(timing.gen_s)
+    assert prompt_per_weight(timing, 128, 128) == pytest.approx(timing.pp_s)
+    costs = [prompt_per_weight(timing, 128, n) for n in (1, 8, 32, 128, 512)]
+    assert costs == sorted(costs, reverse=True) and costs[-1] > 0
