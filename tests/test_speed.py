@@ -221,6 +221,13 @@ def test_bench_results_replace_the_calibration_for_their_quant(calibrated: Calib
         "calibrated"
     table = invoke("plan", "--ctx", "8192").stdout
     assert "Q4_K_M measured by `localsmall bench`" in table
+    # a prompt measured in batches of 32 reads faster in the plan's batches of 512
+    save_measured([MeasuredSpeed(key=calibrated.key, quant="Q4_K_M", file="x.gguf",
+                                 size_bytes=1, tg_tps=0.5, pp_tps=3.0, depth=0, n_ctx=4096,
+                                 kv_type="f16", gpu_layers=0, created="2026-01-03T00:00:00",
+                                 n_prompt=32)])
+    rows = {o["quant"]: o for o in plan_json("--ctx", "8192", "--depth", "0")["options"]}
+    assert rows["Q4_K_M"]["prompt_tps"] > 3.0 and rows["Q4_K_M"]["tokens_per_s"] == 0.5
 
 
 def test_bench_keeps_its_cpu_results_for_plan(tiny) -> None:

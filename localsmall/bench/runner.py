@@ -168,7 +168,8 @@ def remember_speeds(results: list[SpeedResult], created: str) -> None:
         key=machine_key(hardware, r.threads), quant=r.name, file=r.file,
         size_bytes=r.size_bytes, tg_tps=r.tg.mean if r.tg else None,
         pp_tps=r.pp.mean if r.pp else None, depth=r.depth, n_ctx=r.n_ctx,
-        kv_type=r.kv_type, gpu_layers=r.gpu_layers, created=created) for r in kept])
+        kv_type=r.kv_type, gpu_layers=r.gpu_layers, created=created,
+        n_prompt=min(r.n_prompt, r.n_batch) or 512) for r in kept])
 
 
 def run_bench(request: BenchRequest, on_event: BenchCallback | None = None) -> BenchReport:

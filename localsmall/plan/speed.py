@@ -91,6 +91,7 @@ class MeasuredSpeed:
     kv_type: str
     gpu_layers: int
     created: str
+    n_prompt: int = 512   # the prompt batch pp_tps was measured with
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,10 @@ def predict(*, text: TextWeights, quant: Quant | None, memory: MemoryEstimate,
         if measured.tg_tps:
             gen0, at_gen = 1 / measured.tg_tps, measured.depth
         if measured.pp_tps:
-            pp0, at_pp = 1 / measured.pp_tps, measured.depth
+            # measured with its own batch: moved to this run's by the calibration
+            _, pp_then = _kernel_seconds(calibration, layers, min(measured.n_prompt,
+                                                                  run.n_ubatch))
+            pp0, at_pp = pp_layers / max(pp_then, 1e-30) / measured.pp_tps, measured.depth
 
     def gen_at(d: int) -> float:
         return 1 / max(gen0 + n_layers * (d - at_gen) * calibration.attn_gen_s * kv, 1e-9)

@@ -64,7 +64,8 @@ def _measured(data: Any) -> MeasuredSpeed:
                          size_bytes=int(data["size_bytes"]), tg_tps=rate(data["tg_tps"]),
                          pp_tps=rate(data["pp_tps"]), depth=int(data["depth"]),
                          n_ctx=int(data["n_ctx"]), kv_type=str(data["kv_type"]),
-                         gpu_layers=int(data["gpu_layers"]), created=str(data["created"]))
+                         gpu_layers=int(data["gpu_layers"]), created=str(data["created"]),
+                         n_prompt=int(data.get("n_prompt", 512)))
 
 
 def _entries(data: dict[str, Any], name: str, parse: Any) -> list[Any]:
