@@ -324,10 +324,10 @@ def test_chat_plans_for_its_min_speed(calibrated: Calibration) -> None:
 def test_block_sizes_agree_with_gguf() -> None:
     import gguf
 
-    from localsmall.plan.speed import BLOCKS
+    from localsmall.gguf_header import COMMON_BLOCKS
 
-    for name, (size, block) in BLOCKS.items():
-        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (block, size)
+    for name, sizes in COMMON_BLOCKS.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == sizes
     assert bytes_per_weight("IQ2_XXS") == pytest.approx(66 / 256)  # from gguf's table
     assert bytes_per_weight("NOT_A_TYPE") is None
 

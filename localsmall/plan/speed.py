@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from localsmall.gguf_header import block_size
 from localsmall.models.catalog import Quant
 from localsmall.plan.assumed import cpu_prompt_flops, decode_seconds
 from localsmall.plan.hardware import Hardware
@@ -121,26 +122,10 @@ class Speed:
 NO_SPEED = Speed("estimated", 0.0, None, 0, 0.0, None)
 
 
-# ggml's block sizes (bytes per block, weights per block) for the common types; gguf's
-# table (a slow import) answers for the others.
-BLOCKS: dict[str, tuple[int, int]] = {
-    "F32": (4, 1), "F16": (2, 1), "BF16": (2, 1), "Q4_0": (18, 32), "Q4_1": (20, 32),
-    "Q5_0": (22, 32), "Q5_1": (24, 32), "Q8_0": (34, 32), "Q2_K": (84, 256),
-    "Q3_K": (110, 256), "Q4_K": (144, 256), "Q5_K": (176, 256), "Q6_K": (210, 256),
-    "IQ4_XS": (136, 256), "IQ4_NL": (18, 32),
-}
-
-
 def bytes_per_weight(ggml_type: str) -> float | None:
-    """Bytes per weight of a ggml type by name (None: unknown to gguf)."""
-    name = ggml_type.upper()
-    if name in BLOCKS:
-        size, block = BLOCKS[name]
-        return size / block
-    import gguf
-
+    """Bytes per weight of a ggml type by name (None: unknown to ggml)."""
     try:
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+        block, size = block_size(ggml_type)
     except KeyError:
         return None
     return size / block
