@@ -3,8 +3,10 @@
 For each ggml type, one decoder layer of the model's real width (calibration_model) is
 loaded through the engine, so the engine's real weight placement (repacking, AMX, ...)
 applies, and timed the way `localsmall bench` times a model (engine.timing): generation
-one token at a time, prompt reading in one batch. The best of a few short repetitions
-counts: the machine may be shared, and the fastest run is the one least disturbed.
+one token at a time, prompt reading in one batch, with logits for every token (llama.cpp
+runs the last layer's FFN only for the tokens that need logits, and here the last layer
+is the only one). The median of a few short repetitions counts: on a quiet machine it is
+the fastest run, on a busy one the typical run (what `localsmall bench` reports then).
 
 The cost of the attention over cached positions is timed apart, on a model with the real
 heads and head size but narrow matrices (cheap to fill to a depth): generation and
@@ -14,6 +16,7 @@ prompt reading at an empty cache and at `depth`, the difference per position and
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -85,14 +88,15 @@ def _time_layer(path: Path, request: CalibrationRequest) -> tuple[float, float]:
     from localsmall.engine.timing import DecodeTimer
 
     n = request.n_prompt + request.n_gen + 8
-    with Engine(_engine_settings(path, request, n)) as engine, DecodeTimer(engine) as timer:
+    with Engine(_engine_settings(path, request, n)) as engine, \
+            DecodeTimer(engine, all_logits=True) as timer:
         timer.generate(1)  # warm-up: page in the weights, build the graph
-        gen = min(timer.generate(1) for _ in range(request.n_gen))
+        gen = statistics.median(timer.generate(1) for _ in range(request.n_gen))
         pp = []
         for _ in range(request.repetitions):
             timer.clear()
             pp.append(timer.prompt(request.n_prompt) / request.n_prompt)
-    return gen, min(pp)
+    return gen, statistics.median(pp)
 
 
 def _time_attention(path: Path, request: CalibrationRequest) -> tuple[float, float]:
@@ -107,18 +111,19 @@ def _time_attention(path: Path, request: CalibrationRequest) -> tuple[float, flo
                             n_layers=request.attention_layers)
     depth, n_gen, n_prompt = request.depth, max(request.n_gen, 4), request.n_prompt
     n_ctx = depth + n_prompt + n_gen + 8
-    with Engine(_engine_settings(path, request, n_ctx)) as engine, DecodeTimer(engine) as timer:
+    with Engine(_engine_settings(path, request, n_ctx)) as engine, \
+            DecodeTimer(engine, all_logits=True) as timer:
         timings: dict[int, tuple[float, float]] = {}
         for at in (0, depth):
             timer.clear()
             timer.prefill(at)
-            gen = min(timer.generate(1) for _ in range(n_gen))
+            gen = statistics.median(timer.generate(1) for _ in range(n_gen))
             pps = []
             for _ in range(request.repetitions):
                 timer.clear()
                 timer.prefill(at)
                 pps.append(timer.prompt(n_prompt) / n_prompt)
-            timings[at] = (gen, min(pps))
+            timings[at] = (gen, statistics.median(pps))
     per = max(depth * request.attention_layers, 1)
     gen = max(timings[depth][0] - timings[0][0], 0.0) / per
     pp = max(timings[depth][1] - timings[0][1], 0.0) / per
