@@ -8,9 +8,10 @@ runs the last layer's FFN only for the tokens that need logits, and here the las
 is the only one). The median of a few short repetitions counts: on a quiet machine it is
 the fastest run, on a busy one the typical run (what `localsmall bench` reports then).
 
-The cost of the attention over cached positions is timed apart, on a model with the real
-heads and head size but narrow matrices (cheap to fill to a depth): generation and
-prompt reading at an empty cache and at `depth`, the difference per position and layer.
+The cost of the attention over cached positions, for a prompt, is timed apart on a model
+with the real heads and head size but narrow matrices (cheap to fill to a depth): prompt
+reading at an empty cache and at `depth`, the difference per position and layer. For
+generation the cache is read like the weights (see kv_read_seconds).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from localsmall.plan.speed import (
     CalibrationProgress,
     KernelTiming,
     MachineKey,
+    bytes_per_weight,
 )
 
 
@@ -45,7 +47,7 @@ class CalibrationRequest:
     n_prompt: int = 128
     n_gen: int = 12                 # single-token decodes timed (the fastest counts)
     repetitions: int = 3            # prompt batches timed (the fastest counts)
-    depth: int = 1024               # cached positions for the attention timing
+    depth: int = 512                # cached positions for the prompt attention timing
     attention_layers: int = 4
     attention_n_embd: int = 256     # narrow matrices: the attention model's prefill is cheap
     workdir: Path | None = None     # where the temporary GGUF files go (None: the temp dir)
@@ -69,7 +71,8 @@ def calibrate(request: CalibrationRequest, *, key: MachineKey,
             params = request.shape.layer_params
             kernels[qtype] = KernelTiming(gen_s=gen / params, pp_s=pp / params)
         report("timing attention over a filled context", len(request.types), total)
-        attn_gen, attn_pp = _time_attention(Path(tmp) / "attention.gguf", request)
+        attn_pp = _time_attention(Path(tmp) / "attention.gguf", request)
+        attn_gen = kv_read_seconds(kernels, request.shape)
     report("done", total, total)
     return Calibration(key=key, kernels=kernels, attn_gen_s=attn_gen, attn_pp_s=attn_pp,
                        n_prompt=request.n_prompt,
@@ -99,8 +102,8 @@ def _time_layer(path: Path, request: CalibrationRequest) -> tuple[float, float]:
     return gen, statistics.median(pp)
 
 
-def _time_attention(path: Path, request: CalibrationRequest) -> tuple[float, float]:
-    """Seconds per cached position and layer: generation, and per prompt token."""
+def _time_attention(path: Path, request: CalibrationRequest) -> float:
+    """Seconds per cached position and layer for each prompt token read in a batch."""
     from localsmall.engine.model import Engine
     from localsmall.engine.timing import DecodeTimer
 
@@ -109,22 +112,25 @@ def _time_attention(path: Path, request: CalibrationRequest) -> tuple[float, flo
                         shape.head_dim, 256)
     write_calibration_model(path, shape=narrow, qtype="Q8_0",
                             n_layers=request.attention_layers)
-    depth, n_gen, n_prompt = request.depth, max(request.n_gen, 4), request.n_prompt
-    n_ctx = depth + n_prompt + n_gen + 8
-    with Engine(_engine_settings(path, request, n_ctx)) as engine, \
+    depth, n_prompt = request.depth, request.n_prompt
+    with Engine(_engine_settings(path, request, depth + n_prompt + 8)) as engine, \
             DecodeTimer(engine, all_logits=True) as timer:
-        timings: dict[int, tuple[float, float]] = {}
+        timings: dict[int, float] = {}
         for at in (0, depth):
-            timer.clear()
-            timer.prefill(at)
-            gen = statistics.median(timer.generate(1) for _ in range(n_gen))
             pps = []
             for _ in range(request.repetitions):
                 timer.clear()
                 timer.prefill(at)
                 pps.append(timer.prompt(n_prompt) / n_prompt)
-            timings[at] = (gen, statistics.median(pps))
+            timings[at] = statistics.median(pps)
     per = max(depth * request.attention_layers, 1)
-    gen = max(timings[depth][0] - timings[0][0], 0.0) / per
-    pp = max(timings[depth][1] - timings[0][1], 0.0) / per
-    return gen, pp
+    return max(timings[depth] - timings[0], 0.0) / per
+
+
+def kv_read_seconds(kernels: dict[str, KernelTiming], shape: LayerShape) -> float:
+    """Seconds to read one cached position of one layer (f16 K and V) when generating:
+    the KV cache is read like the weights, at the bandwidth the fastest-reading type
+    reached (a single token's attention is bound by reading the cache; the difference
+    between two timed depths drowns in the noise of a shared machine)."""
+    per_byte = min(t.gen_s / (bytes_per_weight(k) or 1.0) for k, t in kernels.items())
+    return 2 * shape.n_head_kv * shape.head_dim * 2 * per_byte
