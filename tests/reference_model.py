@@ -203,7 +203,10 @@ def build_reference(root: Path, tekken: Path, tokens: list[int]) -> Reference:
     pixels = (pixels - np.array(PIXTRAL_MEAN)) / np.array(PIXTRAL_STD)
     pixel_values = torch.tensor(pixels.transpose(2, 0, 1)[None], dtype=torch.float32)
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([tokens])).logits[0, -1].numpy()
+        # The text reference in float64: exact to well below llama.cpp's float32 error and
+        # the same whatever threads torch's matmuls use on a busy machine.
+        exact = copy.deepcopy(model).double()
+        logits = exact(input_ids=torch.tensor([tokens])).logits[0, -1].float().numpy()
         features = model.get_image_features(
             pixel_values=pixel_values, image_sizes=torch.tensor([[height, width]]),
             vision_feature_layer=-1).pooler_output[0].numpy()

@@ -222,6 +222,11 @@ def test_doctor_lists_the_workers_devices(two_workers) -> None:
     assert all(w["memory_total"] > 0 for w in data["workers"])
 
 
+def strip_ansi(text: str) -> str:
+    """Terminal output without its colour and cursor escape codes."""
+    return re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", text)
+
+
 def test_a_worker_killed_mid_reply_ends_the_chat_with_one_clean_error_and_saves_it(
         tiny, isolated_home) -> None:
     # llama.cpp's RPC client aborts the process when a worker stops answering: localsmall
@@ -244,10 +249,12 @@ def test_a_worker_killed_mid_reply_ends_the_chat_with_one_clean_error_and_saves_
         child.expect(r"\S{3}")  # the reply is streaming
         victim, proc = procs[1]
         proc.kill()
-        child.expect(r"error:\S*\s+worker " + re.escape(victim) + " stopped")  # after colours
         child.expect(pexpect.EOF)
         child.close()
-        said = " ".join((child.before or "").split())
+        said = " ".join(strip_ansi(child.before or "").split())
+    # Only the worker that was killed is named (not every worker of the session).
+    assert re.search(r"error: worker " + re.escape(victim) + " stopped", said), said
+    assert procs[0][0] not in said.split("error:", 1)[-1], said
     assert "mid-reply" in said and "/load" in said
     assert "Traceback" not in said and "Aborted" not in said and "ggml" not in said
     assert child.exitstatus == 1
@@ -296,3 +303,24 @@ def test_worker_tensor_cache_spares_a_restarted_client_the_weights(tiny, tmp_pat
         assert again == first
     finally:
         stop(proc)
+
+
+def test_a_lost_worker_that_cannot_be_told_apart_is_not_blamed_alone(monkeypatch) -> None:
+    # When no worker looks gone (a busy machine still tearing the process down), the
+    # message must not claim that every worker stopped.
+    monkeypatch.setattr(rpc, "lost", lambda ep: False)
+    gone = rpc._find_lost(["10.0.0.1:50052", "10.0.0.2:50052"], wait=0.2)
+    assert gone == []
+    text = rpc._lost_message(["10.0.0.1:50052", "10.0.0.2:50052"], when="mid-reply",
+                             known=bool(gone))
+    assert text.startswith("one of the workers 10.0.0.1:50052, 10.0.0.2:50052 stopped")
+
+
+def test_a_worker_found_gone_on_a_second_look_is_named(monkeypatch) -> None:
+    looks: list[str] = []
+
+    def lost(ep: str) -> bool:
+        looks.append(ep)
+        return ep == "10.0.0.2:50052" and len(looks) > 4
+    monkeypatch.setattr(rpc, "lost", lost)
+    assert rpc._find_lost(["10.0.0.1:50052", "10.0.0.2:50052"], wait=5) == ["10.0.0.2:50052"]

@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -244,11 +245,24 @@ def check_alive(endpoints: Sequence[str]) -> None:
         raise WorkerLostError(_lost_message(gone, when="since the model was loaded"))
 
 
-def _lost_message(lost: Sequence[str], *, when: str) -> str:
+def _lost_message(lost: Sequence[str], *, when: str, known: bool = True) -> str:
     names = ", ".join(lost)
-    return (f"worker {names} stopped answering {when} (stopped, crashed or the network "
+    who = f"worker {names}" if known else f"one of the workers {names}"
+    return (f"{who} stopped answering {when} (stopped, crashed or the network "
             "dropped); llama.cpp cannot go on without its layers: restart the worker and "
             "start again")
+
+
+def _find_lost(endpoints: Sequence[str], *, wait: float = 2.0) -> list[str]:
+    """The workers that are gone. Right after a worker is killed its process may still
+    be tearing down (its port still takes connections on a busy machine), so look again
+    for up to `wait` seconds before giving up."""
+    deadline = time.monotonic() + wait
+    while True:
+        gone = [ep for ep in endpoints if lost(ep)]
+        if gone or time.monotonic() >= deadline:
+            return gone
+        time.sleep(0.1)
 
 
 # --- the client: registering workers ----------------------------------------------------
@@ -384,12 +398,13 @@ def _on_abort(message: bytes | None) -> None:
     if not any(marker in text for marker in _RPC_ABORTS):
         os.write(2, text.encode() + b"\n")
         return  # not ours: ggml aborts as it would have
-    gone = [ep for ep in _watched if lost(ep)] or list(_watched)
+    gone = _find_lost(_watched)
     notes = []
     for rescue in list(_rescues):
         with contextlib.suppress(BaseException):
             notes.append(rescue())
-    exc = WorkerLostError(" ".join([_lost_message(gone, when="mid-reply"),
+    exc = WorkerLostError(" ".join([_lost_message(gone or _watched, when="mid-reply",
+                                                  known=bool(gone)),
                                     *[n for n in notes if n]]))
     for report in _reporter:
         with contextlib.suppress(BaseException):
