@@ -93,6 +93,8 @@ def test_calibration_times_each_type_and_the_attention(tmp_path: Path) -> None:
     # generation reads each cached position's K and V (f16) at the fastest type's rate
     per_byte = min(t.gen_s / bytes_per_weight(k) for k, t in result.kernels.items())
     assert result.attn_gen_s == pytest.approx(2 * 2 * 64 * 2 * per_byte)
+    # a prompt's query heads each read the cache (4 heads here, 2 KV heads)
+    assert result.attn_pp_s >= result.attn_gen_s * 2 * (1 - 1e-9)
     assert [s[1] for s in steps] == [0, 1, 2, 3] and steps[-1][2] == 3
     assert list(tmp_path.iterdir()) == []  # the calibration files are gone
     save_calibration(result)
