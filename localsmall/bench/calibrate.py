@@ -72,10 +72,9 @@ def calibrate(request: CalibrationRequest, *, key: MachineKey,
             kernels[qtype] = KernelTiming(gen_s=gen / params, pp_s=pp / params)
         report("timing attention over a filled context", len(request.types), total)
         attn_gen = kv_read_seconds(kernels, request.shape)
-        # Deep in a long context a layer's cache leaves the CPU caches and every query
-        # head reads its K and V rows again: a floor under the (short, cached) timing.
-        attn_pp = max(_time_attention(Path(tmp) / "attention.gguf", request),
-                      attn_gen * request.shape.n_head / request.shape.n_head_kv)
+        # Deep in a long context a layer's cache no longer fits the CPU's caches: a floor
+        # under the (short, cache-resident) prompt timing.
+        attn_pp = max(_time_attention(Path(tmp) / "attention.gguf", request), attn_gen)
     report("done", total, total)
     return Calibration(key=key, kernels=kernels, attn_gen_s=attn_gen, attn_pp_s=attn_pp,
                        n_prompt=request.n_prompt,
@@ -131,9 +130,10 @@ def _time_attention(path: Path, request: CalibrationRequest) -> float:
 
 
 def kv_read_seconds(kernels: dict[str, KernelTiming], shape: LayerShape) -> float:
-    """Seconds to read one cached position of one layer (f16 K and V) when generating:
-    the KV cache is read like the weights, at the bandwidth the fastest-reading type
-    reached (a single token's attention is bound by reading the cache; the difference
-    between two timed depths drowns in the noise of a shared machine)."""
+    """Seconds for one query token to attend to one cached position of one layer: the
+    cache is read like the weights, at the bandwidth the fastest-reading type reached,
+    and llama.cpp's CPU flash attention reads a position's K and V rows (f16) once per
+    query head, not once per KV head. (A token's attention is bound by these reads; the
+    difference between two timed depths drowns in the noise of a shared machine.)"""
     per_byte = min(t.gen_s / (bytes_per_weight(k) or 1.0) for k, t in kernels.items())
-    return 2 * shape.n_head_kv * shape.head_dim * 2 * per_byte
+    return shape.n_head * shape.head_dim * 2 * 2 * per_byte
