@@ -89,7 +89,7 @@ def test_calibration_times_each_type_and_the_attention(tmp_path: Path) -> None:
         assert 0 < timing.gen_s < 1e-6 and 0 < timing.pp_s < 1e-6
         # a batch shares each weight read among its tokens: cheaper per token
         assert timing.pp_s < timing.gen_s
-    assert result.attn_pp_s >= 0 and result.seconds > 0
+    assert result.attn_pp_s >= 0 and result.seconds > 0 and result.gen_overhead_s >= 0
     # each query head reads a cached position's K and V (f16) at the fastest type's rate
     per_byte = min(t.gen_s / bytes_per_weight(k) for k, t in result.kernels.items())
     assert result.attn_gen_s == pytest.approx(4 * 64 * 2 * 2 * per_byte)

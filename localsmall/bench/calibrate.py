@@ -62,6 +62,7 @@ def calibrate(request: CalibrationRequest, *, key: MachineKey,
     kernels: dict[str, KernelTiming] = {}
     with tempfile.TemporaryDirectory(prefix="localsmall-calibration-",
                                      dir=request.workdir) as tmp:
+        overhead = _decode_overhead(Path(tmp), request)
         for i, qtype in enumerate(request.types):
             report(f"timing {qtype} kernels", i, total)
             path = write_calibration_model(Path(tmp) / f"{qtype}.gguf", shape=request.shape,
@@ -69,7 +70,9 @@ def calibrate(request: CalibrationRequest, *, key: MachineKey,
             gen, pp = _time_layer(path, request)
             path.unlink()
             params = request.shape.layer_params
-            kernels[qtype] = KernelTiming(gen_s=gen / params, pp_s=pp / params)
+            # the decode's fixed cost is paid once per token, not once per layer
+            kernels[qtype] = KernelTiming(gen_s=max(gen - overhead, gen / 2) / params,
+                                          pp_s=pp / params)
         report("timing attention over a filled context", len(request.types), total)
         attn_gen = kv_read_seconds(kernels, request.shape)
         # Deep in a long context a layer's cache no longer fits the CPU's caches: a floor
@@ -79,7 +82,7 @@ def calibrate(request: CalibrationRequest, *, key: MachineKey,
     return Calibration(key=key, kernels=kernels, attn_gen_s=attn_gen, attn_pp_s=attn_pp,
                        n_prompt=request.n_prompt,
                        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, gen_overhead_s=overhead)
 
 
 def _engine_settings(path: Path, request: CalibrationRequest, n_ctx: int) -> EngineSettings:
@@ -102,6 +105,31 @@ def _time_layer(path: Path, request: CalibrationRequest) -> tuple[float, float]:
             timer.clear()
             pp.append(timer.prompt(request.n_prompt) / request.n_prompt)
     return gen, statistics.median(pp)
+
+
+def _decode_overhead(tmp: Path, request: CalibrationRequest) -> float:
+    """Seconds a generated token costs whatever the model's size (waking the threads,
+    the graph, the call): narrow models of 1 and 4 layers give the cost of a layer's
+    steps and what remains. A one-layer timing pays it once per layer; a model once per
+    token."""
+    from localsmall.engine.model import Engine
+    from localsmall.engine.timing import DecodeTimer
+
+    shape = request.shape
+    narrow = LayerShape(request.attention_n_embd, shape.n_head, shape.n_head_kv,
+                        shape.head_dim, 256)
+    times = {}
+    for n_layers in (1, 4):
+        path = write_calibration_model(tmp / f"overhead{n_layers}.gguf", shape=narrow,
+                                       qtype="Q8_0", n_layers=n_layers)
+        with Engine(_engine_settings(path, request, request.n_gen + 8)) as engine, \
+                DecodeTimer(engine) as timer:
+            timer.generate(1)
+            times[n_layers] = statistics.median(timer.generate(1)
+                                                for _ in range(request.n_gen))
+        path.unlink()
+    per_layer = max(times[4] - times[1], 0.0) / 3
+    return max(times[1] - per_layer, 0.0)
 
 
 def _time_attention(path: Path, request: CalibrationRequest) -> float:

@@ -76,6 +76,7 @@ class Calibration:
     n_prompt: int         # the batch the prompt timings used
     created: str
     seconds: float        # how long the calibration took
+    gen_overhead_s: float = 0.0   # per generated token, whatever the model's size
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,7 @@ def predict(*, text: TextWeights, quant: Quant | None, memory: MemoryEstimate,
     layers, output = weight_mix(text, quant)
     gen_layers, pp_layers = _kernel_seconds(calibration, layers, run.n_ubatch)
     gen_out, _ = _kernel_seconds(calibration, output, run.n_ubatch)
-    gen0 = gen_layers + gen_out
+    gen0 = gen_layers + gen_out + calibration.gen_overhead_s
     pp0 = pp_layers + gen_out / max(run.n_ubatch, 1)  # logits for one token per batch
     source: Source = "calibrated"
     measured = _measured(inputs, quant, run)

@@ -53,7 +53,8 @@ def _calibration(data: Any) -> Calibration:
                        attn_gen_s=max(float(data["attn_gen_s"]), 0.0),
                        attn_pp_s=max(float(data["attn_pp_s"]), 0.0),
                        n_prompt=int(data["n_prompt"]), created=str(data["created"]),
-                       seconds=float(data["seconds"]))
+                       seconds=float(data["seconds"]),
+                       gen_overhead_s=max(float(data.get("gen_overhead_s", 0.0)), 0.0))
 
 
 def _measured(data: Any) -> MeasuredSpeed:
