@@ -65,13 +65,15 @@ def calibrate(request: CalibrationRequest, *, key: MachineKey,
         overhead = _decode_overhead(Path(tmp), request)
         for i, qtype in enumerate(request.types):
             report(f"timing {qtype} kernels", i, total)
+            n_layers = layers_beyond_cache(request.shape, qtype)
             path = write_calibration_model(Path(tmp) / f"{qtype}.gguf", shape=request.shape,
-                                           qtype=qtype)
+                                           qtype=qtype, n_layers=n_layers)
             gen, pp = _time_layer(path, request)
             path.unlink()
-            params = request.shape.layer_params
+            gen, pp = gen - overhead, pp
+            params = request.shape.layer_params * n_layers
             # the decode's fixed cost is paid once per token, not once per layer
-            kernels[qtype] = KernelTiming(gen_s=max(gen - overhead, gen / 2) / params,
+            kernels[qtype] = KernelTiming(gen_s=max(gen, (gen + overhead) / 2) / params,
                                           pp_s=pp / params)
         report("timing attention over a filled context", len(request.types), total)
         attn_gen = kv_read_seconds(kernels, request.shape)
@@ -83,6 +85,33 @@ def calibrate(request: CalibrationRequest, *, key: MachineKey,
                        n_prompt=request.n_prompt,
                        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                        seconds=time.perf_counter() - started, gen_overhead_s=overhead)
+
+
+MAX_CALIBRATION_LAYERS = 3
+
+
+def last_level_cache() -> int:
+    """Bytes of the CPU's largest cache (0: unknown), from Linux's sysfs."""
+    best = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * scale)
+    return best
+
+
+def layers_beyond_cache(shape: LayerShape, qtype: str) -> int:
+    """Layers the timed file holds: enough that its weights do not fit the CPU's last
+    cache (a server's can hold a whole layer, which a real model never enjoys), at most
+    MAX_CALIBRATION_LAYERS."""
+    layer = shape.layer_params * (bytes_per_weight(qtype) or 1.0)
+    need = int(1.5 * last_level_cache() // max(layer, 1.0)) + 1
+    return max(1, min(need, MAX_CALIBRATION_LAYERS))
 
 
 def _engine_settings(path: Path, request: CalibrationRequest, n_ctx: int) -> EngineSettings:
