@@ -15,7 +15,7 @@ import os
 from importlib import metadata, util
 from pathlib import Path
 
-from localsmall.errors import UsageError
+from localsmall.errors import LocalsmallError, UsageError
 from localsmall.models.catalog import Model
 from localsmall.plan.hardware import Hardware, detect
 from localsmall.plan.machine import PlanRequest, make_plan
@@ -73,7 +73,10 @@ def speed_inputs(model: Model, hardware: Hardware, *, calibrate: bool = True,
     key = machine_key(hardware, n_threads)
     calibration = load_calibration(key)
     if calibration is None and calibrate and calibration_allowed(hardware):
-        calibration = run_calibration(model, key, on_progress=on_progress)
+        try:
+            calibration = run_calibration(model, key, on_progress=on_progress)
+        except LocalsmallError:
+            calibration = None  # e.g. no room for the temporary files: speeds estimated
     return SpeedInputs(key=key, calibration=calibration, measured=load_measured(key),
                        depth=depth, min_speed=min_speed)
 
