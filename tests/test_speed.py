@@ -344,3 +344,18 @@ def test_small_prompt_batches_pay_for_reading_the_weights() -> None:
     assert prompt_per_weight(timing, 128, 128) == pytest.approx(timing.pp_s)
     costs = [prompt_per_weight(timing, 128, n) for n in (1, 8, 32, 128, 512)]
     assert costs == sorted(costs, reverse=True) and costs[-1] > 0
+
+
+def test_a_failed_calibration_leaves_the_speeds_estimated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from localsmall.errors import DiskSpaceError
+
+    def fail(*args: object, **kwargs: object) -> Calibration:
+        raise DiskSpaceError("no space left on the disk")
+
+    monkeypatch.setattr(runtime_speeds, "run_calibration", fail)
+    monkeypatch.setenv("LOCALSMALL_CALIBRATE", "1")
+    monkeypatch.delenv("LOCALSMALL_HARDWARE")
+    result = invoke("plan", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["options"][0]["speed_source"] == "estimated"
