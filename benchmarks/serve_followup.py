@@ -99,14 +99,26 @@ def _process(cmd: list[str], health: str, log: Path) -> Iterator[None]:
             proc.kill()
 
 
+_CLIENTS: dict[str, httpx2.Client] = {}
+
+
+def _client(base: str) -> httpx2.Client:
+    """One client (and its kept-alive connection) per server, as OpenAI clients keep
+    theirs: a new client per request would add its own setup to every first token."""
+    if base not in _CLIENTS:
+        _CLIENTS[base] = httpx2.Client(timeout=600)
+    return _CLIENTS[base]
+
+
 def _turn(base: str, model: str, messages: list[Any], max_tokens: int, **extra: Any
           ) -> tuple[float, str, dict[str, Any]]:
     """Stream one reply: (seconds to the first token, the reply, localsmall's timings)."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
             "temperature": 0, **extra}
+    client = _client(base)
     start = time.perf_counter()
     first, text, timings = 0.0, [], {}
-    with httpx2.stream("POST", f"{base}/chat/completions", json=body, timeout=600) as reply:
+    with client.stream("POST", f"{base}/chat/completions", json=body) as reply:
         for line in reply.iter_lines():
             if not line.startswith("data: {"):
                 continue

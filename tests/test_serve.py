@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import threading
 import time
@@ -22,6 +23,7 @@ from tests.tinymodels import image_bytes
 
 KEY = "test-key-123"
 QUEUE = 8
+IMAGE_TIMEOUT_S = 2
 LONG = {"temperature": 1.0, "seed": 7}  # greedy replies of a random model may end early
 
 
@@ -31,7 +33,8 @@ def server(tiny: TinyModels, tmp_path_factory: pytest.TempPathFactory
     home = tmp_path_factory.mktemp("serve")
     args = ["--model", str(tiny.f16), "--mmproj", str(tiny.mmproj), "--ctx", "8192",
             "--gpu-layers", "0", "--threads", "1", "--slots", "3", "--queue", str(QUEUE),
-            "--temperature", "0", "--max-body-mb", "2", "--max-image-mb", "1"]
+            "--temperature", "0", "--max-body-mb", "2", "--max-image-mb", "1",
+            "--image-timeout", str(IMAGE_TIMEOUT_S)]
     with running_server(home, args, api_key=KEY) as running:
         yield running
 
@@ -54,7 +57,7 @@ def test_models_and_health(server: ServerProcess, client: openai.OpenAI) -> None
     models = client.models.list()
     assert [m.id for m in models.data] == [server.model_id()] == ["tiny-F16.gguf"]
     health = httpx2.get(f"{server.root_url}/health").json()  # no key needed
-    assert health["status"] == "ready" and health["slots"] == 3
+    assert health["status"] == "ok" and health["slots"] == 3
 
 
 def test_completion_and_stream_agree(server: ServerProcess, client: openai.OpenAI) -> None:
@@ -106,43 +109,121 @@ def test_image_data_url(server: ServerProcess, client: openai.OpenAI) -> None:
     assert with_image.usage.prompt_tokens - without.usage.prompt_tokens == 4 * 3 + 2 + 1
 
 
-def test_image_from_http_url(server: ServerProcess, client: openai.OpenAI) -> None:
+@contextlib.contextmanager
+def image_server() -> Iterator[str]:
+    """A local web server for image_url tests: an image, redirects, a web page, bytes
+    that are no image, images over the 1 MiB limit (announced or not) and two that stall
+    (before the headers, mid-body) until the test ends."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     png = image_bytes(112, 84)
+    big = b"\x89PNG" + b"\0" * (3 * 2**20 // 2)
+    release = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path != "/cat.png":
-                self.send_error(404)
-                return
+        def reply(self, body: bytes, content_type: str = "image/png", *,
+                  length: bool = True) -> None:
             self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(png)))
+            self.send_header("Content-Type", content_type)
+            if length:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(png)
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            path = self.path
+            if path in ("/redirect", "/loop"):
+                self.send_response(302)
+                self.send_header("Location", "/cat.png" if path == "/redirect" else "/loop")
+                self.end_headers()
+            elif path == "/cat.png":
+                self.reply(png)
+            elif path == "/page.html":
+                self.reply(b"<html>not an image</html>", "text/html; charset=utf-8")
+            elif path == "/noise.png":
+                self.reply(b"definitely not a PNG" * 10)
+            elif path == "/big.png":
+                self.reply(big)
+            elif path == "/big-unannounced.png":  # no Content-Length: the body ends at close
+                self.reply(big, length=False)
+            elif path == "/stall-headers.png":
+                release.wait(60)
+            elif path == "/stall-body.png":
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png[:100])
+                self.wfile.flush()
+                release.wait(60)
+            else:
+                self.send_error(404)
 
         def log_message(self, *args: Any) -> None:
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        def send(url: str) -> Any:
-            content: Any = [{"type": "image_url", "image_url": {"url": url}},
-                            {"type": "text", "text": "Describe it."}]
-            return client.chat.completions.create(
-                model=server.model_id(), messages=[{"role": "user", "content": content}],
-                max_tokens=2)
-
-        assert send(f"{base}/cat.png").usage.prompt_tokens > 15
-        with pytest.raises(openai.BadRequestError) as missing:
-            send(f"{base}/missing.png")
-        assert "404" in str(missing.value) and missing.value.param == \
-            "messages[0].content[0].image_url"
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
+        release.set()
         httpd.shutdown()
+        httpd.server_close()
+
+
+def send_image_url(server: ServerProcess, client: openai.OpenAI, url: str) -> Any:
+    content: Any = [{"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "Describe it."}]
+    return client.chat.completions.create(
+        model=server.model_id(), messages=[{"role": "user", "content": content}],
+        max_tokens=2)
+
+
+IMAGE_PARAM = "messages[0].content[0].image_url"
+
+
+def test_image_from_http_url(server: ServerProcess, client: openai.OpenAI) -> None:
+    with image_server() as base:
+        assert send_image_url(server, client, f"{base}/cat.png").usage.prompt_tokens > 15
+        # A redirect is followed to the image: the same prompt.
+        assert send_image_url(server, client, f"{base}/redirect").usage.prompt_tokens == \
+            send_image_url(server, client, f"{base}/cat.png").usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError) as missing:
+            send_image_url(server, client, f"{base}/missing.png")
+        assert "404" in str(missing.value) and missing.value.param == IMAGE_PARAM
+
+
+@pytest.mark.parametrize(("path", "code", "words"), [
+    ("/big.png", "image_too_large", "larger than the 1 MiB limit"),
+    ("/big-unannounced.png", "image_too_large", "larger than the 1 MiB limit"),
+    ("/loop", None, "more than 3 redirects"),
+    ("/page.html", "invalid_image", "is not an image"),
+    ("/noise.png", "invalid_image", "image"),
+])
+def test_remote_image_refused(server: ServerProcess, client: openai.OpenAI, path: str,
+                              code: str | None, words: str) -> None:
+    with image_server() as base, pytest.raises(openai.BadRequestError) as error:
+        send_image_url(server, client, base + path)
+    assert error.value.status_code == 400 and error.value.param == IMAGE_PARAM
+    assert error.value.code == code and words in error.value.message
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("path", ["/stall-headers.png", "/stall-body.png"])
+def test_remote_image_that_stalls_times_out(server: ServerProcess, client: openai.OpenAI,
+                                            path: str) -> None:
+    # The image server stalls for 60 s; the server gives up after --image-timeout
+    # (2 s) and answers. The bound below only catches a fetch that waits for the stall.
+    with image_server() as base:
+        start = time.monotonic()
+        with pytest.raises(openai.BadRequestError) as error:
+            send_image_url(server, client, base + path)
+        elapsed = time.monotonic() - start
+    assert error.value.code == "image_fetch_timeout" and error.value.param == IMAGE_PARAM
+    assert f"longer than {IMAGE_TIMEOUT_S} s" in error.value.message
+    assert IMAGE_TIMEOUT_S * 0.9 <= elapsed < 45
 
 
 def test_conversation_resent_in_full_is_cached(server: ServerProcess,
@@ -231,7 +312,11 @@ def test_raw_http_errors(server: ServerProcess) -> None:
     # CORS is off without --cors: no Access-Control headers for a foreign page.
     page = httpx2.get(f"{server.base_url}/models", headers={**headers, "Origin": "http://evil"})
     assert "access-control-allow-origin" not in page.headers
-    assert httpx2.get(f"{server.root_url}/health").json()["status"] == "ready"  # still up
+    preflight = httpx2.options(f"{server.base_url}/chat/completions", headers={
+        "Origin": "http://evil", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    assert preflight.status_code in (401, 405)
+    assert httpx2.get(f"{server.root_url}/health").json()["status"] == "ok"  # still up
 
 
 def _short_id(chunk_line: bytes) -> str:
@@ -263,6 +348,41 @@ def test_disconnect_stops_generation(server: ServerProcess) -> None:
         time.sleep(0.2)
     assert int(match.group(1)) < 4000
     assert httpx2.get(f"{server.root_url}/health").json()["waiting"] == 0
+
+
+def test_disconnect_stops_a_non_streaming_request(server: ServerProcess,
+                                                  client: openai.OpenAI) -> None:
+    """A client that gives up on a non-streaming reply (closes its connection) stops the
+    generation: the slot is free for the next request, and nothing lands in the log but
+    the cancellation."""
+    import json
+    import socket
+
+    body = json.dumps({"model": server.model_id(), "max_tokens": 4000, **LONG,
+                       "messages": [{"role": "user", "content": "Write a long essay."}]})
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+    seen = len(server.log())
+    started = re.compile(r"([0-9a-f]{8}) started")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(request)
+        deadline = time.monotonic() + 120
+        while not (match := started.search(server.log()[seen:])):
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        short = match.group(1)
+        # Generating: the client goes away without reading the reply.
+    pattern = re.compile(rf"{short} (cancelled after (\d+) tokens|done)")
+    while not (ended := pattern.search(server.log())):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert ended.group(2) is not None, f"the reply ran to its end: {ended.group(0)}"
+    assert int(ended.group(2)) < 4000
+    # The decoder is free: the next request is served at once, nothing is queued.
+    assert ask(client, server.model_id(), "hi", max_tokens=2).choices[0].finish_reason
+    assert httpx2.get(f"{server.root_url}/health").json()["waiting"] == 0
+    assert "Traceback" not in server.log() and "Exception" not in server.log()
 
 
 def test_queue_full_answers_429(server: ServerProcess, client: openai.OpenAI) -> None:

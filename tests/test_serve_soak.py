@@ -72,7 +72,7 @@ def test_soak(tiny: TinyModels, tmp_path: Path) -> None:
         assert not errors, errors[:3]
         assert len(outcomes) == CLIENTS * REQUESTS
         assert set(outcomes) <= {"ok", "429"} and outcomes.count("ok") >= CLIENTS * 5
-        assert httpx2.get(f"{server.root_url}/health").json()["status"] == "ready"
+        assert httpx2.get(f"{server.root_url}/health").json()["status"] == "ok"
         assert server.rss_bytes() - rss[0] < RSS_GROWTH_BOUND
 
 

@@ -131,8 +131,34 @@ def test_tool_result_turn(server: ServerProcess, client: openai.OpenAI) -> None:
     assert second.choices[0].finish_reason == "length"
     assert not second.choices[0].message.tool_calls
     assert second.usage.prompt_tokens > first.usage.prompt_tokens
-    # The conversation up to the call is still in the cache.
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    # The conversation up to and with the call is still in the cache: the resent call is
+    # laid out with the tokens the model generated, not re-read from its arguments (the
+    # last generated token was never fed back).
+    assert second.usage.prompt_tokens_details.cached_tokens >= \
+        first.usage.prompt_tokens + first.usage.completion_tokens - 1
+
+
+def test_streamed_tool_call_resent_is_cached(server: ServerProcess,
+                                             client: openai.OpenAI) -> None:
+    model = server.model_id()
+    stream = client.chat.completions.create(
+        model=model, messages=MESSAGES, tools=TOOLS, seed=11, temperature=1.0,
+        max_tokens=200, tool_choice="required", stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    calls, finish = _streamed_calls(iter(chunks))
+    assert finish == "tool_calls" and calls
+    usage = chunks[-1].usage
+    assistant: Any = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": c["id"], "type": "function",
+         "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}
+    follow: Any = [*MESSAGES, assistant,
+                   *[{"role": "tool", "tool_call_id": c["id"], "content": "42"}
+                     for c in calls]]
+    second = client.chat.completions.create(model=model, messages=follow, tools=TOOLS,
+                                            tool_choice="none", max_tokens=3, seed=8)
+    assert second.usage.prompt_tokens_details.cached_tokens >= \
+        usage.prompt_tokens + usage.completion_tokens - 1
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [

@@ -200,3 +200,130 @@ def test_the_server_sizes_images_to_its_budget() -> None:
     full = prepare(ref, data, 0)
     small = prepare(ref, data, 0, ImageLimits(max_tokens=40))
     assert small.n_tokens <= 40 < full.n_tokens
+
+
+@pytest.mark.parametrize(("host", "public"), [
+    ("127.0.0.1", False), ("127.0.0.2", False), ("localhost", False), ("::1", False),
+    ("[::1]", False), ("0.0.0.0", True), ("::", True), ("", True), ("192.168.1.20", True),
+    ("my-laptop.lan", True)])
+def test_exposure_warning(host: str, public: bool) -> None:
+    from localsmall.server.runner import exposure_warning, is_loopback
+
+    assert is_loopback(host) is not public
+    bare, keyed = exposure_warning(host, api_key=False), exposure_warning(host, api_key=True)
+    if not public:
+        assert bare is None and keyed is None
+        return
+    assert bare is not None and keyed is not None
+    assert "anyone on the network can use it" in bare and "--api-key" in bare
+    assert "anyone" not in keyed and "API key" in keyed and "plain HTTP" in keyed
+
+
+def test_cli_warns_before_listening_beyond_loopback(tiny: TinyModels) -> None:
+    """The warning comes first, before the socket is even tried (192.0.2.1 is a
+    documentation address no machine has: nothing gets bound here)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from localsmall.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--model", str(tiny.f16), "--host", "192.0.2.1",
+                                 "--port", "0"], env={"LOCALSMALL_API_KEY": ""})
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and "cannot listen on 192.0.2.1" in output
+    assert "anyone on the network can use it" in output
+    assert output.index("anyone on the network") < output.index("cannot listen")
+    keyed = runner.invoke(app, ["serve", "--model", str(tiny.f16), "--host", "192.0.2.1",
+                                "--port", "0", "--api-key", "k"])
+    keyed_output = " ".join(keyed.output.split())
+    assert "plain HTTP" in keyed_output and "anyone" not in keyed_output
+    with socket.socket() as busy:  # loopback: no warning (the port is taken to stop there)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        local = runner.invoke(app, ["serve", "--model", str(tiny.f16), "--port",
+                                    str(busy.getsockname()[1])])
+    assert local.exit_code == 2 and "network" not in local.output
+
+
+def test_a_resent_tool_call_is_laid_out_with_its_generated_tokens(shared: Engine) -> None:
+    """The client sends a tool call back as id, name and arguments; tokenizing those
+    afresh may split them otherwise than the model did. A call the server answered is
+    laid out with the tokens it generated (here deliberately split character by
+    character, which no tokenizer would do), so the resent turn is found in the cache."""
+    from localsmall.chat.tools import ToolCall
+    from localsmall.server.prompting import PromptBuilder, calls_key
+
+    builder = PromptBuilder(shared, system_prompt="")
+    call = ToolCall("a1B2c3D4e", "get_weather", '{"city":"Paris"}')  # as a model may write
+    text = f"[TOOL_CALLS]{call.name}[CALL_ID]{call.id}[ARGS]{call.arguments}"
+    generated = [*shared.tokenize("[TOOL_CALLS]", special=True),
+                 *[t for ch in call.name for t in shared.tokenize(ch, special=False)],
+                 *shared.tokenize("[CALL_ID]", special=True),
+                 *[t for ch in call.id for t in shared.tokenize(ch, special=False)],
+                 *shared.tokenize("[ARGS]", special=True),
+                 *[t for ch in call.arguments for t in shared.tokenize(ch, special=False)]]
+    assert shared.detokenize(generated, special=True) == text
+
+    def prompt(arguments: str) -> list[int]:
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}]
+        body = {"model": "m", "tools": tools, "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.name, "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]}
+        pieces = builder.build(parse_chat_request(body, model_ids=("m",)), {})
+        return [t for p in pieces if isinstance(p, TokenRun) for t in p.ids]
+
+    def contains(tokens: list[int], run: list[int]) -> bool:
+        return any(tokens[i:i + len(run)] == run for i in range(len(tokens)))
+
+    fresh = prompt(call.arguments)
+    assert not contains(fresh, generated)  # re-tokenized: other tokens
+    builder.replies.remember_calls(content=None, calls=[call], token_ids=tuple(generated))
+    resent = prompt(call.arguments)
+    assert contains(resent, generated) and resent != fresh
+    # The client's own formatting of the same arguments is the same call...
+    assert prompt('{\n  "city": "Paris"\n}') == resent
+    # ...other arguments are another call.
+    assert not contains(prompt('{"city": "Lyon"}'), generated)
+    # Another id (the client's own) is another call.
+    assert builder.replies.tokens_for(calls_key("", [call])) == tuple(generated)
+    assert builder.replies.tokens_for(calls_key("", [ToolCall("zzzzzzzzz", call.name,
+                                                              call.arguments)])) is None
+
+
+def test_connections_send_without_delay() -> None:
+    """The server's connections have Nagle's algorithm off: with it on, the second write
+    of a response (the body after the headers, a token after the role chunk) waits for
+    the client's delayed ACK, ~40 ms on every answer. asyncio (under uvicorn) sets
+    TCP_NODELAY only on connections of a socket created as TCP."""
+    import asyncio
+    import socket
+
+    from localsmall.server.runner import bind
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                conn = transport.get_extra_info("socket")
+                seen.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        listener = bind("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        port = listener.getsockname()[1]
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            value = await asyncio.wait_for(seen, 30)
+            writer.close()
+            return value
+        finally:
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0

@@ -12,9 +12,9 @@ from localsmall.commands.options import ModelArg, RunFlags, with_run_flags
 from localsmall.errors import UsageError
 
 if TYPE_CHECKING:
+    from localsmall.engine.model import Engine
     from localsmall.models.resolve import LocalBuild
-
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+    from localsmall.server.app import ServerConfig
 
 
 @with_run_flags
@@ -41,6 +41,9 @@ def serve(
     max_image_mb: Annotated[int, typer.Option(
         "--max-image-mb", help="Largest image accepted, decoded or downloaded (MiB).",
         rich_help_panel="Server")] = 20,
+    image_timeout: Annotated[float, typer.Option(
+        "--image-timeout", help="Seconds an http(s) image_url may take to download.",
+        rich_help_panel="Server")] = 10.0,
     cors: Annotated[list[str] | None, typer.Option(
         "--cors", help="Allow browser pages from this origin (repeatable; '*' for any).",
         rich_help_panel="Server")] = None,
@@ -55,11 +58,11 @@ def serve(
     from localsmall.runtime.start import image_policy, load_engine, prepare
     from localsmall.server.app import ServerConfig
     from localsmall.server.image_urls import ImageLimits
-    from localsmall.server.runner import bind, serve
+    from localsmall.server.runner import bind, exposure_warning, serve
     from localsmall.server.slots import default_slots
     from localsmall.ui.progress import CalibrationLine, DownloadProgress, WorkProgress
     from localsmall.ui.questions import pull_offer_handler
-    from localsmall.ui.serve_view import show_listening, show_request
+    from localsmall.ui.serve_view import show_exposure, show_listening, show_ready, show_request
 
     if not 0 <= port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
@@ -69,7 +72,10 @@ def serve(
         raise UsageError("--queue must be at least 1")
     if max_body_mb < 1 or max_image_mb < 1:
         raise UsageError("--max-body-mb and --max-image-mb must be at least 1")
+    if not 0 < image_timeout <= 600:
+        raise UsageError("--image-timeout must be more than 0 and at most 600 seconds")
     api_key = api_key or os.environ.get("LOCALSMALL_API_KEY") or None
+    show_exposure(exposure_warning(host, api_key=bool(api_key)))  # before the long load
     bind(host, port).close()  # a port in use fails now, not after loading the model
     options = flags.run_options(model)
     session = flags.session_options()
@@ -79,24 +85,30 @@ def serve(
     sampling = sampling_for(build, session.sampling)
     n_ctx = options.n_ctx or build.n_ctx or 32768
     n_slots = slots or default_slots(n_ctx)
-    with WorkProgress() as progress:
-        engine = load_engine(build, dataclasses.replace(options, n_seq=n_slots),
-                             on_progress=progress)
-    with engine:
-        image_tokens = fixed_budget(image_policy(engine, build,
-                                                 max_tokens=session.image_tokens))
-        config = ServerConfig(model_ids=model_ids(build),
-                              api_key=api_key, cors_origins=tuple(cors or ()),
-                              max_body_bytes=max_body_mb * 2**20,
-                              image_limits=ImageLimits(max_bytes=max_image_mb * 2**20,
-                                                       max_tokens=image_tokens),
-                              sampling=sampling)
-        serve(engine, config=config, host=host, port=port, max_queue=queue,
-              system_prompt=system_prompt_for(build, session.system,
-                                                disabled=session.no_system),
-              on_listening=lambda listening: show_listening(
-                  listening, api_key=bool(api_key), public=host not in LOCAL_HOSTS),
-              on_log=show_request)
+    config = ServerConfig(model_ids=model_ids(build), api_key=api_key,
+                          cors_origins=tuple(cors or ()), max_body_bytes=max_body_mb * 2**20,
+                          image_limits=ImageLimits(max_bytes=max_image_mb * 2**20,
+                                                   fetch_timeout_s=image_timeout),
+                          sampling=sampling)
+
+    def load() -> tuple[Engine, ServerConfig]:
+        # Runs while the server already answers /health with "loading".
+        with WorkProgress() as progress:
+            engine = load_engine(build, dataclasses.replace(options, n_seq=n_slots),
+                                 on_progress=progress)
+        try:
+            image_tokens = fixed_budget(image_policy(engine, build,
+                                                     max_tokens=session.image_tokens))
+        except BaseException:
+            engine.close()
+            raise
+        limits = dataclasses.replace(config.image_limits, max_tokens=image_tokens)
+        return engine, dataclasses.replace(config, image_limits=limits)
+
+    serve(config=config, load=load, host=host, port=port, max_queue=queue,
+          system_prompt=system_prompt_for(build, session.system, disabled=session.no_system),
+          on_listening=lambda listening: show_listening(listening, api_key=bool(api_key)),
+          on_ready=show_ready, on_log=show_request)
 
 
 def model_ids(build: LocalBuild) -> tuple[str, ...]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from localsmall.chat.toolparse import ToolCallParser
-from localsmall.chat.tools import reply_constraint
+from localsmall.chat.tools import ToolCall, reply_constraint
 from localsmall.engine.types import Constraint, PromptPiece, SamplingSettings
 from localsmall.errors import ToolsError
 from localsmall.server import responses as r
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from localsmall.server.prompting import PromptBuilder
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
+LOADING_RETRY_S = 5
+INLINE_PREPARE_CHARS = 16_000  # conversations laid out on the event loop (see below)
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class ServerConfig:
 
 @dataclass
 class ServerState:
-    """What the routes work with. `scheduler` is None while the model loads."""
+    """What the routes work with. `scheduler` is None while the model loads; `config`
+    is replaced once it has loaded."""
 
     config: ServerConfig
     builder: PromptBuilder | None = None
@@ -127,7 +130,8 @@ class ChatCompletions:
 
         state = self.state
         if not state.ready:
-            raise busy(5, "the model is still loading", status=503)
+            raise busy(LOADING_RETRY_S, "the model is still loading; retry once GET /health "
+                       "answers 200", status=503, code="model_loading")
         assert state.scheduler is not None and state.builder is not None
         body = await read_json(request, state.config.max_body_bytes)
         chat = parse_chat_request(body, model_ids=state.config.model_ids)
@@ -139,7 +143,6 @@ class ChatCompletions:
         builder, engine = state.builder, state.scheduler.engine
 
         def prepare() -> tuple[list[PromptPiece], Constraint | None]:
-            # One trip to a worker thread: each trip costs a scheduling delay.
             prompt = builder.build(chat, images)
             needed = engine.count_tokens(prompt)
             if needed >= engine.n_ctx:
@@ -147,7 +150,15 @@ class ChatCompletions:
                               f"context holds {engine.n_ctx}", code="context_length_exceeded")
             return prompt, constraint_for(chat)
 
-        prompt, constraint = await anyio.to_thread.run_sync(prepare)
+        # A short conversation without grammars to build is laid out here (~2 ms): a
+        # round trip to a worker thread costs as much again on a busy CPU, on the way to
+        # the first token. The rest goes to a thread so as not to hold up other
+        # requests' streams.
+        if not chat.tools and chat.response_format.kind == "text" and \
+                sum(len(m.text) for m in chat.messages) <= INLINE_PREPARE_CHARS:
+            prompt, constraint = prepare()
+        else:
+            prompt, constraint = await anyio.to_thread.run_sync(prepare)
         state.requests += 1
         sampling = replace(sampling_for(chat, state.config.sampling), constraint=constraint)
         job = Job(id=r.completion_id(), prompt=prompt, loop=asyncio.get_running_loop(),
@@ -158,6 +169,14 @@ class ChatCompletions:
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
         return JSONResponse(await self._collect(job, chat, request))
+
+    def _remember_calls(self, event: Finished, content: str | None,
+                        calls: Sequence[ToolCall]) -> None:
+        """A reply with tool calls comes back as its calls: know it by them (see
+        prompting.ReplyMemory)."""
+        if calls and not event.cut and self.state.builder is not None:
+            self.state.builder.replies.remember_calls(content=content, calls=calls,
+                                                      token_ids=event.token_ids)
 
     async def _collect(self, job: Job, chat: ChatRequest, request: Request) -> dict[str, Any]:
         assert self.state.scheduler is not None
@@ -175,8 +194,9 @@ class ChatCompletions:
                 if isinstance(event, Failed):
                     raise event.error
                 if isinstance(event, Finished):
-                    message, called = r.reply_message(event.text, tools=bool(chat.tools))
-                    finish = "tool_calls" if called else event.finish_reason
+                    message, calls = r.reply_message(event.text, tools=bool(chat.tools))
+                    self._remember_calls(event, message["content"], calls)
+                    finish = "tool_calls" if calls else event.finish_reason
                     return r.completion(id=job.id, model=chat.model, created=r.now(),
                                         message=message, finish_reason=finish,
                                         usage=r.usage(event.stats, len(event.token_ids)),
@@ -211,6 +231,7 @@ class ChatCompletions:
                         for delta in parser.finish():
                             yield chunk(r.stream_delta(delta))
                         finish = "tool_calls" if parser.calls else finish
+                        self._remember_calls(event, parser.content or None, parser.calls)
                     last = r.chunk(id=job.id, model=model, created=created, delta={},
                                    finish_reason=finish, with_usage=with_usage)
                     yield r.sse(last | {"timings": r.timings(event.stats)})
@@ -239,10 +260,12 @@ def _health(state: ServerState) -> Callable[[Request], Awaitable[Response]]:
     async def health(request: Request) -> Response:
         from starlette.responses import JSONResponse
 
+        # llama.cpp's server convention: 503 {"status": "loading"}, then 200 "ok".
         if not state.ready:
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "loading"}, status_code=503,
+                                headers={"Retry-After": str(LOADING_RETRY_S)})
         assert state.scheduler is not None
-        return JSONResponse({"status": "ready", "model": state.config.model_ids[0],
+        return JSONResponse({"status": "ok", "model": state.config.model_ids[0],
                              "waiting": state.scheduler.waiting,
                              "slots": len(state.scheduler.pool)})
     return health

@@ -30,10 +30,13 @@ def invalid(param: str, message: str, *, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
-def busy(retry_after: int, message: str, *, status: int = 429) -> ApiError:
-    """The queue is full (429) or the server is stopping (503): come back later."""
+def busy(retry_after: int, message: str, *, status: int = 429,
+         code: str | None = None) -> ApiError:
+    """The queue is full (429), the model still loads or the server is stopping (503):
+    come back later."""
+    default = "rate_limit_exceeded" if status == 429 else "server_shutting_down"
     return ApiError(status, message, type="rate_limit_error" if status == 429 else "server_error",
-                    code="rate_limit_exceeded" if status == 429 else "server_shutting_down",
+                    code=code or default,
                     headers={"Retry-After": str(retry_after)})
 
 

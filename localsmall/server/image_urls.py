@@ -51,12 +51,21 @@ def decode_data_url(ref: ImageRef, limits: ImageLimits) -> bytes:
     return data
 
 
-def _too_large(ref: ImageRef, limits: ImageLimits) -> Exception:
-    from localsmall.server.errors import ApiError
+def _size(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"
 
-    return ApiError(413, f"the image at {ref.param} is larger than the "
-                    f"{limits.max_bytes // 2**20} MiB limit", param=ref.param,
-                    code="image_too_large")
+
+def _too_large(ref: ImageRef, limits: ImageLimits) -> Exception:
+    return invalid(ref.param, f"the image is larger than the {_size(limits.max_bytes)} "
+                   "limit", code="image_too_large")
+
+
+def _not_an_image(content_type: str) -> bool:
+    """A Content-Type that no image is served as (a web page, an error as JSON); other
+    types, octet-stream or none, are left for the image decoder to judge."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind.startswith("text/") or kind in ("application/json", "application/xml",
+                                                "application/xhtml+xml")
 
 
 async def fetch_url(ref: ImageRef, limits: ImageLimits) -> bytes:
@@ -78,6 +87,10 @@ async def fetch_url(ref: ImageRef, limits: ImageLimits) -> bytes:
                 if response.status_code != 200:
                     raise invalid(ref.param, f"fetching the image failed: {ref.url} answered "
                                   f"{response.status_code}")
+                content_type = response.headers.get("content-type", "")
+                if _not_an_image(content_type):
+                    raise invalid(ref.param, f"{ref.url} is not an image (it answered "
+                                  f"{content_type[:60]})", code="invalid_image")
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limits.max_bytes:
                     raise _too_large(ref, limits)
@@ -90,9 +103,13 @@ async def fetch_url(ref: ImageRef, limits: ImageLimits) -> bytes:
                         raise TimeoutError
     except TimeoutError:
         raise invalid(ref.param, f"fetching the image took longer than "
-                      f"{limits.fetch_timeout_s:g} s") from None
+                      f"{limits.fetch_timeout_s:g} s", code="image_fetch_timeout") from None
+    except httpx2.TooManyRedirects:
+        raise invalid(ref.param, "fetching the image failed: more than 3 redirects") \
+            from None
     except httpx2.HTTPError as exc:
-        raise invalid(ref.param, f"fetching the image failed ({exc})") from None
+        raise invalid(ref.param, f"fetching the image failed ({type(exc).__name__}: "
+                      f"{str(exc)[:200]})") from None
     return b"".join(chunks)
 
 

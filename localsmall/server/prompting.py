@@ -4,7 +4,9 @@ Plain conversations go through the same chat template and tokenization as `chat`
 the prompt matches Mistral's reference tokenizer. Assistant replies that this server
 generated are laid out with the very tokens it generated (`ReplyMemory`), so a client
 resending the conversation finds it all in the KV cache even where re-tokenizing the
-reply's text would give other tokens.
+reply's text would give other tokens. A reply that called tools comes back as its content
+and `tool_calls` (ids, names, argument strings) rather than as text: it is remembered by
+those too, so the resent call is the generated call, token for token.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from localsmall.chat.conversation import Message
 from localsmall.chat.prompt import ChatTemplate, build_prompt
+from localsmall.chat.tools import ToolCall, arguments_text
 from localsmall.engine.types import PromptPiece
 from localsmall.errors import EngineError, ToolsError
 from localsmall.images import PreparedImage
@@ -29,26 +32,45 @@ if TYPE_CHECKING:
 REPLY_MEMORY = 512
 
 
+def calls_key(content: str, calls: Sequence[ToolCall]) -> Hashable:
+    """How a reply with tool calls is known when a client sends it back: its content and
+    each call's id, name and arguments (as requests read them: JSON re-serialized, so
+    the client's own formatting of the arguments does not matter)."""
+    return ("tool_calls", content,
+            tuple((c.id, c.name, arguments_text(c.arguments)) for c in calls))
+
+
 class ReplyMemory:
-    """The token ids of recent replies, by their text (thread-safe)."""
+    """The token ids of recent replies, by their text, or by their content and tool calls
+    (thread-safe)."""
 
     def __init__(self, size: int = REPLY_MEMORY) -> None:
-        self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._replies: OrderedDict[Hashable, tuple[int, ...]] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
 
-    def remember(self, text: str, token_ids: tuple[int, ...]) -> None:
-        if not text or not token_ids:
+    def remember(self, key: Hashable, token_ids: tuple[int, ...]) -> None:
+        """Remember `token_ids` under a reply's text (or a `calls_key`)."""
+        if not key or not token_ids:
             return
         with self._lock:
-            self._replies[text] = token_ids
-            self._replies.move_to_end(text)
+            self._replies[key] = token_ids
+            self._replies.move_to_end(key)
             while len(self._replies) > self._size:
                 self._replies.popitem(last=False)
 
-    def tokens_for(self, text: str) -> tuple[int, ...] | None:
+    def remember_calls(self, *, content: str | None, calls: Sequence[ToolCall],
+                       token_ids: tuple[int, ...]) -> None:
+        """Remember a reply that called tools under what the client was answered
+        (`content`, `calls`, parsed from the text those tokens spell). As in `chat`, the
+        tokens are the calls as the model wrote them: where it wrote no [CALL_ID] the
+        parser made an id up, which the tool results then name."""
+        if calls:
+            self.remember(calls_key(content or "", calls), token_ids)
+
+    def tokens_for(self, key: Hashable) -> tuple[int, ...] | None:
         with self._lock:
-            return self._replies.get(text)
+            return self._replies.get(key)
 
 
 class PromptBuilder:
@@ -81,8 +103,9 @@ class PromptBuilder:
         if m.role == "tool":
             return Message.tool_result(m.tool_call_id or "", m.text)
         if m.role == "assistant":
-            if m.tool_calls:
-                return Message.assistant(m.text, tool_calls=m.tool_calls)
+            if m.tool_calls:  # the generated tokens when this is a reply of ours, unchanged
+                tokens = self.replies.tokens_for(calls_key(m.text, m.tool_calls))
+                return Message.assistant(m.text, tokens, tool_calls=m.tool_calls)
             return Message.assistant(m.text, self.replies.tokens_for(m.text))
         if m.role == "system":
             return Message.system(m.text)

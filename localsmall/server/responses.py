@@ -91,11 +91,11 @@ def tool_calls_json(calls: Sequence[ToolCall]) -> list[dict[str, Any]]:
              "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
-def reply_message(text: str, *, tools: bool) -> tuple[dict[str, Any], bool]:
+def reply_message(text: str, *, tools: bool) -> tuple[dict[str, Any], list[ToolCall]]:
     """The assistant message for a finished reply (its tool calls parsed when the request
-    offered tools) and whether it called tools."""
+    offered tools) and the tools it called."""
     if not tools:
-        return {"role": "assistant", "content": text, "refusal": None}, False
+        return {"role": "assistant", "content": text, "refusal": None}, []
     from localsmall.chat.toolparse import parse_reply
 
     content, calls = parse_reply(text)
@@ -103,7 +103,7 @@ def reply_message(text: str, *, tools: bool) -> tuple[dict[str, Any], bool]:
                                "refusal": None}
     if calls:
         message["tool_calls"] = tool_calls_json(calls)
-    return message, bool(calls)
+    return message, calls
 
 
 def stream_delta(delta: TextDelta | CallStart | ArgsDelta) -> dict[str, Any]:

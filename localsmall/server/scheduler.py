@@ -49,6 +49,7 @@ class Finished:
     text: str
     token_ids: tuple[int, ...]
     slot: SlotChoice | None
+    cut: bool = False  # a stop string cut the text: it no longer matches the tokens
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,8 @@ class Scheduler:
         else:
             if job.remember_reply and not matcher.stopped:
                 self.replies.remember(text, tuple(result.token_ids))
-            job.post(Finished(finish, stats, text, tuple(result.token_ids), slot))
+            job.post(Finished(finish, stats, text, tuple(result.token_ids), slot,
+                              cut=matcher.stopped))
         self._log(RequestLog(
             job.id, "cancelled" if finish == "cancelled" else "finished",
             prompt_tokens=stats.prompt_tokens, cached_tokens=stats.reused_tokens,

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 from rich.markup import escape
 
-from localsmall.server.runner import Listening
+from localsmall.server.runner import Listening, Ready
 from localsmall.server.scheduler import RequestLog
 from localsmall.ui.console import err, out, warn
 
 
-def show_listening(listening: Listening, *, api_key: bool, public: bool) -> None:
-    """The URL and model id on stdout (for scripts), the details on stderr."""
+def show_exposure(message: str | None) -> None:
+    """The warning for a server other machines can reach (nothing on loopback)."""
+    if message:
+        warn(message)
+
+
+def show_listening(listening: Listening, *, api_key: bool) -> None:
+    """The URL and model id on stdout (for scripts), the details on stderr. The model
+    loads next (/health answers "loading" meanwhile)."""
     out().print(f"{listening.url}  model: {listening.model_id}", soft_wrap=True)
     err().print(f"[muted]Serving the OpenAI API at {escape(listening.url)} · "
-                f"{listening.slots} warm slot{'s' if listening.slots != 1 else ''} · "
                 f"queue {listening.max_queue} · "
-                f"{'API key required' if api_key else 'no API key'} · Ctrl-C stops[/]")
-    if public and not api_key:
-        warn("This server listens beyond this machine without an API key: anyone on the "
-             "network can use it. Pass --api-key (or set LOCALSMALL_API_KEY).")
+                f"{'API key required' if api_key else 'no API key'} · Ctrl-C stops · "
+                "loading the model…[/]")
+
+
+def show_ready(ready: Ready) -> None:
+    """The model is loaded: requests are answered from now on."""
+    err().print(f"[muted]Ready · {ready.slots} warm slot{'s' if ready.slots != 1 else ''}[/]")
 
 
 def show_request(entry: RequestLog) -> None:
