@@ -23,8 +23,8 @@ from localsmall.engine.model import Engine
 from localsmall.engine.types import SamplingSettings, TurnStats
 from localsmall.errors import UsageError
 from localsmall.images import prepare_image
+from localsmall.plan.assumed import cpu_prompt_speed
 from localsmall.plan.hardware import CpuInfo, Hardware
-from localsmall.plan.rules import cpu_prompt_speed
 
 # The figures of issue 16: a 341-token image, encoded at 40 tokens/s, read at 6 tokens/s.
 SLOW_CPU = Speeds(prompt_tps=6.0, image_tps=40.0, source=PLANNED)

@@ -13,6 +13,7 @@ from localsmall.errors import UsageError
 from localsmall.hub.pull import PullCallback
 from localsmall.models.resolve import LocalBuild
 from localsmall.plan.hardware import Hardware
+from localsmall.plan.speed import CalibrationProgress
 from localsmall.runtime.choose import plan_build
 from localsmall.runtime.options import (
     RunOptions,
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 
 def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
             on_download: PullCallback | None = None,
-            hardware: Hardware | None = None) -> LocalBuild:
+            hardware: Hardware | None = None,
+            on_calibrate: CalibrationProgress | None = None) -> LocalBuild:
     """The build to run with its planned context and GPU layers, pulling what is
     missing when `offer_pull` accepts (see localsmall.runtime.choose)."""
     validate_run_options(options)
@@ -40,7 +42,7 @@ def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
         return plan_remote_build(options, offer_pull=offer_pull, on_download=on_download,
                                  hardware=hardware)
     return plan_build(options, offer_pull=offer_pull, on_download=on_download,
-                      hardware=hardware)
+                      hardware=hardware, on_calibrate=on_calibrate)
 
 
 def load_engine(build: LocalBuild, options: RunOptions,
@@ -65,8 +67,8 @@ def image_policy(engine: Engine, build: LocalBuild, *, max_tokens: int | None = 
     plan, a budget from the speeds (the plan's estimate until the chat measures them);
     on a GPU, full resolution."""
     from localsmall.images import MIN_IMAGE_BUDGET
+    from localsmall.plan.assumed import cpu_prompt_speed
     from localsmall.plan.hardware import detect
-    from localsmall.plan.rules import cpu_prompt_speed
 
     if max_tokens is not None and max_tokens < MIN_IMAGE_BUDGET:
         raise UsageError(f"--image-tokens must be at least {MIN_IMAGE_BUDGET}")
