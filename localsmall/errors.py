@@ -26,6 +26,10 @@ class UsageError(LocalsmallError):
     exit_code = 2
 
 
+class SpeedTargetError(LocalsmallError):
+    """No build that fits this machine reaches the speed asked for (--min-speed)."""
+
+
 class CatalogError(LocalsmallError):
     """models.toml is malformed, or names a model or quant that does not exist."""
 

@@ -95,11 +95,30 @@ def _type_sizes() -> dict[int, tuple[str, int, int]]:
             if t in gguf.GGML_QUANT_SIZES}
 
 
-def type_bytes(type_name: str, n_elements: int) -> int:
-    """Bytes of `n_elements` values of a ggml type (by name: Q4_K, F16, ...)."""
+# ggml's common types: name -> (weights per block, bytes per block), as gguf's table has
+# them (tests/test_speed.py checks), so that planning needs no gguf import (half a
+# second of CPU).
+COMMON_BLOCKS: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20),
+    "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34), "Q2_K": (256, 84),
+    "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+    "IQ4_XS": (256, 136), "IQ4_NL": (32, 18),
+}
+
+
+def block_size(type_name: str) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a ggml type by name; KeyError if unknown."""
+    name = type_name.upper()
+    if name in COMMON_BLOCKS:
+        return COMMON_BLOCKS[name]
     import gguf
 
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+
+
+def type_bytes(type_name: str, n_elements: int) -> int:
+    """Bytes of `n_elements` values of a ggml type (by name: Q4_K, F16, ...)."""
+    block, size = block_size(type_name)
     return -(-n_elements // block) * size
 
 

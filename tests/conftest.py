@@ -29,6 +29,9 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("LOCALSMALL_DEBUG", raising=False)
+    # No test times this machine's kernels at full size by accident (tests/test_speed.py
+    # calibrates at a narrow shape on purpose).
+    monkeypatch.setenv("LOCALSMALL_CALIBRATE", "0")
     # huggingface_hub reads these variables once, at import: mirror them.
     from huggingface_hub import constants
 

@@ -88,9 +88,10 @@ def test_engine_and_llama_cpp_python_reference_place_weights_alike(
 def test_weight_repack_skips_repacking_on_an_amx_cpu() -> None:
     on_amx = weight_repack.modes(placement.reference_placement(devices=AMX_CPU, environ={}))
     assert on_amx["off"] == "" and "AMX" in on_amx["on"] and "\n" not in on_amx["on"]
+    assert on_amx["cpu_repack"] == ""  # CPU_REPACK without AMX runs on any CPU
     elsewhere = weight_repack.modes(placement.reference_placement(devices=PLAIN_CPU,
                                                                   environ={}))
-    assert elsewhere == {"on": "", "off": ""}
+    assert elsewhere == {"on": "", "off": "", "cpu_repack": ""}
 
 
 def test_llama_bench_runs_without_repacking_on_an_amx_cpu() -> None:

@@ -23,8 +23,8 @@ from localsmall.engine.model import Engine
 from localsmall.engine.types import SamplingSettings, TurnStats
 from localsmall.errors import UsageError
 from localsmall.images import prepare_image
+from localsmall.plan.assumed import cpu_prompt_speed
 from localsmall.plan.hardware import CpuInfo, Hardware
-from localsmall.plan.rules import cpu_prompt_speed
 from localsmall.runtime import speed_memory
 
 # A 2-core CPU with the 24B model: 1.5 s per llama_decode call, 6 positions/s read;

@@ -18,6 +18,7 @@ from localsmall.bench.types import (
     BenchStep,
     QualityRequest,
     QualityResult,
+    SpeedResult,
 )
 from localsmall.engine.types import KV_TYPES, Progress
 from localsmall.errors import CatalogError, ModelNotFoundError, UsageError
@@ -151,6 +152,26 @@ def _check_image(request: BenchRequest, targets: list[Target]) -> None:
                              "--mmproj PATH (or pull the model's projector)")
 
 
+def remember_speeds(results: list[SpeedResult], created: str) -> None:
+    """Keep the CPU-only results for `localsmall plan`, whose estimate for the same
+    quant, machine, llama.cpp build and threads they replace (plan.speed)."""
+    from localsmall.plan.hardware import detect
+    from localsmall.plan.speed import MeasuredSpeed
+    from localsmall.plan.speed_cache import save_measured
+    from localsmall.runtime.speeds import machine_key
+
+    kept = [r for r in results if r.gpu_layers == 0 and (r.tg or r.pp)]
+    if not kept:
+        return
+    hardware = detect()
+    save_measured([MeasuredSpeed(
+        key=machine_key(hardware, r.threads), quant=r.name, file=r.file,
+        size_bytes=r.size_bytes, tg_tps=r.tg.mean if r.tg else None,
+        pp_tps=r.pp.mean if r.pp else None, depth=r.depth, n_ctx=r.n_ctx,
+        kv_type=r.kv_type, gpu_layers=r.gpu_layers, created=created,
+        n_prompt=min(r.n_prompt, r.n_batch) or 512) for r in kept])
+
+
 def run_bench(request: BenchRequest, on_event: BenchCallback | None = None) -> BenchReport:
     """Measure every combination (and the quality, if asked) and return the report."""
     validate_request(request)
@@ -170,6 +191,7 @@ def run_bench(request: BenchRequest, on_event: BenchCallback | None = None) -> B
     for index, (options, build) in enumerate(combos):
         tracker.prefix = f"[{index + 1}/{len(combos)}] {_describe(options, build, request)}"
         speed.append(measure_speed(options, request, tracker, tracker.engine_progress))
+    remember_speeds(speed, created)
     quality: list[QualityResult] = []
     text_name = ""
     if request.quality is not None and reference is not None:

@@ -49,6 +49,10 @@ RpcOpt = Annotated[list[str] | None, typer.Option(
     "--rpc", help="RPC workers (`localsmall worker` on other machines) that take part of the "
     "model: HOST:PORT, comma-separated or repeated.", rich_help_panel="Engine",
     show_default=False)]
+MinSpeedOpt = Annotated[float | None, typer.Option(
+    "--min-speed", help="Generate at least this many tokens/s with the context full: the "
+    "best quality that reaches it, trading context or quant (speeds from a calibration of "
+    "this machine).", rich_help_panel="Engine", show_default=False)]
 VerboseOpt = Annotated[bool, typer.Option(
     "--verbose", "-v", help="Show llama.cpp's own logs.", rich_help_panel="Engine")]
 TemperatureOpt = Annotated[float | None, typer.Option(
@@ -107,6 +111,7 @@ class RunFlags:
     rpc: list[str] | None
     verbose: bool
     yes: bool
+    min_speed: float | None = None
 
     def run_options(self, model: str | None, *, vision: bool = True) -> RunOptions:
         """RunOptions for MODEL[:QUANT] (`vision=False` also leaves the projector out),
@@ -117,7 +122,8 @@ class RunFlags:
                           n_ctx=self.ctx, n_gpu_layers=self.gpu_layers,
                           n_threads=self.threads, kv_type=self.kv_type,
                           flash_attn=self.flash_attn, n_batch=self.batch, verbose=self.verbose,
-                          rpc=rpc_endpoints(self.rpc))
+                          rpc=rpc_endpoints(self.rpc),
+                          min_speed=check_min_speed(self.min_speed))
 
     def session_options(self) -> SessionOptions:
         """Sampling overrides and the system prompt."""
@@ -137,8 +143,15 @@ _RUN_FLAGS: tuple[tuple[str, Any, Any], ...] = (
     ("temperature", TemperatureOpt, None), ("top_p", TopPOpt, None),
     ("top_k", TopKOpt, None), ("seed", SeedOpt, None), ("max_tokens", MaxTokensOpt, None),
     ("system", SystemOpt, None), ("no_system", NoSystemOpt, False), ("rpc", RpcOpt, None),
-    ("verbose", VerboseOpt, False), ("yes", YesOpt, False),
+    ("verbose", VerboseOpt, False), ("yes", YesOpt, False), ("min_speed", MinSpeedOpt, None),
 )
+
+
+def check_min_speed(value: float | None) -> float | None:
+    """--min-speed is a positive number of tokens per second."""
+    if value is not None and not value > 0:
+        raise UsageError("--min-speed must be a positive number of tokens/s, e.g. --min-speed 5")
+    return value
 
 
 def check_image_tokens(value: int | None) -> int | None:

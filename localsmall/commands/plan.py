@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from localsmall.commands.options import JsonOpt, KvTypeOpt, ModelArg, NoVisionOpt, check_kv_type
+from localsmall.commands.options import (
+    JsonOpt,
+    KvTypeOpt,
+    MinSpeedOpt,
+    ModelArg,
+    NoVisionOpt,
+    check_kv_type,
+    check_min_speed,
+)
 
 if TYPE_CHECKING:
     from localsmall.models.catalog import Model
@@ -24,14 +32,24 @@ def plan(
         "--rpc", help="Split over these RPC workers: HOST:PORT (asked for their memory), or "
         "HOST:PORT=16GiB to plan for a worker not running yet; comma-separated or repeated.",
         show_default=False)] = None,
+    depth: Annotated[int | None, typer.Option(
+        "--depth", "-d", help="Show speeds with this many tokens already in the context "
+        "(default: the whole context).", show_default=False)] = None,
+    min_speed: MinSpeedOpt = None,
+    no_calibrate: Annotated[bool, typer.Option(
+        "--no-calibrate", help="Do not time this machine when no calibration is cached "
+        "(speeds are then estimated; also LOCALSMALL_CALIBRATE=0).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show every quant with where it would run, memory, speed and quality; mark the best."""
     from localsmall.models.catalog import load_catalog, parse_model_ref
     from localsmall.models.resolve import local_builds
-    from localsmall.plan.machine import PlanRequest, make_plan
+    from localsmall.plan.machine import PlanRequest
+    from localsmall.runtime.speeds import plan_with_speeds
+    from localsmall.ui.progress import CalibrationLine
 
     check_kv_type(kv_type)
+    check_min_speed(min_speed)
     name, quant = parse_model_ref(model)
     catalog_model = load_catalog().get(name) if name else load_catalog().default
     request = PlanRequest(ctx=ctx, kv_type=kv_type, vision=not no_vision,
@@ -40,7 +58,9 @@ def plan(
         _plan_rpc(catalog_model, rpc, ctx=ctx, kv_type=kv_type, vision=not no_vision,
                   quant=quant, as_json=as_json)
         return
-    result = make_plan(catalog_model, request)
+    with CalibrationLine() as calibrating:
+        result = plan_with_speeds(catalog_model, request, calibrate=not no_calibrate,
+                                  depth=depth, min_speed=min_speed, on_progress=calibrating)
     local = set(local_builds(catalog_model))
     if as_json:
         from localsmall.plan.rules import plan_dict

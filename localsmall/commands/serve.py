@@ -60,7 +60,7 @@ def serve(
     from localsmall.server.image_urls import ImageLimits
     from localsmall.server.runner import bind, exposure_warning, serve
     from localsmall.server.slots import default_slots
-    from localsmall.ui.progress import DownloadProgress, WorkProgress
+    from localsmall.ui.progress import CalibrationLine, DownloadProgress, WorkProgress
     from localsmall.ui.questions import pull_offer_handler
     from localsmall.ui.serve_view import show_exposure, show_listening, show_ready, show_request
 
@@ -79,9 +79,9 @@ def serve(
     bind(host, port).close()  # a port in use fails now, not after loading the model
     options = flags.run_options(model)
     session = flags.session_options()
-    with DownloadProgress() as download:
+    with DownloadProgress() as download, CalibrationLine() as calibrating:
         build = prepare(options, offer_pull=pull_offer_handler(yes=flags.yes),
-                        on_download=download)
+                        on_download=download, on_calibrate=calibrating)
     sampling = sampling_for(build, session.sampling)
     n_ctx = options.n_ctx or build.n_ctx or 32768
     n_slots = slots or default_slots(n_ctx)

@@ -21,11 +21,12 @@ def started_session(options: RunOptions, session_options: SessionOptions, *, yes
     """A chat session on the planned build; `check` may refuse the build before it is
     loaded. The engine is closed when the block ends."""
     from localsmall.runtime.start import load_engine, prepare, start_session
-    from localsmall.ui.progress import DownloadProgress, WorkProgress
+    from localsmall.ui.progress import CalibrationLine, DownloadProgress, WorkProgress
     from localsmall.ui.questions import pull_offer_handler
 
-    with DownloadProgress() as download:
-        build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download)
+    with DownloadProgress() as download, CalibrationLine() as calibrating:
+        build = prepare(options, offer_pull=pull_offer_handler(yes=yes), on_download=download,
+                        on_calibrate=calibrating)
     if check is not None:
         check(build)
     with WorkProgress() as progress:

@@ -173,17 +173,8 @@ def cpu_has_amx_repack() -> bool:
 
 
 def default_threads() -> int:
-    """Physical cores available to this process (llama.cpp gains nothing from SMT)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:
-        available = os.cpu_count() or 1
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            cores = {line.split(":")[1].strip() for line in f if line.startswith("core id")}
-        siblings = available // max(len(cores), 1)
-        if cores and siblings >= 2:
-            return max(1, available // siblings)
-    except OSError:
-        pass
-    return max(1, available)
+    """Physical cores available to this process (llama.cpp gains nothing from SMT); see
+    localsmall.engine.threads for why."""
+    from localsmall.engine.threads import detect_threads
+
+    return detect_threads().generation

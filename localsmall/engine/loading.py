@@ -10,7 +10,8 @@ from typing import Any
 
 from localsmall import interrupt
 from localsmall.engine import native
-from localsmall.engine.devices import cpu_has_amx_repack
+from localsmall.engine.devices import cpu_has_amx_repack, supports_gpu_offload
+from localsmall.engine.repack import REPACK_BUFT, RepackOverrides, repack_overrides
 from localsmall.engine.types import (
     KV_CACHE_TYPES,
     EngineSettings,
@@ -20,23 +21,20 @@ from localsmall.engine.types import (
 )
 from localsmall.errors import EngineError, ModelLoadError
 
+# On AMX CPUs, LOCALSMALL_WEIGHT_REPACK=auto routes repackable weights to CPU_REPACK
+# (never AMX) when True; measured in benchmarks/weight_repack.py.
+REPACK_ON_AMX = False
+
 
 def load_model(llama: Any, settings: EngineSettings, on_progress: ProgressCallback | None,
-               *, remote: tuple[int, ...] = ()) -> tuple[Any, str]:
-    """The loaded model, and a note when its weights stay out of repacked buffers.
+               *, remote: tuple[int, ...] = ()) -> tuple[Any, str, RepackOverrides | None]:
+    """The loaded model, a note when its weights are placed other than llama.cpp's
+    default, and the buffer overrides that must live as long as the model.
     `remote`: RPC devices (ggml_backend_dev_t) that take the last n_gpu_layers layers,
     shared by settings.tensor_split; local GPUs are then left out."""
     params = llama.llama_model_default_params()
     params.n_gpu_layers = settings.n_gpu_layers
-    repack_note = ""
-    placement = os.environ.get("LOCALSMALL_WEIGHT_REPACK", "auto").lower()
-    if placement not in ("auto", "on", "off"):
-        raise EngineError("LOCALSMALL_WEIGHT_REPACK must be auto, on or off")
-    if placement == "off" or (placement == "auto" and cpu_has_amx_repack()):
-        # Quantized weights in llama.cpp's AMX buffer crash on batched decode
-        # (llama.cpp #20824): keep weights in plain CPU buffers on such CPUs.
-        params.use_extra_bufts = False
-        repack_note = "repacking off" + (" (AMX CPU)" if placement == "auto" else "")
+    overrides, repack_note = _weight_placement(params, settings, remote=bool(remote))
 
     def report(fraction: float, user_data: Any) -> bool:
         # A callback must never raise: Ctrl-C arrives as the interrupt flag (the caller
@@ -65,7 +63,58 @@ def load_model(llama: Any, settings: EngineSettings, on_progress: ProgressCallba
             f"llama.cpp could not load {settings.model_path}: not a GGUF model it "
             f"supports, or the file is damaged{native.last_error_suffix()}")
     del keep_alive  # llama.cpp copied the device list and the split while loading
-    return model, repack_note
+    return model, repack_note, overrides
+
+
+WEIGHT_REPACK_MODES = ("auto", "on", "off", "cpu_repack")
+
+
+def _weight_placement(params: Any, settings: EngineSettings, *,
+                      remote: bool) -> tuple[RepackOverrides | None, str]:
+    """Set where llama.cpp puts quantized weights (LOCALSMALL_WEIGHT_REPACK): the
+    CPU_REPACK overrides to keep alive with the model, and a note for ModelInfo."""
+    placement = os.environ.get("LOCALSMALL_WEIGHT_REPACK", "auto").lower()
+    if placement not in WEIGHT_REPACK_MODES:
+        raise EngineError(f"LOCALSMALL_WEIGHT_REPACK must be {', '.join(WEIGHT_REPACK_MODES[:-1])}"
+                          f" or {WEIGHT_REPACK_MODES[-1]}")
+    if placement == "on" or (placement == "auto" and not cpu_has_amx_repack()):
+        return None, ""  # llama.cpp's own choice
+    # Quantized weights in llama.cpp's AMX buffer crash on batched decode
+    # (llama.cpp #20824): extra buffer types stay off on such CPUs.
+    params.use_extra_bufts = False
+    why = " (AMX CPU)" if placement == "auto" else ""
+    if placement == "off" or (placement == "auto" and not REPACK_ON_AMX):
+        return None, "repacking off" + why
+    # Overrides send weights to a CPU buffer: only when every layer stays on the CPU.
+    if remote or (settings.n_gpu_layers != 0 and supports_gpu_offload()):
+        return None, "repacking off" + why + " (layers offloaded)"
+    overrides = repack_overrides(Path(settings.model_path))
+    if overrides is None:
+        return None, "repacking off" + why + " (no repackable weights)"
+    params.tensor_buft_overrides = overrides.address
+    return overrides, (f"{REPACK_BUFT} for {len(overrides.tensors)} matrices, "
+                       f"AMX off" + why)
+
+
+def placement_summary(*, amx: bool, mode: str | None = None) -> str:
+    """One line on where quantized weights go on a CPU with (or without) the AMX buffer
+    type, under LOCALSMALL_WEIGHT_REPACK (`mode`, default: the environment's)."""
+    mode = (mode or os.environ.get("LOCALSMALL_WEIGHT_REPACK", "auto")).lower()
+    if mode == "on" or (mode == "auto" and not amx):
+        return "llama.cpp's default: repacked layouts where the CPU has them"
+    if mode == "off":
+        return "plain buffers, no repacking (LOCALSMALL_WEIGHT_REPACK=off)"
+    if mode == "cpu_repack":
+        return (f"{REPACK_BUFT} for the matrices it can multiply, AMX unused "
+                f"(LOCALSMALL_WEIGHT_REPACK=cpu_repack)")
+    if mode != "auto":
+        return f"LOCALSMALL_WEIGHT_REPACK={mode} is not valid: use auto, on, off or cpu_repack"
+    crash = "AMX CPU: its buffer crashes on batched decodes (llama.cpp #20824)"
+    if REPACK_ON_AMX:
+        return f"{REPACK_BUFT} for the matrices it can multiply, AMX unused ({crash})"
+    return (f"plain buffers, no repacking ({crash}; {REPACK_BUFT} without AMX measured slower "
+            f"for prompts on an AMX Xeon, benchmarks/weight_repack.py; "
+            f"LOCALSMALL_WEIGHT_REPACK=cpu_repack uses it)")
 
 
 def _offload_to(llama: Any, params: Any, devices: tuple[int, ...],

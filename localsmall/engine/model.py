@@ -34,6 +34,7 @@ from localsmall.engine.kvcache import (
 )
 from localsmall.engine.loading import flash_attn_type, load_model, model_info, new_context
 from localsmall.engine.read_progress import CALLBACK_SHARE, ReadProgress, image_progress
+from localsmall.engine.repack import RepackOverrides
 from localsmall.engine.sampler import sampler_chain
 from localsmall.engine.state import StateMeta, engine_fingerprint, load_kv_state, save_kv_state
 from localsmall.engine.tokenizer import Tokenizer
@@ -75,12 +76,13 @@ class Engine:
         native.set_verbose(settings.verbose)
         self.n_threads = settings.n_threads or default_threads()
         self.repack_note = ""
+        self._overrides: RepackOverrides | None = None  # kept alive with the model
         self.ctx: Any = None
         self.projector: Projector | None = None
         # llama.cpp reports every buffer it allocates in its log: keep those numbers.
         # Ctrl-C while loading only sets the flag; the progress callback stops the load.
         with native.capture_log() as log_lines, interrupt.interrupting():
-            self.model, self.repack_note = load_model(
+            self.model, self.repack_note, self._overrides = load_model(
                 self._llama, settings, on_progress,
                 remote=tuple(d.handle for d in self.remote_devices))
             self.vocab = self._llama.llama_model_get_vocab(self.model)

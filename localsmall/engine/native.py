@@ -35,6 +35,9 @@ GGML_LOG_LEVEL_ERROR = 4
 @cache
 def llama() -> ModuleType:
     """The llama_cpp low-level module, with the backend initialised and logs routed."""
+    from localsmall.engine.threads import apply_wait_policy
+
+    apply_wait_policy()  # read by OpenMP when llama.cpp's libraries load, just below
     import llama_cpp
 
     _install_log_callback(llama_cpp)

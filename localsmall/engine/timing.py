@@ -34,7 +34,7 @@ class DecodeTimer:
     The passes bypass the engine's prompt cache, so the engine is reset on `close()`
     (and must be reset before the engine is used for chat again)."""
 
-    def __init__(self, engine: Engine, *, seed: int = 42) -> None:
+    def __init__(self, engine: Engine, *, seed: int = 42, all_logits: bool = False) -> None:
         self._engine = engine
         self._llama = llama = native.llama()
         self._ctx = engine.ctx
@@ -50,6 +50,10 @@ class DecodeTimer:
             self._batch.seq_id[i][0] = 0
         self._depth = 0
         self._depth_state: Any = None
+        # Logits for every token: llama.cpp then runs the last layer's FFN for the whole
+        # batch instead of the one token that needs logits (the kernel calibration's
+        # one-layer models time a full layer this way).
+        self._all_logits = all_logits
 
     # --- building blocks -----------------------------------------------------------------
 
@@ -71,7 +75,7 @@ class DecodeTimer:
         ctypes.memmove(batch.token, tokens.ctypes.data, n * 4)
         positions = np.arange(pos, pos + n, dtype=np.int32)
         ctypes.memmove(batch.pos, positions.ctypes.data, n * 4)
-        ctypes.memset(batch.logits, 0, n)
+        ctypes.memset(batch.logits, 1 if self._all_logits else 0, n)
         batch.logits[n - 1] = 1
         status = self._llama.llama_decode(self._ctx, batch)
         if status != 0:

@@ -193,11 +193,15 @@ def _remote(fields: _Fields) -> RemoteFile:
 
 def _ggml_type(fields: _Fields, key: str) -> str | None:
     """An optional ggml tensor type name (Q4_K, Q6_K, F16, ...), checked against gguf's."""
-    import gguf  # numpy: only when the catalog is actually loaded
+    from localsmall.gguf_header import block_size
 
     value = fields.get(key, str, None)
-    if value is not None and value.upper() not in gguf.GGMLQuantizationType.__members__:
-        raise CatalogError(f"models.toml: {fields.where}.{key} = {value!r} is not a ggml type")
+    try:
+        if value is not None:
+            block_size(value)  # the common types without importing gguf
+    except KeyError:
+        raise CatalogError(f"models.toml: {fields.where}.{key} = {value!r} is not a ggml "
+                           "type") from None
     return value.upper() if value is not None else None
 
 

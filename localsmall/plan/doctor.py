@@ -18,6 +18,7 @@ from localsmall.units import GIB, gib_fixed
 if TYPE_CHECKING:
     from localsmall.engine.devices import LlamaCppBuild
     from localsmall.engine.rpc import RemoteDevice
+    from localsmall.engine.threads import ThreadChoice
 
 LOW_DISK = 30 * GIB  # below this, a pull of the larger quants will not fit
 _PACKAGES = ("llama-cpp-python", "huggingface-hub", "gguf", "typer", "rich")
@@ -37,6 +38,8 @@ class DoctorReport:
     warnings: tuple[str, ...]
     rpc_available: bool = False                 # llama.cpp built with its RPC backend
     workers: tuple[RemoteDevice, ...] = ()      # devices of the workers asked about
+    threads: ThreadChoice | None = None         # the default thread counts, and why
+    weights: str = ""                           # where quantized weights go on this CPU
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready findings (`localsmall doctor --json`)."""
@@ -46,6 +49,8 @@ class DoctorReport:
                 "data_dir": str(self.data_dir), "endpoint": self.endpoint,
                 "offline": self.offline, "token_set": self.token_set,
                 "warnings": list(self.warnings),
+                "threads": self.threads.to_json() if self.threads else None,
+                "weight_placement": self.weights,
                 "rpc": {"available": self.rpc_available,
                         "protocol": _rpc_protocol(),
                         "workers": [{"endpoint": d.endpoint, "device": d.index,
@@ -89,6 +94,28 @@ def _warnings(hardware: Hardware, cache_free: int) -> list[str]:
     return found
 
 
+def thread_choice(hardware: Hardware) -> ThreadChoice:
+    """The engine's default threads on this machine, with the load now; on a described
+    machine (LOCALSMALL_HARDWARE), for its CPU, with its load unknown."""
+    from localsmall.engine.threads import choose_threads, detect_threads, wait_policy
+
+    if hardware.source == "detected":
+        return detect_threads(with_load=True)
+    return choose_threads(physical_cores=hardware.cpu.physical_cores,
+                          logical_cpus=hardware.cpu.logical_cores, policy=wait_policy())
+
+
+def weight_placement(hardware: Hardware) -> str:
+    """Where the engine puts quantized weights on this CPU (a described machine: AMX
+    when its features list AMX_INT8)."""
+    from localsmall.engine.devices import cpu_has_amx_repack
+    from localsmall.engine.loading import placement_summary
+
+    amx = (cpu_has_amx_repack() if hardware.source == "detected"
+           else "AMX_INT8" in hardware.cpu.features)
+    return placement_summary(amx=amx)
+
+
 def diagnose(*, rpc: Sequence[str] = ()) -> DoctorReport:
     """Look at everything `doctor` reports (loads llama.cpp to ask it about devices),
     and the devices of the RPC workers named (HOST:PORT)."""
@@ -98,11 +125,14 @@ def diagnose(*, rpc: Sequence[str] = ()) -> DoctorReport:
     hardware = detect()
     cache = hubcache.cache_dir()
     free = hubcache.free_disk(cache)
+    threads = thread_choice(hardware)
     return DoctorReport(
         hardware=hardware, versions=_versions() | {"ggml": _ggml_version(build_info())},
         llama_system_info=system_info(),
         cache_dir=cache, cache_free=free, data_dir=paths.data_dir(),
         endpoint=hubcache.endpoint(), offline=hubcache.offline(),
         token_set=bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")),
-        warnings=tuple(_warnings(hardware, free)), rpc_available=rpc_backend.available(),
-        workers=tuple(rpc_backend.connect(rpc)) if rpc else ())
+        warnings=tuple(_warnings(hardware, free) + ([threads.advice] if threads.advice else [])),
+        rpc_available=rpc_backend.available(),
+        workers=tuple(rpc_backend.connect(rpc)) if rpc else (), threads=threads,
+        weights=weight_placement(hardware))

@@ -21,6 +21,7 @@ from localsmall.plan.memory import (
     vision_weights_from_file,
 )
 from localsmall.plan.rules import Plan, budget_for, plan
+from localsmall.plan.speed import SpeedInputs
 
 MIN_CTX = 256  # the smallest --ctx accepted: below it not even a short question fits
 
@@ -36,6 +37,7 @@ class PlanRequest:
     vision: bool = True
     flash_attn: bool | None = None
     n_batch: int = 512
+    speeds: SpeedInputs | None = None   # this machine's speeds and the speed target
 
 
 def local_weights(model: Model) -> dict[str, TextWeights]:
@@ -74,7 +76,7 @@ def make_plan(model: Model, request: PlanRequest, hardware: Hardware | None = No
                 quants=request.quants, n_gpu_layers=request.n_gpu_layers,
                 vision=request.vision, local=local_weights(model),
                 local_vision=local_vision(model), n_batch=request.n_batch,
-                flash_attn=request.flash_attn is not False)
+                flash_attn=request.flash_attn is not False, speeds=request.speeds)
 
 
 @dataclass(frozen=True)

@@ -16,23 +16,21 @@ The rules, in order (each step keeps the highest-quality quant it can):
    the smallest build and what it would need.
 A context the user gave is never shrunk; a quant the user named runs wherever it fits.
 
-Speed estimates are memory-bandwidth bound: every generated token reads every weight
-once. Assumed bandwidths (peak, GB/s; llama.cpp reaches about 60% of them):
-discrete GPUs by model name (RTX 4090 1008, 3090 936, 4080 717, 4070 504, 3060 360,
-A100 1555-2039, H100 3350, H200 4800, L4 300, ...) or by memory size when unknown
-(<= 8 GB 300, <= 12 GB 450, <= 16 GB 600, <= 24 GB 900, larger 1500); Apple silicon
-by chip (M1 68, M2/M3 100, M4 120, Pro 200, Max 400, Ultra 800); CPU RAM 50 (dual-
-channel DDR5), or 150 with more than 16 physical cores (multi-channel servers).
+With a speed target (SpeedInputs.min_speed) a placement counts only when its generation
+speed at the planned depth (the whole context unless a depth is given) reaches it, so
+the same rules then trade context first, then quality, for speed. Speeds come from
+plan.speed (bench results, a calibration of this machine, or assumed bandwidths).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from localsmall.errors import SpeedTargetError
 from localsmall.models.catalog import Model, Quant
-from localsmall.plan.hardware import GpuDevice, Hardware
+from localsmall.plan.hardware import Hardware
 from localsmall.plan.memory import (
     MemoryEstimate,
     RunShape,
@@ -42,6 +40,7 @@ from localsmall.plan.memory import (
     text_weights_from_catalog,
     vision_weights_from_catalog,
 )
+from localsmall.plan.speed import NO_SPEED, Speed, SpeedInputs, predict
 from localsmall.units import GIB, gib_fixed
 
 MIB = 1024**2
@@ -49,26 +48,10 @@ GPU_RESERVE_MIN = 512 * MIB     # CUDA/Metal context, cuBLAS workspace, the back
 GPU_RESERVE_SHARE = 0.05        # ... or this share of the device, whichever is larger
 RAM_RESERVE = 1 * GIB           # the OS, this process, llama.cpp's CPU work buffers
 CLOSE_KLD = 0.03                # "close to the original": eligible to shrink the context
-BANDWIDTH_EFFICIENCY = 0.6      # share of peak bandwidth llama.cpp reaches when decoding
 
 Where = Literal["gpu", "split", "cpu", "none"]
 WHERE_LABELS: dict[str, str] = {"gpu": "GPU", "split": "GPU + CPU", "cpu": "CPU",
                                 "none": "does not fit"}
-
-# name fragment -> peak GB/s; first match wins, so specific names come first
-GPU_BANDWIDTH: tuple[tuple[str, float], ...] = (
-    ("H200", 4800), ("H100", 3350), ("A100 80", 2039), ("A100", 1555), ("L40", 864),
-    ("L4", 300), ("A6000", 768), ("5090", 1792), ("5080", 960), ("5070 Ti", 896),
-    ("5070", 672), ("4090", 1008), ("4080", 717), ("4070 Ti", 504), ("4070", 504),
-    ("4060 Ti", 288), ("4060", 272), ("3090", 936), ("3080", 760), ("3070", 448),
-    ("3060", 360), ("2080", 448), ("7900 XTX", 960), ("7900", 800), ("7800", 624),
-    ("6900", 512), ("6800", 512), ("MI300", 5300), ("MI250", 3200),
-)
-APPLE_BANDWIDTH: tuple[tuple[str, float], ...] = (
-    ("Ultra", 800), ("M4 Max", 546), ("Max", 400), ("M4 Pro", 273), ("Pro", 200),
-    ("M4", 120), ("M3", 100), ("M2", 100), ("M1", 68),
-)
-
 
 @dataclass(frozen=True)
 class QuantOption:
@@ -89,6 +72,13 @@ class QuantOption:
     vision: bool
     exact: bool                # sizes from the local file's tensor table
     memory: MemoryEstimate | None = field(default=None, compare=False, repr=False)
+    # tokens_per_s is generation at an empty context; the *_deep speeds hold at
+    # speed_depth cached tokens (the whole context unless planned for a depth)
+    prompt_tps: float | None = None
+    tokens_per_s_deep: float = 0.0
+    prompt_tps_deep: float | None = None
+    speed_depth: int = 0
+    speed_source: str = "estimated"   # measured (bench), calibrated or estimated
 
     @property
     def fits(self) -> bool:
@@ -137,45 +127,6 @@ def budget_for(hardware: Hardware) -> Budget:
                   unified=hardware.unified_memory)
 
 
-# --- speed --------------------------------------------------------------------------------
-
-
-def gpu_bandwidth(gpu: GpuDevice) -> float:
-    """Assumed peak bandwidth of a GPU in bytes/s (see the module docstring)."""
-    table = APPLE_BANDWIDTH if gpu.backend.lower() == "metal" else GPU_BANDWIDTH
-    for fragment, gbs in table:
-        if fragment.lower() in gpu.description.lower():
-            return gbs * 1e9
-    if gpu.unified:
-        return 100e9
-    gib = gpu.memory_total / GIB
-    for limit, gbs in ((8.5, 300), (12.5, 450), (16.5, 600), (24.5, 900)):
-        if gib <= limit:
-            return gbs * 1e9
-    return 1500e9
-
-
-def cpu_bandwidth(hardware: Hardware) -> float:
-    """Assumed peak RAM bandwidth for the CPU, bytes/s."""
-    apple = next((g for g in hardware.gpus if g.backend.lower() == "metal"), None)
-    if apple is not None:
-        return gpu_bandwidth(apple)
-    return (150e9 if hardware.cpu.physical_cores > 16 else 50e9)
-
-
-def tokens_per_second(memory: MemoryEstimate, text: TextWeights, hardware: Hardware) -> float:
-    """Decode speed when every token reads each device's weights once (the token
-    embedding is only looked up, so it does not count)."""
-    seconds = 0.0
-    gpus = {g.name: g for g in hardware.usable_gpus}
-    for use in memory.devices:
-        weights = use.weights - (text.token_embd if use.device == "CPU" else 0)
-        bandwidth = gpu_bandwidth(gpus[use.device]) if use.device in gpus else cpu_bandwidth(
-            hardware)
-        seconds += weights / (bandwidth * BANDWIDTH_EFFICIENCY)
-    return 1 / seconds if seconds > 0 else 0.0
-
-
 # --- placing one build ----------------------------------------------------------------
 
 
@@ -189,7 +140,7 @@ class Candidate:
 
 
 def place(candidate: Candidate, run: RunShape, hardware: Hardware, budget: Budget,
-          *, n_gpu_layers: int | None = None) -> QuantOption:
+          *, n_gpu_layers: int | None = None, speeds: SpeedInputs | None = None) -> QuantOption:
     """The best placement of one build at one context: all on the GPU, else as many of
     the last layers as fit, else CPU only, else "none" (with the CPU-only needs)."""
     n_layers = candidate.text.shape.n_layers
@@ -200,33 +151,43 @@ def place(candidate: Candidate, run: RunShape, hardware: Hardware, budget: Budge
 
     if n_gpu_layers is not None:
         forced = at(n_gpu_layers)
-        return _option(candidate, run, forced, hardware, budget.allows(forced))
+        return _option(candidate, run, forced, hardware, budget.allows(forced), speeds)
     if budget.gpu_names:
         for ngl in range(n_layers + 1, 0, -1):
             memory = at(ngl)
             if budget.allows(memory):
-                return _option(candidate, run, memory, hardware, True)
+                return _option(candidate, run, memory, hardware, True, speeds)
             if memory.ram > budget.ram:
                 break  # fewer GPU layers only needs more RAM
     cpu = at(0)
-    return _option(candidate, run, cpu, hardware, budget.allows(cpu))
+    return _option(candidate, run, cpu, hardware, budget.allows(cpu), speeds)
 
 
 def _option(candidate: Candidate, run: RunShape, memory: MemoryEstimate, hardware: Hardware,
-            fits: bool) -> QuantOption:
+            fits: bool, speeds: SpeedInputs | None) -> QuantOption:
     n_layers = candidate.text.shape.n_layers
     where: Where = "none"
     if fits:
         where = ("gpu" if memory.gpu_layer_count == n_layers and memory.n_gpu_layers > n_layers
                  else "split" if memory.n_gpu_layers else "cpu")
     quant = candidate.quant
+    speed: Speed = predict(text=candidate.text, quant=quant, memory=memory, hardware=hardware,
+                           run=run, inputs=speeds) if fits else NO_SPEED
     return QuantOption(
         quant=quant.quant, where=where, n_ctx=run.n_ctx, n_gpu_layers=memory.n_gpu_layers,
         gpu_layers=memory.gpu_layer_count, n_layers=n_layers, gpu_bytes=memory.gpu,
         ram_bytes=memory.ram, size=quant.remote.size,
-        tokens_per_s=tokens_per_second(memory, candidate.text, hardware) if fits else 0.0,
-        quality=quant.quality, kld=quant.kld, vision=candidate.vision is not None,
-        exact=candidate.text.exact, memory=memory)
+        tokens_per_s=speed.gen_tps, quality=quant.quality, kld=quant.kld,
+        vision=candidate.vision is not None, exact=candidate.text.exact, memory=memory,
+        prompt_tps=speed.pp_tps, tokens_per_s_deep=speed.gen_tps_deep,
+        prompt_tps_deep=speed.pp_tps_deep, speed_depth=speed.depth, speed_source=speed.source)
+
+
+def fast_enough(option: QuantOption, speeds: SpeedInputs | None) -> bool:
+    """Whether an option reaches the speed target (always, without one)."""
+    if speeds is None or speeds.min_speed is None:
+        return True
+    return option.tokens_per_s_deep >= speeds.min_speed
 
 
 # --- choosing ---------------------------------------------------------------------------
@@ -269,10 +230,11 @@ def _steps(model: Model, builds: Sequence[Candidate], ctx_steps: Sequence[int]
 
 def choose(model: Model, builds: Sequence[Candidate], hardware: Hardware, *, requested: int,
            fixed_ctx: bool, kv_type: str, n_batch: int = 512, flash_attn: bool = True,
-           n_gpu_layers: int | None = None, anywhere: bool = False) -> QuantOption | None:
-    """The first build and context the rules accept, or None. With `anywhere` (builds
-    the user named or already has) or GPU layers the user set, a build the rules skip
-    still runs where it fits."""
+           n_gpu_layers: int | None = None, anywhere: bool = False,
+           speeds: SpeedInputs | None = None) -> QuantOption | None:
+    """The first build and context the rules accept (fast enough, with a speed target),
+    or None. With `anywhere` (builds the user named or already has) or GPU layers the
+    user set, a build the rules skip still runs where it fits."""
     budget = budget_for(hardware)
     ctx_steps = context_steps(model, requested, fixed_ctx)
     for _, group, contexts, accepted in _steps(model, builds, ctx_steps):
@@ -280,16 +242,18 @@ def choose(model: Model, builds: Sequence[Candidate], hardware: Hardware, *, req
             for n_ctx in contexts:
                 run = RunShape(n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch,
                                flash_attn=flash_attn)
-                option = place(build, run, hardware, budget, n_gpu_layers=n_gpu_layers)
-                if option.where in accepted:
+                option = place(build, run, hardware, budget, n_gpu_layers=n_gpu_layers,
+                               speeds=speeds)
+                if option.where in accepted and fast_enough(option, speeds):
                     return option
     if not anywhere and n_gpu_layers is None:
         return None
     for build in builds:
         for n_ctx in ctx_steps:
             run = RunShape(n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn)
-            option = place(build, run, hardware, budget, n_gpu_layers=n_gpu_layers)
-            if option.fits:
+            option = place(build, run, hardware, budget, n_gpu_layers=n_gpu_layers,
+                           speeds=speeds)
+            if option.fits and fast_enough(option, speeds):
                 return option
     return None
 
@@ -298,10 +262,12 @@ def plan(model: Model, hardware: Hardware, *, ctx: int | None = None, kv_type: s
          quants: Sequence[str] | None = None, n_gpu_layers: int | None = None,
          vision: bool = True, local: Mapping[str, TextWeights] | None = None,
          local_vision: VisionWeights | None = None, n_batch: int = 512,
-         flash_attn: bool = True) -> Plan:
+         flash_attn: bool = True, speeds: SpeedInputs | None = None) -> Plan:
     """Choose a build for this machine and describe every option (see module docstring).
     `ctx` and `n_gpu_layers` pin what the user gave on the command line; `quants` limits
-    the choice (one quant the user named, or the builds already downloaded)."""
+    the choice (one quant the user named, or the builds already downloaded); `speeds`
+    holds what is known of this machine's speed, and the speed target if any
+    (SpeedTargetError when a build fits but none reaches it)."""
     requested = ctx or model.default_context
     choice = None
     used_vision = vision
@@ -310,7 +276,8 @@ def plan(model: Model, hardware: Hardware, *, ctx: int | None = None, kv_type: s
                             quants=quants)
         choice = choose(model, builds, hardware, requested=requested, fixed_ctx=ctx is not None,
                         kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn,
-                        n_gpu_layers=n_gpu_layers, anywhere=quants is not None)
+                        n_gpu_layers=n_gpu_layers, anywhere=quants is not None,
+                        speeds=speeds)
         used_vision = with_vision
         if choice is not None:
             break
@@ -318,12 +285,54 @@ def plan(model: Model, hardware: Hardware, *, ctx: int | None = None, kv_type: s
     budget = budget_for(hardware)
     builds = candidates(model, local=local, local_vision=local_vision, vision=used_vision)
     run = RunShape(n_ctx=table_ctx, kv_type=kv_type, n_batch=n_batch, flash_attn=flash_attn)
-    options = tuple(place(b, run, hardware, budget) for b in builds)
+    options = tuple(place(b, run, hardware, budget, speeds=speeds) for b in builds)
     if choice is not None:
         options = tuple(choice if o.quant == choice.quant else o for o in options)
+    reason = explain(model, choice, hardware, requested, vision, options, kv_type)
+    if speeds is not None and speeds.min_speed is not None:
+        unhurried = plan(model, hardware, ctx=ctx, kv_type=kv_type, quants=quants,
+                         n_gpu_layers=n_gpu_layers, vision=vision, local=local,
+                         local_vision=local_vision, n_batch=n_batch, flash_attn=flash_attn,
+                         speeds=replace(speeds, min_speed=None))
+        if choice is None:
+            if unhurried.choice is not None:
+                raise SpeedTargetError(_too_slow(unhurried, speeds.min_speed, ctx is not None))
+        else:
+            reason += _traded(unhurried.choice, choice, speeds.min_speed)
     return Plan(model_id=model.id, choice=choice, options=options, requested_ctx=requested,
-                kv_type=kv_type,
-                reason=explain(model, choice, hardware, requested, vision, options, kv_type))
+                kv_type=kv_type, reason=reason)
+
+
+def _speed(tps: float) -> str:
+    return f"{tps:.2f}" if tps < 1 else f"{tps:.1f}" if tps < 10 else f"{tps:.0f}"
+
+
+def _traded(before: QuantOption | None, after: QuantOption, target: float) -> str:
+    """What the speed target cost, in one sentence (empty when nothing changed)."""
+    if before is None or (before.quant, before.n_ctx, before.where) == \
+            (after.quant, after.n_ctx, after.where):
+        return f" It reaches the {_speed(target)} tokens/s asked for."
+    gave = []
+    if before.quant != after.quant:
+        gave.append(f"quality ({before.quant} -> {after.quant})")
+    if before.n_ctx != after.n_ctx:
+        gave.append(f"context ({before.n_ctx:,} -> {after.n_ctx:,} tokens)")
+    if before.where != after.where:
+        gave.append(f"placement ({WHERE_LABELS[before.where]} -> {WHERE_LABELS[after.where]})")
+    return (f" To reach {_speed(target)} tokens/s it traded {' and '.join(gave)}: "
+            f"{before.quant} at {before.n_ctx:,} tokens would generate about "
+            f"{_speed(before.tokens_per_s_deep)} tokens/s at {before.speed_depth:,} tokens.")
+
+
+def _too_slow(unhurried: Plan, target: float, fixed_ctx: bool) -> str:
+    assert unhurried.choice is not None
+    fits = [o for o in unhurried.options if o.fits] + [unhurried.choice]
+    fastest = max(fits, key=lambda o: o.tokens_per_s_deep)
+    hint = ("a smaller --ctx or --depth" if fixed_ctx else "a smaller --depth")
+    return (f"Nothing reaches {_speed(target)} tokens/s on this machine: the fastest build "
+            f"that fits, {fastest.quant}, generates about {_speed(fastest.tokens_per_s_deep)} "
+            f"tokens/s at {fastest.speed_depth:,} tokens of context "
+            f"({fastest.speed_source}). Lower --min-speed, or plan for {hint}.")
 
 
 # --- the one sentence -----------------------------------------------------------------------
@@ -353,7 +362,12 @@ def explain(model: Model, choice: QuantOption | None, hardware: Hardware, reques
         parts.append(f", with {choice.n_ctx:,} tokens of context")
     if vision and not choice.vision:
         parts.append("; images are off because the vision projector does not fit too")
-    parts.append(f", at about {choice.tokens_per_s:.0f} tokens/s.")
+    parts.append(f", at about {_speed(choice.tokens_per_s)} tokens/s")
+    if choice.speed_depth:
+        parts.append(f" ({_speed(choice.tokens_per_s_deep)} with {choice.speed_depth:,} "
+                     f"tokens in the context; {choice.speed_source}).")
+    else:
+        parts.append(f" ({choice.speed_source}).")
     return "".join(parts)
 
 
@@ -384,46 +398,3 @@ def plan_dict(result: Plan) -> dict[str, Any]:
             "kv_type": result.kv_type, "reason": result.reason,
             "choice": option(result.choice) if result.choice else None,
             "options": [option(o) for o in result.options]}
-
-
-# --- prompt speed -----------------------------------------------------------------------
-
-# Reading a prompt is compute-bound: about 2 FLOPs per weight per token, at what
-# llama.cpp's CPU kernels sustain per physical core with the best SIMD the CPU backend
-# uses (rough figures; a session's measured speed replaces them after its first turn).
-CPU_PROMPT_FLOPS: tuple[tuple[str, float], ...] = (
-    ("amx", 130e9), ("avx512_vnni", 130e9), ("avx512", 100e9), ("avx_vnni", 60e9),
-    ("avx2", 50e9), ("sve", 40e9), ("neon", 30e9))
-CPU_PROMPT_FLOPS_DEFAULT = 20e9
-VISION_EFFICIENCY = 0.5  # the F16 vision tower runs at about half the quantized text rate
-
-
-@dataclass(frozen=True)
-class PromptSpeed:
-    """Estimated prompt reading and image encoding speeds on the CPU."""
-
-    prompt_tps: float          # prompt tokens read per second
-    image_tps: float           # image tokens encoded per second (0: no projector)
-
-
-def cpu_prompt_flops(hardware: Hardware, n_threads: int | None = None) -> float:
-    """FLOP/s llama.cpp sustains on this CPU while reading a prompt."""
-    features = " ".join(hardware.cpu.features).lower()
-    per_core = next((flops for name, flops in CPU_PROMPT_FLOPS if name in features),
-                    CPU_PROMPT_FLOPS_DEFAULT)
-    cores = max(1, hardware.cpu.physical_cores)
-    return per_core * (min(n_threads, cores) if n_threads else cores)
-
-
-def cpu_prompt_speed(hardware: Hardware, *, n_params: int, n_lookup_params: int = 0,
-                     vision_params: int = 0, merge: int = 2,
-                     n_threads: int | None = None) -> PromptSpeed:
-    """Prompt and image speeds for a model of `n_params` weights (`n_lookup_params` of
-    them only looked up: the token embedding) and a vision tower of `vision_params`
-    whose image tokens each merge `merge` x `merge` patches."""
-    flops = cpu_prompt_flops(hardware, n_threads)
-    per_token = 2 * max(n_params - n_lookup_params, 1)
-    per_image_token = 2 * vision_params * merge * merge
-    return PromptSpeed(prompt_tps=flops / per_token,
-                       image_tps=(flops * VISION_EFFICIENCY / per_image_token
-                                  if vision_params else 0.0))

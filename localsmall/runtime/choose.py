@@ -18,8 +18,10 @@ from localsmall.models.resolve import LocalBuild, local_builds, projector_file, 
 from localsmall.plan.hardware import Hardware, detect
 from localsmall.plan.machine import PlanRequest, make_plan, place_file
 from localsmall.plan.rules import QuantOption
+from localsmall.plan.speed import CalibrationProgress
 from localsmall.runtime.options import RunOptions
 from localsmall.runtime.pull import OfferPull, build_request, pull_build
+from localsmall.runtime.speeds import speed_inputs
 from localsmall.units import gib_fixed
 
 
@@ -29,8 +31,11 @@ class WontFitError(LocalsmallError):
 
 def plan_build(options: RunOptions, *, offer_pull: OfferPull | None = None,
                on_download: PullCallback | None = None,
-               hardware: Hardware | None = None) -> LocalBuild:
-    """The build to run, planned for this machine (pulled first if accepted)."""
+               hardware: Hardware | None = None,
+               on_calibrate: CalibrationProgress | None = None) -> LocalBuild:
+    """The build to run, planned for this machine (pulled first if accepted). With a
+    speed target the machine's speeds are needed: a calibration runs first when none is
+    cached (`on_calibrate` hears its steps)."""
     request = PlanRequest(ctx=options.n_ctx, kv_type=options.kv_type,
                           n_gpu_layers=options.n_gpu_layers, vision=options.vision,
                           flash_attn=options.flash_attn, n_batch=options.n_batch)
@@ -43,6 +48,10 @@ def plan_build(options: RunOptions, *, offer_pull: OfferPull | None = None,
                          f"{options.quant}")
     model = catalog.get(name) if name else catalog.default
     hardware = hardware or detect()
+    if options.min_speed is not None:
+        request = dataclasses.replace(request, speeds=speed_inputs(
+            model, hardware, n_threads=options.n_threads, min_speed=options.min_speed,
+            on_progress=on_calibrate))
     option, hint = _choose(model, options.quant or ref_quant, request, hardware, offer_pull,
                            on_download)
     if option is None:  # a registered build whose quant the catalog does not know

@@ -32,6 +32,7 @@ class RunOptions:
     verbose: bool = False
     n_seq: int = 1   # conversations the context keeps at once (`serve --slots`)
     rpc: tuple[str, ...] = ()   # RPC workers (HOST:PORT) that take part of the model
+    min_speed: float | None = None   # generation tokens/s the plan must reach (--min-speed)
 
 
 @dataclass(frozen=True)

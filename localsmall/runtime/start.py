@@ -16,6 +16,7 @@ from localsmall.errors import UsageError
 from localsmall.hub.pull import PullCallback
 from localsmall.models.resolve import LocalBuild
 from localsmall.plan.hardware import Hardware
+from localsmall.plan.speed import CalibrationProgress
 from localsmall.runtime.choose import plan_build
 from localsmall.runtime.options import (
     RunOptions,
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
 
 def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
             on_download: PullCallback | None = None,
-            hardware: Hardware | None = None) -> LocalBuild:
+            hardware: Hardware | None = None,
+            on_calibrate: CalibrationProgress | None = None) -> LocalBuild:
     """The build to run with its planned context and GPU layers, pulling what is
     missing when `offer_pull` accepts (see localsmall.runtime.choose)."""
     validate_run_options(options)
@@ -43,7 +45,7 @@ def prepare(options: RunOptions, *, offer_pull: OfferPull | None = None,
         return plan_remote_build(options, offer_pull=offer_pull, on_download=on_download,
                                  hardware=hardware)
     return plan_build(options, offer_pull=offer_pull, on_download=on_download,
-                      hardware=hardware)
+                      hardware=hardware, on_calibrate=on_calibrate)
 
 
 def load_engine(build: LocalBuild, options: RunOptions,
@@ -97,7 +99,7 @@ def planned_speeds(engine: Engine, build: LocalBuild, hardware: Hardware) -> Spe
     """The plan's estimate of an image turn's costs here: a llama_decode call reads every
     weight once at the plan's memory bandwidth, a position costs the plan's prompt FLOPs,
     the encoder reads its weights once per image and costs its FLOPs per token."""
-    from localsmall.plan.rules import BANDWIDTH_EFFICIENCY, cpu_bandwidth, cpu_prompt_speed
+    from localsmall.plan.assumed import BANDWIDTH_EFFICIENCY, cpu_bandwidth, cpu_prompt_speed
 
     info = engine.info
     mmproj = build.mmproj_path

@@ -29,6 +29,8 @@ def show_doctor(report: DoctorReport) -> None:
         ("CPU", f"{hw.cpu.model}, {hw.cpu.physical_cores} cores "
                 f"({hw.cpu.logical_cores} threads)"),
         ("CPU features", " ".join(hw.cpu.features) or "-"),
+        *([("llama.cpp threads", report.threads.reason)] if report.threads else []),
+        *([("weight buffers", report.weights)] if report.weights else []),
         ("RAM", f"{gib(hw.ram_available)} available of {gib(hw.ram_total)}"),
         ("GPU offload", "compiled in" if hw.gpu_offload else "not compiled in (CPU-only build)"),
     ]

@@ -141,3 +141,30 @@ class DownloadProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class CalibrationLine:
+    """One line on stderr while the machine's speeds are calibrated: rewritten in place
+    on a terminal, one line per step otherwise (logs, tests)."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self._console = console or err()
+        self._live = self._console.is_terminal
+        self._shown = False
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        text = f"Calibrating this machine's speeds (once): {label} [{done}/{total}]"
+        if self._live:
+            self._console.file.write("\r\x1b[2K" + text)
+            self._console.file.flush()
+        else:
+            self._console.print(text, markup=False, highlight=False)
+        self._shown = True
+
+    def __enter__(self) -> CalibrationLine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live and self._shown:
+            self._console.file.write("\n")
+            self._console.file.flush()
