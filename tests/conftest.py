@@ -4,6 +4,7 @@ once per test session (real llama.cpp, random weights, the real tekken vocabular
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,14 @@ import pytest
 
 from tests import tinymodels as tm
 from tests.tinymodels import image_bytes
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background by a non-interactive shell (`make test &`, some
+    CI runners) inherits SIGINT ignored, and every process it starts would ignore Ctrl-C
+    too, so the tests that interrupt a child would wait in vain: give Ctrl-C its default."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
