@@ -87,8 +87,8 @@ def test_calibration_times_each_type_and_the_attention(tmp_path: Path) -> None:
     for timing in result.kernels.values():
         # seconds per weight: positive, and far below a microsecond on any machine
         assert 0 < timing.gen_s < 1e-6 and 0 < timing.pp_s < 1e-6
-        # a batch shares each weight read among its tokens: cheaper per token
-        assert timing.pp_s < timing.gen_s
+        # (no order between the two: on a narrow shape and a busy machine either can be
+        # slower, and no test may depend on the machine's speed)
     assert result.attn_pp_s >= 0 and result.seconds > 0 and result.gen_overhead_s >= 0
     # each query head reads a cached position's K and V (f16) at the fastest type's rate
     per_byte = min(t.gen_s / bytes_per_weight(k) for k, t in result.kernels.items())
