@@ -14,6 +14,7 @@ from localsmall.chat.slash import CommandResult
 from localsmall.engine.model import Engine
 from localsmall.engine.types import EngineSettings, SamplingSettings
 from localsmall.errors import ContextFullError, ConversationFileError, ImageError, UsageError
+from tests.chatting import say as _say
 
 GREEDY = SamplingSettings(temperature=0, max_tokens=8)
 
@@ -22,14 +23,6 @@ GREEDY = SamplingSettings(temperature=0, max_tokens=8)
 def session(engine: Engine) -> ChatSession:
     engine.reset()
     return ChatSession(engine, system_prompt="You are a test.", sampling=GREEDY)
-
-
-def _say(session: ChatSession, line: str) -> Reply:
-    reply = session.handle(line)
-    assert isinstance(reply, Reply)
-    for _ in reply:
-        pass
-    return reply
 
 
 def _run(session: ChatSession, line: str) -> CommandResult:

@@ -19,16 +19,9 @@ from localsmall.chat.session import ChatSession, Reply
 from localsmall.engine.model import Engine
 from localsmall.engine.state import state_path_for
 from localsmall.engine.types import EngineSettings, SamplingSettings, TurnStats
+from tests.chatting import say as _say
 
 GREEDY = SamplingSettings(temperature=0, max_tokens=12)
-
-
-def _say(session: ChatSession, line: str) -> Reply:
-    reply = session.handle(line)
-    assert isinstance(reply, Reply)
-    for _ in reply:
-        pass
-    return reply
 
 
 def _fresh_reply(session: ChatSession) -> tuple[list[int], TurnStats]:

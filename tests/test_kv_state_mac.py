@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from localsmall.chat.session import ChatSession, Reply
+from localsmall.chat.session import ChatSession
 from localsmall.engine.model import Engine
 from localsmall.engine.state import (
     SECRET_BYTES,
@@ -24,16 +24,9 @@ from localsmall.engine.state import (
 from localsmall.engine.types import SamplingSettings
 from localsmall.errors import LocalsmallError
 from localsmall.paths import data_dir
+from tests.chatting import say as _say
 
 GREEDY = SamplingSettings(temperature=0, max_tokens=6)
-
-
-def _say(session: ChatSession, line: str) -> Reply:
-    reply = session.handle(line)
-    assert isinstance(reply, Reply)
-    for _ in reply:
-        pass
-    return reply
 
 
 def _saved_chat(engine: Engine, tmp_path: Path) -> Path:
