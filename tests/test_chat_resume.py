@@ -131,6 +131,15 @@ def _spawn(tiny, *extra: str) -> pexpect.spawn:
                          dimensions=(40, 200), timeout=120)
 
 
+def _leave(child: pexpect.spawn) -> None:
+    """At the prompt, leave with Ctrl-D: the chat must end cleanly."""
+    child.expect(PROMPT)
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 def test_resume_after_a_crash_and_after_a_clean_exit(tiny) -> None:
     first = _spawn(tiny)
     first.expect(PROMPT)
@@ -151,32 +160,20 @@ def test_resume_after_a_crash_and_after_a_clean_exit(tiny) -> None:
     second.expect(PROMPT)
     second.send("and now?\r")
     second.expect("tok/s")
-    second.expect(PROMPT)
-    second.sendcontrol("d")
-    second.expect(pexpect.EOF)
-    second.close()
-    assert second.exitstatus == 0
+    _leave(second)
 
     third = _spawn(tiny, "--resume")
     third.expect(r"Resumed the last chat \(4 messages; \d+ tokens restored from its KV cache")
     third.expect(PROMPT)
     third.send("/stats\r")
     third.expect(r"2 \(4 messages")
-    third.expect(PROMPT)
-    third.sendcontrol("d")
-    third.expect(pexpect.EOF)
-    third.close()
-    assert third.exitstatus == 0
+    _leave(third)
 
 
 def test_resume_without_a_saved_chat_starts_a_new_one(tiny) -> None:
     child = _spawn(tiny, "--resume")
     child.expect("no earlier chat to resume")
-    child.expect(PROMPT)
-    child.sendcontrol("d")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    _leave(child)
 
 
 def test_a_damaged_saved_chat_does_not_stop_the_chat(tiny) -> None:
@@ -188,9 +185,5 @@ def test_a_damaged_saved_chat_does_not_stop_the_chat(tiny) -> None:
     child.expect(PROMPT)
     child.send("hello\r")
     child.expect("tok/s")
-    child.expect(PROMPT)
-    child.sendcontrol("d")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    _leave(child)
     assert len(json.loads(saved.read_text(encoding="utf-8"))["messages"]) == 2
