@@ -38,15 +38,19 @@ class ImagePolicy:
     remember: Callable[[Speeds], None] | None = field(default=None, compare=False)
 
 
-def image_seconds(n_tokens: int, speeds: Speeds, policy: ImagePolicy = ImagePolicy()
-                  ) -> float:
-    """Seconds from sending an image turn of `n_tokens` to its first token: encoding,
-    then reading the image with the turn's text (TURN_TEXT positions)."""
-    positions = n_tokens + TURN_TEXT
-    batches = -(-positions // max(policy.n_batch, 1))
+def image_seconds(n_tokens: int, speeds: Speeds, policy: ImagePolicy = ImagePolicy(), *,
+                  text: int = TURN_TEXT, ahead: float = 0.0) -> float:
+    """Seconds from sending an image turn of `n_tokens` to its first token: what a
+    background read still has to read (`ahead` positions, in calls of its own), encoding,
+    then reading the image with the `text` positions of the turn the cache does not hold
+    (a short question: TURN_TEXT; more when the system prompt or a long text is unread)."""
+    n_batch = max(policy.n_batch, 1)
+    positions = n_tokens + text
+    batches = -(-positions // n_batch)
     if not policy.together:
         batches += 2  # mtmd's helper: the text before and after in calls of their own
-    return encode_seconds(n_tokens, speeds) + read_seconds(positions, batches, speeds)
+    waiting = read_seconds(round(ahead), -(-round(ahead) // n_batch), speeds) if ahead else 0.0
+    return waiting + encode_seconds(n_tokens, speeds) + read_seconds(positions, batches, speeds)
 
 
 def budget_for(speeds: Speeds, policy: ImagePolicy = ImagePolicy()) -> int:
@@ -84,20 +88,35 @@ def image_limit(policy: ImagePolicy, speeds: Speeds | None) -> int | None:
     return budget_for(speeds, policy)
 
 
+def _text_part(text: int, ahead: float, speeds: Speeds, policy: ImagePolicy) -> str:
+    """What the unread text adds, when it is more than a short question's."""
+    extra = round(ahead) + max(text - TURN_TEXT, 0)
+    if extra < TURN_TEXT:
+        return ""
+    ahead_batches = -(-round(ahead) // max(policy.n_batch, 1))
+    seconds = read_seconds(extra, ahead_batches, speeds)
+    what = "the system prompt, still being read" if ahead else "text not read yet"
+    return f", {seconds:.0f} s of it for {extra:,} tokens of {what}"
+
+
 def cost_note(image: PreparedImage, speeds: Speeds | None, *, automatic: bool,
-              policy: ImagePolicy = ImagePolicy()) -> str:
+              policy: ImagePolicy = ImagePolicy(), text: int = TURN_TEXT,
+              ahead: float = 0.0) -> str:
     """What an image will cost here, said before a slow turn, with the command that
-    changes it ("" when it is quick or no speed is known)."""
+    changes it ("" when it is quick or no speed is known). `text` and `ahead`: the
+    turn's unread text (see image_seconds), counted in every figure."""
     if speeds is None or speeds.token_s <= 0:
         return ""
     name = Path(image.source).name
     quoted = f"'{image.source}'" if " " in image.source else image.source
-    seconds = image_seconds(image.n_tokens, speeds, policy)
-    here = f"about {seconds:.0f} s to the first token here ({speeds.describe()})"
+    seconds = image_seconds(image.n_tokens, speeds, policy, text=text, ahead=ahead)
+    here = (f"about {seconds:.0f} s to the first token here"
+            f"{_text_part(text, ahead, speeds, policy)} ({speeds.describe()})")
     if image.downscaled and automatic:
-        full = image_seconds(image.full_tokens, speeds, policy)
+        full = image_seconds(image.full_tokens, speeds, policy, text=text, ahead=ahead)
+        alone = image_seconds(image.n_tokens, speeds, policy)
         aim = (f"to keep this CPU near {policy.target_s:.0f} s per image"
-               if seconds <= policy.target_s * 1.05 else
+               if alone <= policy.target_s * 1.05 else
                f"(as small as images go: this CPU is too slow or busy for "
                f"{policy.target_s:.0f} s per image)")
         return (f"{name} is scaled to {image.n_tokens} tokens (from {image.full_tokens}) "
@@ -109,5 +128,5 @@ def cost_note(image: PreparedImage, speeds: Speeds | None, *, automatic: bool,
     note = f"This image is {image.n_tokens} tokens: {here}."
     if smaller < image.n_tokens:
         note += (f" For a faster answer, send it smaller: /image --tokens {smaller} {quoted}"
-                 f" (about {image_seconds(smaller, speeds, policy):.0f} s)")
+                 f" (about {image_seconds(smaller, speeds, policy, text=text, ahead=ahead):.0f} s)")
     return note

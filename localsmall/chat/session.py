@@ -14,18 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from localsmall.chat import system_state
 from localsmall.chat.conversation import (
     Conversation,
     Message,
     load_conversation,
     save_conversation,
 )
-from localsmall.chat.cost import ImagePolicy, cost_note, image_limit
+from localsmall.chat.cost import TURN_TEXT, ImagePolicy, cost_note, image_limit
 from localsmall.chat.prompt import ChatTemplate, build_prompt
 from localsmall.chat.results import LoadedChat, Reply, SavedChat, SessionStats
 from localsmall.chat.slash import CommandResult, run_command
 from localsmall.chat.speeds import MEASURED, Speeds, measured_speeds
 from localsmall.chat.tools import ToolSpec
+from localsmall.engine.kvcache import common_prefix
 from localsmall.engine.model import Engine, Generation
 from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
@@ -67,6 +69,7 @@ class ChatSession:
         self.history: list[TurnStats] = []   # recent turns, for measured speeds
         self.restored_input = ""       # a message taken back after an interrupted start
         self.autosave_path: Path | None = None  # where each turn is saved (chat --resume)
+        self.system_state: system_state.Restored | None = None  # see start_system_prompt
         self._token_memo = functools.lru_cache(maxsize=4096)(
             lambda text, special: tuple(engine.tokenize(text, special=special)))
 
@@ -96,10 +99,92 @@ class ChatSession:
 
     def cost_note(self, image: PreparedImage, *, explicit: bool = False) -> str:
         """What `image` will cost on this machine, when that is worth saying.
-        `explicit`: its size was asked for (/image --tokens), not chosen automatically."""
+        `explicit`: its size was asked for (/image --tokens), not chosen automatically.
+        Counts the text the turn reads besides the image (see unread_text)."""
         policy = self.image_policy
         automatic = policy.auto and policy.max_tokens is None and not explicit
-        return cost_note(image, self.speeds(), automatic=automatic, policy=policy)
+        text, ahead = self.unread_text(image)
+        return cost_note(image, self.speeds(), automatic=automatic, policy=policy,
+                         text=text, ahead=ahead)
+
+    def unread_text(self, image: PreparedImage | None = None) -> tuple[int, float]:
+        """(text positions the turn with `image` reads besides images, positions a
+        background read of the system prompt still has to read). The first counts what
+        the cache does not hold yet: the system prompt before it is read, a long pasted
+        message, the turns after a trim. Before the message is sent (an image attached
+        with /image), a short question (TURN_TEXT) stands in for it."""
+        messages = self.conversation.messages
+        last = messages[-1] if messages else None
+        sent = last is not None and last.role == "user" and (image is None or image in
+                                                             last.images)
+        pending, ahead = self.engine.ahead_positions()
+        try:
+            _, todo = self.engine.reuse_estimate(self._prompt())
+        except Exception:  # an estimate: a prompt that cannot be laid out says nothing
+            return TURN_TEXT, ahead
+        images = sum(i.n_tokens for i in last.images) if sent and last is not None else 0
+        text = max(todo - images - pending, 0)
+        return (text if sent else text + TURN_TEXT), ahead
+
+    # --- the system prompt's cache (chat.system_state) -----------------------------------
+
+    def system_tokens(self) -> list[int]:
+        """The tokens every prompt of this chat starts with: the layouts of two
+        different first messages, up to where they part (the system prompt, tools and
+        the template's opening)."""
+        head = [Message.system(self.conversation.system)] if self.conversation.system else []
+
+        def layout(text: str) -> list[object]:
+            return list(self.engine.layout(build_prompt(
+                self.template, [*head, Message.user(text)], tokenize=self._tokenize,
+                bos=self.engine.bos_token, eos=self.engine.eos_token,
+                tools=self.tools or None)))
+
+        first, second = layout("a"), layout("b")
+        tokens: list[int] = []
+        for item in first[:common_prefix(first, second)]:  # type: ignore[arg-type]
+            if not isinstance(item, int):
+                break
+            tokens.append(item)
+        return tokens
+
+    def system_notice(self) -> str:
+        """Why the system prompt's saved state was not used, when that is news ("")."""
+        state = self.system_state
+        if state is None or not state.problem:
+            return ""
+        return (f"The saved system prompt state could not be used ({state.problem}); "
+                "reading the system prompt again.")
+
+    def start_system_prompt(self, files: system_state.StateFiles | None
+                            ) -> system_state.Restored:
+        """Load the system prompt's KV state saved by an earlier start (`files`), else
+        start reading it in the background and save it there for the next start. The
+        first turn waits for that read (see Engine.read_ahead)."""
+        tokens = self.system_tokens()
+        if len(tokens) < system_state.MIN_POSITIONS or self.engine.cached_positions:
+            self.system_state = system_state.Restored(0)
+            return self.system_state
+        restored = (system_state.restore(self.engine, tokens, files) if files is not None
+                    else system_state.Restored(0))
+        self.system_state = restored
+        if restored.n_pos:
+            return restored
+        save_to = None
+        if files is not None:
+            with contextlib.suppress(OSError):
+                system_state.forget(files)
+                save_to = files.state
+
+        def done(stats: TurnStats, meta: StateMeta | None) -> None:
+            # In the read's thread: a measured read for the cost notes, and the state.
+            self.history = [*self.history[-7:], stats]
+            if files is not None:
+                system_state.keep(files, meta)
+
+        self.engine.read_ahead(tokens, label=system_state.LABEL, save_to=save_to,
+                               on_done=done)
+        return restored
 
     def attach(self, path: str, *, max_tokens: int | None = None) -> PreparedImage:
         """Queue an image for the next message (again: replaces the queued copy, so

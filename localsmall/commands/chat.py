@@ -32,7 +32,7 @@ def header_for(session: ChatSession, build: LocalBuild) -> ChatHeader:
         + _image_sizing(session),
         "Type a message, /help for commands, Ctrl-D to leave.",
     ]
-    notices = [build.notice] if build.notice else []
+    notices = [n for n in (build.notice, session.system_notice()) if n]
     return ChatHeader(title=build.label, details=details, notices=notices)
 
 

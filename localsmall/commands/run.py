@@ -71,6 +71,8 @@ def run(
     talk = flags.session_options()  # checks --image-tokens before anything loads
     with started_session(options, talk, yes=flags.yes,
                          check=needs_projector) as (session, build, progress):
+        if problem := session.system_notice():
+            notice(problem)
         session.tools = tools
         session.sampling = dataclasses.replace(session.sampling, constraint=constraint)
         for path in images:

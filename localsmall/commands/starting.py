@@ -31,5 +31,5 @@ def started_session(options: RunOptions, session_options: SessionOptions, *, yes
         check(build)
     with WorkProgress() as progress:
         engine = load_engine(build, options, on_progress=progress)
-    with engine:
+    with engine:  # closing it first stops a background read of the system prompt
         yield start_session(engine, build, session_options), build, progress

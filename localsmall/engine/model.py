@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -33,6 +34,7 @@ from localsmall.engine.kvcache import (
     positions,
 )
 from localsmall.engine.loading import flash_attn_type, load_model, model_info, new_context
+from localsmall.engine.read_ahead import ReadAhead
 from localsmall.engine.read_progress import CALLBACK_SHARE, ReadProgress, image_progress
 from localsmall.engine.repack import RepackOverrides
 from localsmall.engine.sampler import sampler_chain
@@ -119,6 +121,10 @@ class Engine:
         # flag in localsmall.interrupt.
         self._interrupted = False
         self._reading: ReadProgress | None = None
+        # A read in a background thread (read_ahead) and, while it runs, its stop event:
+        # that read stops for it alone, never for Ctrl-C (the waiting turn acts on that).
+        self._ahead: ReadAhead | None = None
+        self._stop: threading.Event | None = None
         self._live: weakref.ref[Generation] | None = None  # the reply being generated
         self._abort_cb = self._llama.ggml_abort_callback(self._should_abort)
         self.decode_calls = 0  # llama_decode calls made (prompt reading and generation)
@@ -211,6 +217,9 @@ class Engine:
             interrupt.request()
         except Exception:  # progress is best effort
             pass
+        stop = self._stop
+        if stop is not None:  # a background read (read_ahead)
+            return stop.is_set()
         return self._interrupted or interrupt.requested()
 
     def interrupt(self) -> None:
@@ -220,11 +229,13 @@ class Engine:
 
     def reset(self) -> None:
         """Empty the KV cache of the sequence in use."""
+        self.settle()
         self.kv.truncate(0)
 
     def use_sequence(self, seq_id: int) -> None:
         """Work on another sequence of the context (see EngineSettings.n_seq): prompts,
         generation and saved states then use its cache."""
+        self.settle()
         self.kv = self.sequences[seq_id]
 
     def reuse_estimate(self, prompt: Sequence[PromptPiece]) -> tuple[int, int]:
@@ -236,6 +247,7 @@ class Engine:
     def rollback(self, prompt: Sequence[PromptPiece]) -> None:
         """Drop the cached tail that `prompt` does not share (after /undo, for example),
         keeping the common prefix for the next turn."""
+        self.settle()
         keep = common_prefix(self.kv.items, self.layout(prompt))
         if keep < len(self.kv.items):
             self.kv.truncate(keep)
@@ -271,9 +283,13 @@ class Engine:
                 status = llama.llama_decode(self.ctx, batch)
         if status == 0:
             on_done()
+        stop = self._stop
+        if stop is not None:  # a background read: only its own stop ends it
+            if status == 2 or stop.is_set():
+                raise KeyboardInterrupt
         # Aborted by the abort callback (2), or Ctrl-C came while llama.cpp ran:
         # stop here, where raising is safe.
-        if interrupt.take() or status == 2 or self._interrupted:
+        elif interrupt.take() or status == 2 or self._interrupted:
             raise KeyboardInterrupt
         if status != 0:
             raise EngineError(f"llama.cpp failed to evaluate the prompt (status {status})")
@@ -414,6 +430,7 @@ class Engine:
         if not tokens:
             raise EngineError("logits_for needs at least one token")
         self._check_workers()
+        self.settle()
         self.reset()
         self._decode_tokens(list(tokens), logits_last=True)
         n_vocab = self.tokenizer.n_tokens
@@ -438,7 +455,8 @@ class Engine:
         turn_start = time.perf_counter()
         items = self.layout(prompt)
         self._check_workers()
-        stats = self._evaluate(items, prompt, on_progress)
+        waited_s = self._await_ahead(on_progress)
+        stats = replace(self._evaluate(items, prompt, on_progress), waited_s=waited_s)
         result.stats = stats
         sampler = sampler_chain(llama, self.tokenizer.n_tokens, sampling)
         constrained = None
@@ -502,6 +520,65 @@ class Engine:
                 generation_s=now - gen_start if result.token_ids else 0.0,
                 context_used=self.kv.n_past, context_size=self.n_ctx)
 
+    # --- reading ahead (engine.read_ahead) -------------------------------------------------
+
+    def read_ahead(self, tokens: Sequence[int], *, label: str, save_to: Path | None = None,
+                   on_done: Callable[[TurnStats, StateMeta | None], None] | None = None
+                   ) -> None:
+        """Read `tokens` into the cache in a background thread (after what the cache
+        shares with them), then save the cache to `save_to` if given; `on_done` gets the
+        read's stats and the saved state's description, in that thread, when the read
+        was not cancelled. The next turn waits for it, showing its progress as `label`;
+        anything else that touches the context cancels it first."""
+        self.settle()
+        items = list(tokens)
+        self.tokenizer.check(items)
+        keep = self.kv.reusable(items)
+
+        def work(stop: threading.Event, progress: ProgressCallback
+                 ) -> tuple[TurnStats, StateMeta | None]:
+            self._stop = stop
+            try:
+                stats = self._evaluate(items, (), progress)
+            finally:
+                self._stop = None
+            meta = (save_kv_state(self._llama, self.ctx, self.kv, save_to,
+                                  fingerprint=self.fingerprint) if save_to else None)
+            return stats, meta
+
+        self._ahead = ReadAhead(work, label=label, total=positions(items[keep:]),
+                                base=positions(items[:keep]), on_done=on_done)
+
+    def ahead_positions(self) -> tuple[int, float]:
+        """(positions a background read will still add to the cache, positions it
+        still has to read: fewer, inside a batch); (0, 0) when none is running."""
+        ahead = self._ahead
+        if ahead is None or not ahead.running:
+            return 0, 0.0
+        return max(ahead.total - (self.kv.n_past - ahead.base), 0), ahead.left()
+
+    @property
+    def ahead_running(self) -> bool:
+        return self._ahead is not None and self._ahead.running
+
+    def settle(self) -> None:
+        """Cancel a background read (if any) and wait for its thread: the context takes
+        one llama.cpp call at a time."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.cancel()
+
+    def _await_ahead(self, on_progress: ProgressCallback | None) -> float:
+        """Wait for a background read before a turn (Ctrl-C cancels it and raises);
+        returns the seconds waited."""
+        ahead = self._ahead
+        if ahead is None:
+            return 0.0
+        try:
+            return ahead.wait(on_progress)
+        finally:
+            self._ahead = None
+
     # --- saved state ---------------------------------------------------------------------
 
     @functools.cached_property
@@ -517,11 +594,13 @@ class Engine:
     def save_state(self, path: Path) -> StateMeta:
         """Write the KV cache to `path` (atomically) and describe it, signed with this
         user's key (see engine.state)."""
+        self.settle()
         return save_kv_state(self._llama, self.ctx, self.kv, path, fingerprint=self.fingerprint)
 
     def load_state(self, path: Path, meta: StateMeta) -> str | None:
         """Restore a KV cache saved by `save_state`: None when restored, else the reason it
         was refused (the cache is then empty and the chat is re-read)."""
+        self.settle()
         return load_kv_state(self._llama, self.ctx, self.kv, path, meta,
                              fingerprint=self.fingerprint, n_ctx=self.n_ctx,
                              n_vocab=self.n_vocab, max_bytes=self._state_bound())
@@ -554,6 +633,8 @@ class Engine:
         """Free the projector, context and model (closing a reply still being generated
         first: its clean-up reads the context, which must not be freed under it)."""
         llama = self._llama
+        if getattr(self, "_ahead", None) is not None:
+            self.settle()
         ref = getattr(self, "_live", None)
         live = ref() if ref is not None else None
         if live is not None:

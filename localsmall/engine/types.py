@@ -139,6 +139,7 @@ class TurnStats:
     image_encode_s: float = 0.0
     prompt_eval_s: float = 0.0      # evaluation of the prompt, images included
     time_to_first_token_s: float = 0.0
+    waited_s: float = 0.0           # of that, waiting for a read started before the turn
     generation_s: float = 0.0
     stop_reason: StopReason = ""
     context_used: int = 0           # positions in the KV cache after the turn

@@ -118,8 +118,19 @@ def planned_speeds(engine: Engine, build: LocalBuild, hardware: Hardware) -> Spe
 
 def start_session(engine: Engine, build: LocalBuild, options: SessionOptions) -> ChatSession:
     """A chat session on a loaded build, with the model's sampling and system prompt
-    unless the options override them, and its image policy (see image_policy)."""
-    return ChatSession(engine, system_prompt=system_prompt_for(build, options.system,
-                                                               disabled=options.no_system),
-                       sampling=sampling_for(build, options.sampling), model_label=build.label,
-                       images=image_policy(engine, build, max_tokens=options.image_tokens))
+    unless the options override them, and its image policy (see image_policy). The
+    system prompt's KV cache is loaded from disk, or read in the background and saved
+    there (chat.system_state; `session.system_state` says which and any problem)."""
+    from localsmall.chat import system_state
+
+    session = ChatSession(engine, system_prompt=system_prompt_for(build, options.system,
+                                                                  disabled=options.no_system),
+                          sampling=sampling_for(build, options.sampling),
+                          model_label=build.label,
+                          images=image_policy(engine, build, max_tokens=options.image_tokens))
+    try:
+        files: system_state.StateFiles | None = system_state.state_files(engine)
+    except OSError:  # a model file that cannot be fingerprinted: read, keep nothing
+        files = None
+    session.start_system_prompt(files)
+    return session

@@ -116,10 +116,13 @@ def status_line(stats: TurnStats, *, scaled: Sequence[PreparedImage] = ()) -> st
     if stats.evaluated_tokens and stats.read_s > 0:
         prompt += f" ({stats.read_tps:.0f} tok/s)"
     first = f"first token {stats.time_to_first_token_s:.2f}s"
+    waited = f"system prompt {stats.waited_s:.1f}s + " if stats.waited_s >= 0.05 else ""
     if stats.images_encoded:
         count = stats.images_encoded
-        first += (f" = {count} image{'s' if count > 1 else ''} encoded "
+        first += (f" = {waited}{count} image{'s' if count > 1 else ''} encoded "
                   f"{stats.image_encode_s:.1f}s + prompt read {stats.read_s:.1f}s")
+    elif waited:
+        first += f" = {waited}prompt read {stats.read_s:.1f}s"
     parts = [f"{stats.generated_tokens} tokens · {stats.generation_tps:.1f} tok/s", first,
              f"context {stats.context_used:,}/{stats.context_size:,} ({share:.0f}%)", prompt]
     for image in scaled:

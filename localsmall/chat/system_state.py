@@ -1,0 +1,94 @@
+"""The system prompt's KV cache, read once per machine and model and kept on disk.
+
+Every chat starts with the same few hundred positions (the default system prompt), and on
+a CPU reading them costs most of a minute with the 24B model: without this, the first
+turn of every chat paid for it. So a chat start either loads the system prompt's KV
+state saved by an earlier start (well under a second), or reads it in the background
+while the user types (engine.read_ahead) and saves it for the next start.
+
+One state per model file, projector, KV cache type, llama.cpp build and the settings
+that change the cache's contents, in the cache directory: a `.kvstate` file signed like
+a saved chat's (engine.state: a damaged, stale or foreign one is refused with a reason
+and the prompt is read again) and a JSON description beside it. A state is used only
+when it holds exactly the tokens the chat starts with; another system prompt reads its
+own and replaces the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from localsmall import paths
+from localsmall.engine.kvcache import items_from_json
+from localsmall.engine.state import StateMeta
+from localsmall.fileio import atomic_write_bytes, read_regular_file
+
+if TYPE_CHECKING:
+    from localsmall.engine.model import Engine
+
+MIN_POSITIONS = 32        # a shorter start is read with the first turn, not kept
+MAX_META_BYTES = 4 << 20  # the description: token ids, a few thousand at most
+LABEL = "reading system prompt"
+
+
+@dataclass(frozen=True)
+class StateFiles:
+    """Where the system prompt state of one engine configuration lives."""
+
+    state: Path
+    meta: Path
+
+
+def state_files(engine: Engine, *, root: Path | None = None) -> StateFiles:
+    """The files for this engine's model, projector, KV type, llama.cpp build and the
+    settings that change what the cache holds (flash attention, GPU layers)."""
+    s = engine.settings
+    key = json.dumps([engine.fingerprint, s.flash_attn, s.n_gpu_layers])
+    name = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+    folder = root or paths.cache_dir() / "system-prompts"
+    return StateFiles(folder / f"{name}.kvstate", folder / f"{name}.json")
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a chat start found: `n_pos` positions loaded (0: none), and `problem`, why a
+    saved state could not be used when that deserves a word ("" otherwise)."""
+
+    n_pos: int
+    problem: str = ""
+
+
+def restore(engine: Engine, tokens: list[int], files: StateFiles) -> Restored:
+    """Load the saved state when it holds exactly `tokens` and its signature and model
+    match; else leave the cache empty."""
+    try:
+        raw = read_regular_file(files.meta, MAX_META_BYTES)
+    except FileNotFoundError:
+        return Restored(0)
+    except OSError as exc:
+        return Restored(0, f"its description cannot be read ({exc.strerror or exc})")
+    try:
+        meta = StateMeta.from_json(json.loads(raw))
+    except ValueError:
+        meta = None
+    if meta is None:
+        return Restored(0, "its description is damaged")
+    if items_from_json(meta.items) != tokens:
+        return Restored(0)  # another system prompt or template: read and replace it
+    reason = engine.load_state(files.state, meta)
+    return Restored(0, reason) if reason else Restored(meta.n_pos)
+
+
+def forget(files: StateFiles) -> None:
+    """Remove the description first: a state file without one is never used."""
+    files.meta.unlink(missing_ok=True)
+
+
+def keep(files: StateFiles, meta: StateMeta | None) -> None:
+    """Write the description of a state just saved to `files.state` (atomically)."""
+    if meta is not None:
+        atomic_write_bytes(files.meta, json.dumps(meta.to_json()).encode())
