@@ -377,6 +377,7 @@ class ChatSession:
         path = Path(path).expanduser()
         final_state = state_path_for(path)
         new_state = final_state.with_name(f".{final_state.name}.new")
+        self.engine.settle()  # a background read stops here: the cache is as it is now
         state = self.engine.save_state(new_state) if self.engine.cached_positions else None
         snapshot = replace(self.conversation, kv_state=state.to_json() if state else None)
         try:
