@@ -186,6 +186,9 @@ class ChatScreen:
         s = self.session
         used, size = s.engine.cached_positions, s.engine.n_ctx
         bits = [f"context {used:,}/{size:,}"]
+        pending, left = s.engine.ahead_positions()
+        if pending:  # redrawn as the user types: how far the system prompt's read is
+            bits.append(f"reading the system prompt ({left:,.0f} tokens left)")
         if s.pending_images:
             names = ", ".join(Path(i.source).name for i in s.pending_images)
             bits.append(f"attached: {escape(names)}")
