@@ -531,6 +531,7 @@ class Engine:
         was not cancelled. The next turn waits for it, showing its progress as `label`;
         anything else that touches the context cancels it first."""
         self.settle()
+        self._check_workers()
         items = list(tokens)
         self.tokenizer.check(items)
         keep = self.kv.reusable(items)
