@@ -11,8 +11,10 @@ The model of a turn's cost, in seconds (see chat.cost for its use):
 
 The figures come from the best source there is, in this order: this chat's own turns
 (MEASURED), an earlier session on this machine with the same model and threads (STORED,
-see runtime.speed_memory), the plan's estimate (PLANNED: memory bandwidth for the fixed
-part, compute for the per-token part; often optimistic on a busy machine). A measurement
+see runtime.speed_memory), this machine's kernel calibration weighted by the model file's
+tensor types (CALIBRATED, see runtime.calibrated_speeds), the plan's estimate (PLANNED:
+memory bandwidth for the fixed part, compute for the per-token part; often optimistic on a
+busy machine). A measurement
 that cannot separate the fixed from the per-token part scales the next source's pair by
 one factor (the machine is that much slower or faster than it says).
 """
@@ -27,6 +29,7 @@ from localsmall.engine.types import TurnStats
 
 MEASURED = "measured in this chat"
 STORED = "measured here earlier"
+CALIBRATED = "this machine's calibration"
 PLANNED = "the plan's estimate"
 MIN_MEASURED_TOKENS = 16     # shorter reads say little about the per-token part
 MIN_MEASURED_STEPS = 2       # generated tokens (after the first) that time a batch

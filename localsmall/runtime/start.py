@@ -68,11 +68,12 @@ def image_policy(engine: Engine, build: LocalBuild, *, max_tokens: int | None = 
                  hardware: Hardware | None = None) -> ImagePolicy:
     """How a session sizes images: `max_tokens` when the user gave one; on a CPU-only
     plan, a budget from the best speeds known (an earlier session's measurement on this
-    machine, else the plan's estimate, until the chat measures its own); on a GPU, full
-    resolution."""
+    machine, else its cached kernel calibration, else the plan's estimate, until the chat
+    measures its own); on a GPU, full resolution."""
     from localsmall.images import MIN_IMAGE_BUDGET
     from localsmall.plan.hardware import detect
     from localsmall.runtime import speed_memory
+    from localsmall.runtime.calibrated_speeds import cached_calibration, calibrated_speeds
 
     if max_tokens is not None and max_tokens < MIN_IMAGE_BUDGET:
         raise UsageError(f"--image-tokens must be at least {MIN_IMAGE_BUDGET}")
@@ -83,6 +84,9 @@ def image_policy(engine: Engine, build: LocalBuild, *, max_tokens: int | None = 
         return shape
     hardware = hardware or detect()
     planned = planned_speeds(engine, build, hardware)
+    calibration = cached_calibration(hardware, engine.n_threads)
+    calibrated = (calibrated_speeds(calibration, model_path=Path(build.model_path),
+                                    planned=planned) if calibration is not None else None)
     remember = None
     try:
         where = speed_memory.memory_path(model=Path(build.model_path), mmproj=build.mmproj_path,
@@ -92,7 +96,7 @@ def image_policy(engine: Engine, build: LocalBuild, *, max_tokens: int | None = 
     else:
         stored = speed_memory.recall(where)
         remember = functools.partial(speed_memory.remember, where)
-    return replace(shape, auto=True, base=stored or planned, remember=remember)
+    return replace(shape, auto=True, base=stored or calibrated or planned, remember=remember)
 
 
 def planned_speeds(engine: Engine, build: LocalBuild, hardware: Hardware) -> Speeds:
