@@ -535,6 +535,7 @@ class Engine:
         items = list(tokens)
         self.tokenizer.check(items)
         keep = self.kv.reusable(items)
+        fingerprint = self.fingerprint if save_to else ""  # computed here, not in the thread
 
         def work(stop: threading.Event, progress: ProgressCallback
                  ) -> tuple[TurnStats, StateMeta | None]:
@@ -544,7 +545,7 @@ class Engine:
             finally:
                 self._stop = None
             meta = (save_kv_state(self._llama, self.ctx, self.kv, save_to,
-                                  fingerprint=self.fingerprint) if save_to else None)
+                                  fingerprint=fingerprint) if save_to else None)
             return stats, meta
 
         self._ahead = ReadAhead(work, label=label, total=positions(items[keep:]),
