@@ -150,41 +150,14 @@ class ChatSession:
 
     def system_notice(self) -> str:
         """Why the system prompt's saved state was not used, when that is news ("")."""
-        state = self.system_state
-        if state is None or not state.problem:
-            return ""
-        return (f"The saved system prompt state could not be used ({state.problem}); "
-                "reading the system prompt again.")
+        return system_state.notice(self.system_state)
 
     def start_system_prompt(self, files: system_state.StateFiles | None
                             ) -> system_state.Restored:
         """Load the system prompt's KV state saved by an earlier start (`files`), else
-        start reading it in the background and save it there for the next start. The
-        first turn waits for that read (see Engine.read_ahead)."""
-        tokens = self.system_tokens()
-        if len(tokens) < system_state.MIN_POSITIONS or self.engine.cached_positions:
-            self.system_state = system_state.Restored(0)
-            return self.system_state
-        restored = (system_state.restore(self.engine, tokens, files) if files is not None
-                    else system_state.Restored(0))
-        self.system_state = restored
-        if restored.n_pos:
-            return restored
-        save_to = None
-        if files is not None:
-            with contextlib.suppress(OSError):
-                system_state.forget(files)
-                save_to = files.state
-
-        def done(stats: TurnStats, meta: StateMeta | None) -> None:
-            # In the read's thread: a measured read for the cost notes, and the state.
-            self.history = [*self.history[-7:], stats]
-            if files is not None:
-                system_state.keep(files, meta)
-
-        self.engine.read_ahead(tokens, label=system_state.LABEL, save_to=save_to,
-                               on_done=done)
-        return restored
+        read it in the background and save it there (see chat.system_state.start)."""
+        self.system_state = system_state.start(self, files)
+        return self.system_state
 
     def attach(self, path: str, *, max_tokens: int | None = None) -> PreparedImage:
         """Queue an image for the next message (again: replaces the queued copy, so

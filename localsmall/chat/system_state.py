@@ -16,6 +16,7 @@ own and replaces the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from typing import TYPE_CHECKING
 from localsmall import paths
 from localsmall.engine.kvcache import items_from_json
 from localsmall.engine.state import StateMeta
+from localsmall.engine.types import TurnStats
 from localsmall.fileio import atomic_write_bytes, read_regular_file
 
 if TYPE_CHECKING:
+    from localsmall.chat.session import ChatSession
     from localsmall.engine.model import Engine
 
 MIN_POSITIONS = 32        # a shorter start is read with the first turn, not kept
@@ -92,3 +95,38 @@ def keep(files: StateFiles, meta: StateMeta | None) -> None:
     """Write the description of a state just saved to `files.state` (atomically)."""
     if meta is not None:
         atomic_write_bytes(files.meta, json.dumps(meta.to_json()).encode())
+
+
+def notice(restored: Restored | None) -> str:
+    """Why a saved state was not used, when that is news ("")."""
+    if restored is None or not restored.problem:
+        return ""
+    return (f"The saved system prompt state could not be used ({restored.problem}); "
+            "reading the system prompt again.")
+
+
+def start(session: ChatSession, files: StateFiles | None) -> Restored:
+    """A chat start: load the saved state of the tokens the session's prompts start
+    with, else read them in the background (Engine.read_ahead; the first turn waits for
+    it) and save them to `files` for the next start. The read also times this machine:
+    its stats join the session's history for the cost notes."""
+    engine = session.engine
+    tokens = session.system_tokens()
+    if len(tokens) < MIN_POSITIONS or engine.cached_positions:
+        return Restored(0)
+    restored = restore(engine, tokens, files) if files is not None else Restored(0)
+    if restored.n_pos:
+        return restored
+    save_to = None
+    if files is not None:
+        with contextlib.suppress(OSError):
+            forget(files)
+            save_to = files.state
+
+    def done(stats: TurnStats, meta: StateMeta | None) -> None:  # in the read's thread
+        session.history = [*session.history[-7:], stats]
+        if files is not None:
+            keep(files, meta)
+
+    engine.read_ahead(tokens, label=LABEL, save_to=save_to, on_done=done)
+    return restored
