@@ -294,6 +294,28 @@ def test_min_speed_nothing_reaches_is_a_clean_error(calibrated: Calibration) -> 
         make_plan(MODEL, PlanRequest(speeds=SpeedInputs(min_speed=1e6)), detect())
 
 
+@pytest.mark.parametrize("args", [("run", "--model", "FILE", "hi"),
+                                  ("run", "--rpc", "127.0.0.1:9", "hi"),
+                                  ("plan", "--rpc", "127.0.0.1:9=16GiB")])
+def test_min_speed_is_refused_where_the_plan_cannot_keep_it(
+        args: tuple[str, ...], tiny, calibrated: Calibration) -> None:
+    """A fixed file or an RPC split: refused before anything loads, not ignored (chat
+    and serve start through the same runtime.start.prepare as run)."""
+    from localsmall.errors import UsageError
+    from localsmall.runtime.options import RunOptions
+    from localsmall.runtime.start import prepare
+
+    with pytest.raises(UsageError, match="--model FILE the build is fixed"):
+        prepare(RunOptions(model_path=tiny.q4_k_m, min_speed=5))
+    args = tuple(str(tiny.q4_k_m) if a == "FILE" else a for a in args)
+    result = invoke(*args, "--min-speed", "5")
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.stderr.split())   # the console wraps long lines
+    reason = "--model FILE the build is fixed" if "--model" in args else "does not work with --rpc"
+    assert said.startswith("error: --min-speed") and reason in said
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("name", ["24 GB GPU", "12 GB GPU + 32 GB RAM"])
 def test_min_speed_on_gpu_machines_uses_estimates(name: str) -> None:
     from localsmall.plan.rules import plan
