@@ -18,11 +18,12 @@ from tests import tinymodels as tm
 MODEL = load_catalog().default
 # 16 layers: llama.cpp's first sixteenth, first eighth and every-third-layer rules all
 # pick different layers; one KV head per four query heads (its GQA rule for attn_v);
-# every row a multiple of 256 (k-quant blocks).
+# every row a multiple of 256 (k-quant blocks); a short embedding and output head (the
+# quantizer never reads the vocabulary) keep each quantization under a second.
 SHAPE = dataclasses.replace(tm.TINY_TEXT, n_layers=16, n_head=4, n_head_kv=1, head_dim=128,
-                            n_embd=256, n_ff=512)
+                            n_embd=256, n_ff=512, n_vocab=1024)
 METADATA_BYTES = 16 << 20   # the vocabulary, chat template and norms: about 10 MB
-QUANTS = ("Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q8_0")  # each rule of quant_mix
+QUANTS = ("Q2_K", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q8_0")
 
 
 @pytest.fixture(scope="module")
