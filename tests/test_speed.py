@@ -90,10 +90,10 @@ def test_calibration_times_each_type_and_the_attention(tmp_path: Path) -> None:
         # (no order between the two: on a narrow shape and a busy machine either can be
         # slower, and no test may depend on the machine's speed)
     assert result.attn_pp_s >= 0 and result.seconds > 0 and result.gen_overhead_s >= 0
-    # each query head reads a cached position's K and V (f16) at the fastest type's rate
+    # timed, but never below each query head reading a cached position's K and V (f16)
+    # at the fastest type's rate
     per_byte = min(t.gen_s / bytes_per_weight(k) for k, t in result.kernels.items())
-    assert result.attn_gen_s == pytest.approx(4 * 64 * 2 * 2 * per_byte)
-    assert result.attn_pp_s >= result.attn_gen_s
+    assert result.attn_gen_s >= 4 * 64 * 2 * 2 * per_byte * (1 - 1e-9)
     assert [s[1] for s in steps] == [0, 1, 2, 3] and steps[-1][2] == 3
     assert list(tmp_path.iterdir()) == []  # the calibration files are gone
     save_calibration(result)

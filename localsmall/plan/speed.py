@@ -75,7 +75,6 @@ class Calibration:
     key: MachineKey
     kernels: Mapping[str, KernelTiming]
     attn_gen_s: float     # seconds per cached position and layer, one generated token
-                          # (the f16 KV cache read at the calibrated bandwidth)
     attn_pp_s: float      # ... per prompt token read in a batch
     n_prompt: int         # the batch the prompt timings used
     created: str
