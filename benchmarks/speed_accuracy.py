@@ -93,6 +93,8 @@ def measure(path: Path, n_ctx: int, depth: int, n_prompt: int, n_gen: int,
                            chat_prompt=False)
     (row,) = run_bench(request).speed
     return {"gen": row.tg.mean if row.tg else None, "pp": row.pp.mean if row.pp else None,
+            "gen_samples": row.tg.samples if row.tg else (),
+            "pp_samples": row.pp.samples if row.pp else (),
             "peak_rss_gib": row.peak_rss_bytes / 2**30, "threads": row.threads}
 
 
