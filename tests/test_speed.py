@@ -90,10 +90,10 @@ def test_calibration_times_each_type_and_the_attention(tmp_path: Path) -> None:
         # (no order between the two: on a narrow shape and a busy machine either can be
         # slower, and no test may depend on the machine's speed)
     assert result.attn_pp_s >= 0 and result.seconds > 0 and result.gen_overhead_s >= 0
-    # each query head reads a cached position's K and V (f16) at the fastest type's rate
+    # timed, but never below each query head reading a cached position's K and V (f16)
+    # at the fastest type's rate
     per_byte = min(t.gen_s / bytes_per_weight(k) for k, t in result.kernels.items())
-    assert result.attn_gen_s == pytest.approx(4 * 64 * 2 * 2 * per_byte)
-    assert result.attn_pp_s >= result.attn_gen_s
+    assert result.attn_gen_s >= 4 * 64 * 2 * 2 * per_byte * (1 - 1e-9)
     assert [s[1] for s in steps] == [0, 1, 2, 3] and steps[-1][2] == 3
     assert list(tmp_path.iterdir()) == []  # the calibration files are gone
     save_calibration(result)
@@ -292,6 +292,28 @@ def test_min_speed_nothing_reaches_is_a_clean_error(calibrated: Calibration) -> 
     assert invoke("plan", "--min-speed", "0").exit_code == 2
     with pytest.raises(SpeedTargetError):
         make_plan(MODEL, PlanRequest(speeds=SpeedInputs(min_speed=1e6)), detect())
+
+
+@pytest.mark.parametrize("args", [("run", "--model", "FILE", "hi"),
+                                  ("run", "--rpc", "127.0.0.1:9", "hi"),
+                                  ("plan", "--rpc", "127.0.0.1:9=16GiB")])
+def test_min_speed_is_refused_where_the_plan_cannot_keep_it(
+        args: tuple[str, ...], tiny, calibrated: Calibration) -> None:
+    """A fixed file or an RPC split: refused before anything loads, not ignored (chat
+    and serve start through the same runtime.start.prepare as run)."""
+    from localsmall.errors import UsageError
+    from localsmall.runtime.options import RunOptions
+    from localsmall.runtime.start import prepare
+
+    with pytest.raises(UsageError, match="--model FILE the build is fixed"):
+        prepare(RunOptions(model_path=tiny.q4_k_m, min_speed=5))
+    args = tuple(str(tiny.q4_k_m) if a == "FILE" else a for a in args)
+    result = invoke(*args, "--min-speed", "5")
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.stderr.split())   # the console wraps long lines
+    reason = "--model FILE the build is fixed" if "--model" in args else "does not work with --rpc"
+    assert said.startswith("error: --min-speed") and reason in said
+    assert "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("name", ["24 GB GPU", "12 GB GPU + 32 GB RAM"])

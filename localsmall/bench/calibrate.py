@@ -8,10 +8,15 @@ runs the last layer's FFN only for the tokens that need logits, and here the las
 is the only one). The median of a few short repetitions counts: on a quiet machine it is
 the fastest run, on a busy one the typical run (what `localsmall bench` reports then).
 
-The cost of the attention over cached positions, for a prompt, is timed apart on a model
-with the real heads and head size but narrow matrices (cheap to fill to a depth): prompt
-reading at an empty cache and at `depth`, the difference per position and layer. For
-generation the cache is read like the weights (see kv_read_seconds).
+The cost of the attention over cached positions is timed apart on a model with the real
+heads and head size but narrow matrices (cheap to fill to a depth): generation and prompt
+reading at an empty cache and at `depth`, the difference per position and layer. The
+depth is deep enough that a layer's cache outgrows the core's own caches (as in a long
+chat) and the difference stands well above the noise of a shared machine. (Checked with
+benchmarks/depth_cost.py on 40 narrow layers at depth 4096: reading the cache "like the
+weights", once per query head at the weights' bandwidth, was 1.8x too cheap for
+generation; a prompt batch reads it far less often than once per query token, 5x
+cheaper than that model.)
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class CalibrationRequest:
     n_prompt: int = 128
     n_gen: int = 12                 # single-token decodes timed (the fastest counts)
     repetitions: int = 3            # prompt batches timed (the fastest counts)
-    depth: int = 512                # cached positions for the prompt attention timing
+    depth: int = 2048               # cached positions for the attention timing
     attention_layers: int = 4
     attention_n_embd: int = 256     # narrow matrices: the attention model's prefill is cheap
     workdir: Path | None = None     # where the temporary GGUF files go (None: the temp dir)
@@ -76,10 +81,10 @@ def calibrate(request: CalibrationRequest, *, key: MachineKey,
             kernels[qtype] = KernelTiming(gen_s=max(gen, (gen + overhead) / 2) / params,
                                           pp_s=pp / params)
         report("timing attention over a filled context", len(request.types), total)
-        attn_gen = kv_read_seconds(kernels, request.shape)
-        # Deep in a long context a layer's cache no longer fits the CPU's caches: a floor
-        # under the (short, cache-resident) prompt timing.
-        attn_pp = max(_time_attention(Path(tmp) / "attention.gguf", request), attn_gen)
+        attn_gen, attn_pp = _time_attention(Path(tmp) / "attention.gguf", request)
+        # reading the cache can never beat reading it once per query head at the
+        # weights' bandwidth (a timing that noise pushed below that)
+        attn_gen = max(attn_gen, kv_read_seconds(kernels, request.shape))
     report("done", total, total)
     return Calibration(key=key, kernels=kernels, attn_gen_s=attn_gen, attn_pp_s=attn_pp,
                        n_prompt=request.n_prompt,
@@ -161,8 +166,9 @@ def _decode_overhead(tmp: Path, request: CalibrationRequest) -> float:
     return max(times[1] - per_layer, 0.0)
 
 
-def _time_attention(path: Path, request: CalibrationRequest) -> float:
-    """Seconds per cached position and layer for each prompt token read in a batch."""
+def _time_attention(path: Path, request: CalibrationRequest) -> tuple[float, float]:
+    """Seconds per cached position and layer: for a generated token, and for each prompt
+    token read in a batch."""
     from localsmall.engine.model import Engine
     from localsmall.engine.timing import DecodeTimer
 
@@ -172,25 +178,29 @@ def _time_attention(path: Path, request: CalibrationRequest) -> float:
     write_calibration_model(path, shape=narrow, qtype="Q8_0",
                             n_layers=request.attention_layers)
     depth, n_prompt = request.depth, request.n_prompt
-    with Engine(_engine_settings(path, request, depth + n_prompt + 8)) as engine, \
+    n_ctx = depth + max(n_prompt, request.n_gen + 1) + 8
+    with Engine(_engine_settings(path, request, n_ctx)) as engine, \
             DecodeTimer(engine, all_logits=True) as timer:
-        timings: dict[int, float] = {}
+        gen: dict[int, float] = {}
+        pp: dict[int, float] = {}
         for at in (0, depth):
+            timer.clear()
+            timer.prefill(at)
+            timer.generate(1)  # warm-up at this depth
+            gen[at] = statistics.median(timer.generate(1) for _ in range(request.n_gen))
             pps = []
             for _ in range(request.repetitions):
                 timer.clear()
                 timer.prefill(at)
                 pps.append(timer.prompt(n_prompt) / n_prompt)
-            timings[at] = statistics.median(pps)
+            pp[at] = statistics.median(pps)
     per = max(depth * request.attention_layers, 1)
-    return max(timings[depth] - timings[0], 0.0) / per
+    return max(gen[depth] - gen[0], 0.0) / per, max(pp[depth] - pp[0], 0.0) / per
 
 
 def kv_read_seconds(kernels: dict[str, KernelTiming], shape: LayerShape) -> float:
-    """Seconds for one query token to attend to one cached position of one layer: the
-    cache is read like the weights, at the bandwidth the fastest-reading type reached,
-    and llama.cpp's CPU flash attention reads a position's K and V rows (f16) once per
-    query head, not once per KV head. (A token's attention is bound by these reads; the
-    difference between two timed depths drowns in the noise of a shared machine.)"""
+    """The least time for one query token to attend to one cached position of one layer:
+    llama.cpp's CPU flash attention reads a position's K and V rows (f16) once per query
+    head, at best at the bandwidth the fastest-reading weight type reached."""
     per_byte = min(t.gen_s / (bytes_per_weight(k) or 1.0) for k, t in kernels.items())
     return shape.n_head * shape.head_dim * 2 * 2 * per_byte

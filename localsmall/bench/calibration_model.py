@@ -50,7 +50,8 @@ class LayerShape:
         return cls(shape.n_embd, shape.n_head, shape.n_head_kv, shape.head_dim, shape.n_ff)
 
 
-def _blocks(rng: np.random.Generator, n_rows: int, n_cols: int, qtype: str) -> np.ndarray:
+def random_blocks(rng: np.random.Generator, n_rows: int, n_cols: int, qtype: str) -> np.ndarray:
+    """An n_rows x n_cols matrix of `qtype` as raw bytes: random blocks with small scales."""
     import gguf
 
     ggml_type = gguf.GGMLQuantizationType[qtype]
@@ -139,7 +140,7 @@ def write_calibration_model(path: Path, *, shape: LayerShape, qtype: str, n_laye
     writer.write_ti_data_to_file()
     for _, rows, cols, kind in tensors:
         writer.write_tensor_data(np.ones(cols, dtype=np.float32) if kind == "norm"
-                                 else _blocks(rng, rows, cols, kind))
+                                 else random_blocks(rng, rows, cols, kind))
     writer.close()
     # Flushed before anything is timed: the kernel writing hundreds of MB back to disk
     # in the background halves the speed a timing sees (measured).

@@ -45,11 +45,12 @@ def plan(
     from localsmall.models.catalog import load_catalog, parse_model_ref
     from localsmall.models.resolve import local_builds
     from localsmall.plan.machine import PlanRequest
+    from localsmall.runtime.options import check_speed_target
     from localsmall.runtime.speeds import plan_with_speeds
     from localsmall.ui.progress import CalibrationLine
 
     check_kv_type(kv_type)
-    check_min_speed(min_speed)
+    check_speed_target(check_min_speed(min_speed), rpc=bool(rpc))
     name, quant = parse_model_ref(model)
     catalog_model = load_catalog().get(name) if name else load_catalog().default
     request = PlanRequest(ctx=ctx, kv_type=kv_type, vision=not no_vision,

@@ -29,6 +29,7 @@ from typing import Literal
 
 from localsmall.gguf_header import block_size
 from localsmall.models.catalog import Quant
+from localsmall.plan import quant_mix
 from localsmall.plan.assumed import cpu_prompt_flops, decode_seconds
 from localsmall.plan.hardware import Hardware
 from localsmall.plan.memory import MemoryEstimate, RunShape, TextWeights
@@ -41,6 +42,9 @@ CALIBRATED_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 # llama.cpp's K-quant mixes give attn_v / ffn_down (and some layers) a larger type.
 SECONDARY_TYPE = {"Q2_K": "Q4_K", "Q3_K": "Q5_K", "Q4_K": "Q6_K", "Q5_K": "Q6_K"}
 # KV cache bytes per element relative to f16, which the attention terms were timed with.
+# A catalog build takes llama.cpp's mix for its name when the mix's layer bytes are within
+# this share of the build's (imatrix and "dynamic" builds of the same name may differ).
+MIX_SIZE_TOLERANCE = 0.01
 KV_SCALE = {"f16": 1.0, "bf16": 1.0, "f32": 2.0, "q8_0": 34 / 64, "q4_0": 18 / 64}
 
 
@@ -71,7 +75,6 @@ class Calibration:
     key: MachineKey
     kernels: Mapping[str, KernelTiming]
     attn_gen_s: float     # seconds per cached position and layer, one generated token
-                          # (the f16 KV cache read at the calibrated bandwidth)
     attn_pp_s: float      # ... per prompt token read in a batch
     n_prompt: int         # the batch the prompt timings used
     created: str
@@ -156,13 +159,27 @@ def weight_mix(text: TextWeights, quant: Quant | None) -> tuple[dict[str, float]
         if bpw:
             output[kind] = output.get(kind, 0.0) + n_bytes / bpw
     if not layers:
-        main = (quant.embd_type if quant and quant.embd_type else "Q4_K").upper()
-        params = float(_layer_params(text) * text.shape.n_layers)
-        layers = _mix_for(main, sum(text.layers) / max(params, 1.0), params)
+        layers = _catalog_mix(text, quant)
     if not output:
-        kind = (quant.output_type if quant and quant.output_type else "Q6_K").upper()
+        known = quant_mix.output_type(quant.quant) if quant else None
+        kind = (quant.output_type if quant and quant.output_type else known or "Q6_K").upper()
         output = {kind: float(text.shape.n_vocab * text.shape.n_embd)}
     return layers, output
+
+
+def _catalog_mix(text: TextWeights, quant: Quant | None) -> dict[str, float]:
+    """Weights per type of a build not on disk: llama.cpp's mix for its quant name when
+    that mix has the build's size (quant_mix), else the catalog's main type topped up
+    with the next larger one to match the size."""
+    params = float(_layer_params(text) * text.shape.n_layers)
+    size = sum(text.layers)
+    mix = quant_mix.layer_weights(quant.quant, text.shape) if quant else None
+    if mix is not None:
+        mix_bytes = sum(n * (bytes_per_weight(kind) or 0.0) for kind, n in mix.items())
+        if abs(mix_bytes - size) <= MIX_SIZE_TOLERANCE * size:
+            return mix
+    main = (quant.embd_type if quant and quant.embd_type else "Q4_K").upper()
+    return _mix_for(main, size / max(params, 1.0), params)
 
 
 def _mix_for(main: str, bpw: float, params: float) -> dict[str, float]:

@@ -63,6 +63,24 @@ def validate_run_options(options: RunOptions) -> None:
         raise UsageError("--threads must be at least 1")
     if options.n_batch < 1:
         raise UsageError("--batch must be at least 1")
+    check_speed_target(options.min_speed, model_path=options.model_path,
+                       rpc=bool(options.rpc))
+
+
+def check_speed_target(min_speed: float | None, *, model_path: Path | None = None,
+                       rpc: bool = False) -> None:
+    """--min-speed only where the planner can act on it and knows the speed: choosing
+    among the catalog's builds and contexts, on this machine."""
+    if min_speed is None:
+        return
+    if model_path is not None:
+        raise UsageError("--min-speed picks a build and context from the catalog; with "
+                         "--model FILE the build is fixed: leave out --min-speed (and pass "
+                         "--ctx for a faster, shorter context)")
+    if rpc:
+        raise UsageError("--min-speed does not work with --rpc: a split over RPC workers "
+                         "is not measured here, its speed is only an estimate; leave out "
+                         "--min-speed")
 
 
 def find_build(options: RunOptions, catalog: Catalog | None = None) -> LocalBuild:

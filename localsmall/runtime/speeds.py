@@ -25,7 +25,7 @@ from localsmall.plan.speed import Calibration, CalibrationProgress, MachineKey, 
 from localsmall.plan.speed_cache import load_calibration, load_measured, save_calibration
 
 CALIBRATE_ENV = "LOCALSMALL_CALIBRATE"   # "0": never calibrate (use the cache or estimates)
-CALIBRATION_VERSION = 5                  # bump when the calibration's method changes
+CALIBRATION_VERSION = 6                  # bump when the calibration's method changes
 
 
 def llama_build() -> str:
