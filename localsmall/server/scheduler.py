@@ -25,6 +25,7 @@ from localsmall.errors import ContextFullError, EngineError
 from localsmall.server.errors import ApiError, busy, internal, invalid
 from localsmall.server.slots import SlotChoice, SlotPool
 from localsmall.server.stops import StopMatcher
+from localsmall.server.trace import Stamps, mark
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
@@ -90,6 +91,7 @@ class Job:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
+    trace: Stamps | None = None  # stage times (see trace.py)
 
     def post(self, event: Event) -> None:
         # RuntimeError: the event loop is already closed, nobody is listening.
@@ -191,6 +193,7 @@ class Scheduler:
 
     def _run(self, job: Job) -> None:
         engine = self.engine
+        mark(job.trace, "picked")
         try:
             items = engine.layout(job.prompt)
             reserve = min(job.sampling.max_tokens or 0, engine.n_ctx // 4)
@@ -204,6 +207,7 @@ class Scheduler:
         progress = ProgressLog(lambda line: self._log(RequestLog(job.id, "progress",
                                                                  message=line)),
                                every_s=5.0, after_s=self.progress_after_s)
+        mark(job.trace, "slot")
         generation = engine.generate(job.prompt, job.sampling, progress)
         matcher = StopMatcher(job.stops)
         finish: FinishReason = "stop"
@@ -213,9 +217,11 @@ class Scheduler:
                 if job.cancelled.is_set() or self._stopping:
                     finish = "cancelled"
                     break
+                mark(job.trace, "first_token")
                 text = matcher.feed(event.piece if job.spell_control else event.text)
                 sent.append(text)
                 job.post(Delta(text, event.id))
+                mark(job.trace, "first_posted")
                 if matcher.stopped:
                     break
             else:
