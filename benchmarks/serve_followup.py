@@ -143,8 +143,9 @@ def _turn(base: str, model: str, messages: list[Any], max_tokens: int, **extra: 
     return first, "".join(text), timings
 
 
-CLIENT_STAGES = ("send_request_headers.started", "send_request_body.complete",
-                 "receive_response_headers.complete")
+CLIENT_STAGES = {"send_request_headers.started": "client_sending",
+                 "send_request_body.complete": "client_sent",
+                 "receive_response_headers.complete": "client_got_headers"}
 
 
 def _stages(timings: dict[str, Any]) -> str:
@@ -153,7 +154,8 @@ def _stages(timings: dict[str, Any]) -> str:
     client, server = timings.get("client") or {}, timings.get("trace") or {}
     if not server:
         return ""
-    moments = [(name, client[name]) for name in ("start", *CLIENT_STAGES) if name in client]
+    moments = [(CLIENT_STAGES.get(name, name), client[name])
+               for name in ("start", *CLIENT_STAGES) if name in client]
     moments += sorted(server.items(), key=lambda item: item[1])
     if "slot" in server:  # the engine's own evaluation inside generate
         moments.append(("evaluated", server["slot"] + timings["prompt_ms"] / 1000))
@@ -161,8 +163,7 @@ def _stages(timings: dict[str, Any]) -> str:
     moments.sort(key=lambda item: item[1])
     out, last = [], moments[0][1]
     for name, moment in moments[1:]:
-        out.append(f"{name.split('.')[0].removeprefix('send_request_')} "
-                   f"{(moment - last) * 1000:+.2f}")
+        out.append(f"{name} {(moment - last) * 1000:+.2f}")
         last = moment
     return "    stages (ms after the previous): " + ", ".join(out)
 
@@ -172,6 +173,7 @@ def _conversation(servers: dict[str, tuple[str, str]]) -> None:
     history: dict[str, list[Any]] = {name: [{"role": "system", "content": SYSTEM}]
                                      for name in servers}
     ttft: dict[str, list[float]] = {name: [] for name in servers}
+    ratios: dict[str, list[float]] = {}  # localsmall's, timed from the call / the wire
     for number, question in enumerate(TURNS, 1):
         content: Any = question if number > 1 else [
             {"type": "image_url", "image_url": {"url": picture}},
@@ -183,13 +185,18 @@ def _conversation(servers: dict[str, tuple[str, str]]) -> None:
             history[name].append({"role": "assistant", "content": text})
             ttft[name].append(seconds)
             line.append(f"{name} {seconds * 1000:.0f} ms")
-            if timings:
-                own = timings["prompt_ms"] / 1000
+            own = timings.get("prompt_ms", 0) / 1000
+            if own:
+                client = timings["client"]
+                wire = client["first_content"] - client["send_request_headers.started"]
+                ratios.setdefault("call", []).append(seconds / own)
+                ratios.setdefault("wire", []).append(wire / own)
                 line.append(f"(new {timings['prompt_n']} of "
                             f"{timings['prompt_n'] + timings['cache_n']} positions, "
-                            f"their evaluation {own * 1000:.0f} ms, engine's first token "
+                            f"their evaluation {own * 1000:.1f} ms, engine's first token "
                             f"{timings['first_token_ms']:.0f} ms -> ratio "
-                            f"{seconds / own:.2f})" if own else "")
+                            f"{seconds / own:.2f}; from the first byte sent "
+                            f"{wire * 1000:.1f} ms -> {wire / own:.2f})")
             stages = stages or _stages(timings)
         if len(servers) == 2:
             a, b = ttft.values()
@@ -197,6 +204,12 @@ def _conversation(servers: dict[str, tuple[str, str]]) -> None:
         print(" ".join(line), flush=True)
         if stages:
             print(stages, flush=True)
+    for kind, values in ratios.items():
+        follow = values[1:]
+        print(f"ratio TTFT/evaluation, turns 2-{len(values)}, timed from "
+              f"{'the call' if kind == 'call' else 'the first byte sent'}: "
+              + " ".join(f"{v:.2f}" for v in follow)
+              + f" (median {sorted(follow)[len(follow) // 2]:.2f})", flush=True)
 
 
 def _speed(base: str, model: str, gguf: Path, threads: int) -> None:
