@@ -9,7 +9,12 @@ Targets: from turn 2 on, localsmall's time to first token within 10% of its new 
 evaluation, and at least 5x faster than llama_cpp.server by turn 6; tokens/s within 3% of
 `localsmall run`.
 
-    .venv/bin/python benchmarks/serve_followup.py [--threads 2]
+    .venv/bin/python benchmarks/serve_followup.py [--threads 2] [--localsmall-only]
+
+The time to first token is given from the call (the client encoding its JSON included)
+and from the first byte sent. localsmall runs with LOCALSMALL_SERVE_TRACE=1, so each turn
+also shows where the time went: the client's and the server's stages on one clock
+(perf_counter is CLOCK_MONOTONIC on Linux), each as milliseconds after the previous one.
 
 llama_cpp.server needs its extras: pip install fastapi sse-starlette starlette-context
 pydantic-settings. On a CPU with AMX, its quantized weights are kept out of the AMX
