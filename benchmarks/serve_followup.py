@@ -81,7 +81,7 @@ def _llama_cpp_server_child(argv: list[str]) -> None:
 
 @contextlib.contextmanager
 def _process(cmd: list[str], health: str, log: Path, **env_extra: str) -> Iterator[None]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **env_extra)
+    env = dict(os.environ, **{"PYTHONPATH": str(ROOT), **env_extra})
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
