@@ -9,7 +9,12 @@ Targets: from turn 2 on, localsmall's time to first token within 10% of its new 
 evaluation, and at least 5x faster than llama_cpp.server by turn 6; tokens/s within 3% of
 `localsmall run`.
 
-    .venv/bin/python benchmarks/serve_followup.py [--threads 2]
+    .venv/bin/python benchmarks/serve_followup.py [--threads 2] [--localsmall-only]
+
+The time to first token is given from the call (the client encoding its JSON included)
+and from the first byte sent. localsmall runs with LOCALSMALL_SERVE_TRACE=1, so each turn
+also shows where the time went: the client's and the server's stages on one clock
+(perf_counter is CLOCK_MONOTONIC on Linux), each as milliseconds after the previous one.
 
 llama_cpp.server needs its extras: pip install fastapi sse-starlette starlette-context
 pydantic-settings. On a CPU with AMX, its quantized weights are kept out of the AMX
@@ -75,8 +80,8 @@ def _llama_cpp_server_child(argv: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], health: str, log: Path) -> Iterator[None]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _process(cmd: list[str], health: str, log: Path, **env_extra: str) -> Iterator[None]:
+    env = dict(os.environ, **{"PYTHONPATH": str(ROOT), **env_extra})
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
@@ -112,13 +117,21 @@ def _client(base: str) -> httpx2.Client:
 
 def _turn(base: str, model: str, messages: list[Any], max_tokens: int, **extra: Any
           ) -> tuple[float, str, dict[str, Any]]:
-    """Stream one reply: (seconds to the first token, the reply, localsmall's timings)."""
+    """Stream one reply: (seconds to the first token, the reply, localsmall's timings).
+    The timings get the client's own stage moments (`client`, perf_counter seconds)."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
             "temperature": 0, **extra}
     client = _client(base)
+    stamps: dict[str, float] = {}
+
+    def on_trace(event: str, info: Any) -> None:
+        stamps.setdefault(event.split(".", 1)[1], time.perf_counter())
+
     start = time.perf_counter()
+    stamps["start"] = start
     first, text, timings = 0.0, [], {}
-    with client.stream("POST", f"{base}/chat/completions", json=body) as reply:
+    with client.stream("POST", f"{base}/chat/completions", json=body,
+                       extensions={"trace": on_trace}) as reply:
         for line in reply.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -128,8 +141,36 @@ def _turn(base: str, model: str, messages: list[Any], max_tokens: int, **extra: 
                 piece = choice["delta"].get("content")
                 if piece and not first:
                     first = time.perf_counter() - start
+                    stamps["first_content"] = start + first
                 text.append(piece or "")
+    if timings:
+        timings["client"] = stamps
     return first, "".join(text), timings
+
+
+CLIENT_STAGES = {"send_request_headers.started": "client_sending",
+                 "send_request_body.complete": "client_sent",
+                 "receive_response_headers.complete": "client_got_headers"}
+
+
+def _stages(timings: dict[str, Any]) -> str:
+    """Where the time to first token went (LOCALSMALL_SERVE_TRACE=1): each stage's
+    milliseconds after the previous one, client and server on one clock."""
+    client, server = timings.get("client") or {}, timings.get("trace") or {}
+    if not server:
+        return ""
+    moments = [(CLIENT_STAGES.get(name, name), client[name])
+               for name in ("start", *CLIENT_STAGES) if name in client]
+    moments += sorted(server.items(), key=lambda item: item[1])
+    if "slot" in server:  # the engine's own evaluation inside generate
+        moments.append(("evaluated", server["slot"] + timings["prompt_ms"] / 1000))
+    moments.append(("client_first_content", client["first_content"]))
+    moments.sort(key=lambda item: item[1])
+    out, last = [], moments[0][1]
+    for name, moment in moments[1:]:
+        out.append(f"{name} {(moment - last) * 1000:+.2f}")
+        last = moment
+    return "    stages (ms after the previous): " + ", ".join(out)
 
 
 def _conversation(servers: dict[str, tuple[str, str]]) -> None:
@@ -137,28 +178,43 @@ def _conversation(servers: dict[str, tuple[str, str]]) -> None:
     history: dict[str, list[Any]] = {name: [{"role": "system", "content": SYSTEM}]
                                      for name in servers}
     ttft: dict[str, list[float]] = {name: [] for name in servers}
+    ratios: dict[str, list[float]] = {}  # localsmall's, timed from the call / the wire
     for number, question in enumerate(TURNS, 1):
         content: Any = question if number > 1 else [
             {"type": "image_url", "image_url": {"url": picture}},
             {"type": "text", "text": question}]
-        line = [f"turn {number}:"]
+        line, stages = [f"turn {number}:"], ""
         for name, (base, model) in servers.items():
             history[name].append({"role": "user", "content": content})
             seconds, text, timings = _turn(base, model, history[name], REPLY_TOKENS)
             history[name].append({"role": "assistant", "content": text})
             ttft[name].append(seconds)
             line.append(f"{name} {seconds * 1000:.0f} ms")
-            if timings:
-                own = timings["prompt_ms"] / 1000
+            own = timings.get("prompt_ms", 0) / 1000
+            if own:
+                client = timings["client"]
+                wire = client["first_content"] - client["send_request_headers.started"]
+                ratios.setdefault("call", []).append(seconds / own)
+                ratios.setdefault("wire", []).append(wire / own)
                 line.append(f"(new {timings['prompt_n']} of "
                             f"{timings['prompt_n'] + timings['cache_n']} positions, "
-                            f"their evaluation {own * 1000:.0f} ms, engine's first token "
+                            f"their evaluation {own * 1000:.1f} ms, engine's first token "
                             f"{timings['first_token_ms']:.0f} ms -> ratio "
-                            f"{seconds / own:.2f})" if own else "")
+                            f"{seconds / own:.2f}; from the first byte sent "
+                            f"{wire * 1000:.1f} ms -> {wire / own:.2f})")
+            stages = stages or _stages(timings)
         if len(servers) == 2:
             a, b = ttft.values()
             line.append(f"-> localsmall x{b[-1] / a[-1]:.1f} faster")
         print(" ".join(line), flush=True)
+        if stages:
+            print(stages, flush=True)
+    for kind, values in ratios.items():
+        follow = values[1:]
+        print(f"ratio TTFT/evaluation, turns 2-{len(values)}, timed from "
+              f"{'the call' if kind == 'call' else 'the first byte sent'}: "
+              + " ".join(f"{v:.2f}" for v in follow)
+              + f" (median {sorted(follow)[len(follow) // 2]:.2f})", flush=True)
 
 
 def _speed(base: str, model: str, gguf: Path, threads: int) -> None:
@@ -181,6 +237,8 @@ def _speed(base: str, model: str, gguf: Path, threads: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--localsmall-only", action="store_true",
+                        help="time localsmall's turns only (no llama_cpp.server, no speed)")
     parser.add_argument("--llama-cpp-server-child", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.llama_cpp_server_child is not None:
@@ -201,15 +259,20 @@ def main() -> None:
 
     print(f"model {gguf.name} + {mmproj.name}, {args.threads} threads; "
           f"{reference_placement().note}", flush=True)
-    with _process(ours_cmd, f"http://127.0.0.1:{ours}/health", logs / "serve.log"), \
-            _process(theirs_cmd, f"http://127.0.0.1:{theirs}/v1/models", logs / "llama.log"):
+    with contextlib.ExitStack() as running:
+        running.enter_context(_process(ours_cmd, f"http://127.0.0.1:{ours}/health",
+                                       logs / "serve.log", LOCALSMALL_SERVE_TRACE="1"))
         base = f"http://127.0.0.1:{ours}/v1"
-        model = httpx2.get(f"{base}/models").json()["data"][0]["id"]
-        their_base = f"http://127.0.0.1:{theirs}/v1"
-        their_model = httpx2.get(f"{their_base}/models").json()["data"][0]["id"]
-        _conversation({"localsmall": (base, model), "llama_cpp.server": (their_base,
-                                                                         their_model)})
-        _speed(base, model, gguf, args.threads)
+        servers = {"localsmall": (base, httpx2.get(f"{base}/models").json()["data"][0]["id"])}
+        if not args.localsmall_only:
+            running.enter_context(_process(theirs_cmd, f"http://127.0.0.1:{theirs}/v1/models",
+                                           logs / "llama.log"))
+            their_base = f"http://127.0.0.1:{theirs}/v1"
+            servers["llama_cpp.server"] = (
+                their_base, httpx2.get(f"{their_base}/models").json()["data"][0]["id"])
+        _conversation(servers)
+        if not args.localsmall_only:
+            _speed(base, servers["localsmall"][1], gguf, args.threads)
 
 
 if __name__ == "__main__":

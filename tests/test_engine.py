@@ -47,6 +47,23 @@ def test_greedy_is_deterministic(engine: Engine) -> None:
     assert first.token_ids == second.token_ids
 
 
+def test_plain_greedy_picks_what_llama_cpps_greedy_sampler_picks(engine: Engine) -> None:
+    """Plain greedy replies take the argmax of the logits directly (sampler.argmax_token);
+    a zero logit bias sends the same reply through llama.cpp's sampler chain instead."""
+    from dataclasses import replace
+
+    from localsmall.engine.sampler import plain_greedy
+
+    through_chain = replace(GREEDY, max_tokens=24, logit_bias=((0, 0.0),))
+    assert plain_greedy(replace(GREEDY, max_tokens=24)) and not plain_greedy(through_chain)
+    replies = []
+    for sampling in (replace(GREEDY, max_tokens=24), through_chain):
+        engine.reset()
+        replies.append(engine.generate(_prompt(engine, "Count to ten"), sampling).run())
+    assert replies[0].token_ids == replies[1].token_ids
+    assert len(replies[0].token_ids) > 1
+
+
 def test_quantized_model_runs_a_multi_token_prompt(tiny) -> None:
     # Batched decode of a K-quant model: the path that crashes on AMX CPUs unless the
     # engine keeps weights out of the AMX buffer.

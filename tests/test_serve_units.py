@@ -330,3 +330,111 @@ def test_connections_send_without_delay() -> None:
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_resent_data_url_is_found_and_a_near_twin_is_not(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """Recent data: URLs are found again without decoding; a URL that shares the cheap
+    lookup key (length and the sampled slices) but differs elsewhere is never taken for
+    it."""
+    import asyncio
+    import base64
+
+    from localsmall.server import image_urls
+    from localsmall.server.image_urls import ImageLimits, RecentImages, load_image
+    from tests.tinymodels import image_bytes
+
+    monkeypatch.setattr(image_urls, "RECENT", RecentImages())
+    url = "data:image/png;base64," + base64.b64encode(image_bytes(64, 48)).decode()
+    limits = ImageLimits()
+    first = asyncio.run(load_image(ImageRef(url, "p"), limits, 1))
+    decoded: list[str] = []
+    real_decode = image_urls.decode_data_url
+    monkeypatch.setattr(image_urls, "decode_data_url",
+                        lambda ref, lim: decoded.append(ref.url) or real_decode(ref, lim))
+    assert asyncio.run(load_image(ImageRef(url[:10] + url[10:], "q"), limits, 1)) is first
+    assert decoded == []  # found again, not decoded
+    assert image_urls.known_image(ImageRef(url, "r"), limits) is first
+    assert image_urls.known_image(ImageRef(url, "r"), ImageLimits(max_tokens=40)) is None
+    # Same length, start, middle and end: one base64 character changed after the start.
+    i = 100
+    twin = url[:i] + ("A" if url[i] != "A" else "B") + url[i + 1:]
+    assert RecentImages._key(twin, limits) == RecentImages._key(url, limits)
+    assert image_urls.known_image(ImageRef(twin, "s"), limits) is None
+
+
+def test_recent_images_are_bounded_by_count_and_characters() -> None:
+    from localsmall.server.image_urls import ImageLimits, RecentImages
+
+    limits = ImageLimits()
+    recent = RecentImages(size=2, max_chars=100)
+    image = object()
+    for url in ("data:a" * 5, "data:b" * 5, "data:c" * 5):
+        recent.put(url, limits, image)  # type: ignore[arg-type]
+    assert recent.get("data:a" * 5, limits) is None  # the oldest went (count)
+    assert recent.get("data:c" * 5, limits) is image
+    recent.put("data:d" * 15, limits, image)  # type: ignore[arg-type]  # 90 characters
+    assert recent.get("data:b" * 5, limits) is None  # went for room (characters)
+    assert recent.get("data:d" * 15, limits) is image
+    recent.put("data:" + "e" * 200, limits, image)  # type: ignore[arg-type]  # never kept
+    assert recent.get("data:" + "e" * 200, limits) is None
+
+
+def test_stage_trace_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from localsmall.engine.types import TurnStats
+    from localsmall.server.responses import timings
+    from localsmall.server.trace import mark, new_trace
+
+    monkeypatch.delenv("LOCALSMALL_SERVE_TRACE", raising=False)
+    assert new_trace() is None
+    mark(None, "anything")  # a no-op
+    assert "trace" not in timings(TurnStats())
+    monkeypatch.setenv("LOCALSMALL_SERVE_TRACE", "1")
+    trace = new_trace()
+    assert trace == {}
+    mark(trace, "a")
+    first = trace["a"]
+    mark(trace, "a")  # the first end counts
+    mark(trace, "b")
+    assert trace["a"] == first <= trace["b"]
+    assert timings(TurnStats(), trace)["trace"] == trace
+
+
+def test_scheduler_stages_and_log_order(shared: Engine) -> None:
+    """A traced job records the worker's stages in order, and the request log says
+    'started' before the end line even though it is written after the first token."""
+    import asyncio
+
+    from localsmall.server.prompting import ReplyMemory
+    from localsmall.server.scheduler import Finished, Job, RequestLog, Scheduler
+
+    for kv in shared.sequences:
+        kv.truncate(0)
+    entries: list[RequestLog] = []
+    scheduler = Scheduler(shared, replies=ReplyMemory(), on_log=entries.append)
+    traces = []
+
+    async def one_request(tokens: int) -> object:
+        job = Job(f"chatcmpl-stages{tokens}", _prompt(shared, f"count {tokens}"),
+                  SamplingSettings(temperature=0, max_tokens=tokens),
+                  asyncio.get_running_loop(), trace={})
+        traces.append(job.trace)
+        scheduler.submit(job)
+        while True:
+            event = await asyncio.wait_for(job.events.get(), 120)
+            if not hasattr(event, "token_id"):
+                return event
+
+    scheduler.start()
+    try:
+        for tokens in (1, 5):
+            assert isinstance(asyncio.run(one_request(tokens)), Finished)
+    finally:
+        scheduler.stop()
+    for trace in traces:
+        assert trace is not None
+        assert list(trace) == ["picked", "slot", "first_token", "first_posted"]
+        assert sorted(trace.values()) == list(trace.values())
+    phases = [(e.id, e.phase) for e in entries]
+    assert phases == [("chatcmpl-stages1", "started"), ("chatcmpl-stages1", "finished"),
+                      ("chatcmpl-stages5", "started"), ("chatcmpl-stages5", "finished")]

@@ -37,7 +37,7 @@ from localsmall.engine.loading import flash_attn_type, load_model, model_info, n
 from localsmall.engine.read_ahead import ReadAhead
 from localsmall.engine.read_progress import CALLBACK_SHARE, ReadProgress, image_progress
 from localsmall.engine.repack import RepackOverrides
-from localsmall.engine.sampler import sampler_chain
+from localsmall.engine.sampler import argmax_token, plain_greedy, sampler_chain
 from localsmall.engine.state import StateMeta, engine_fingerprint, load_kv_state, save_kv_state
 from localsmall.engine.tokenizer import Tokenizer
 from localsmall.engine.types import (
@@ -468,6 +468,7 @@ class Engine:
                 llama.llama_sampler_free(sampler)
                 raise
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        greedy, n_vocab = plain_greedy(sampling), self.tokenizer.n_tokens
         stop: StopReason = ""
         first_token_at = 0.0
         gen_start = time.perf_counter()
@@ -477,6 +478,7 @@ class Engine:
                     stop = "interrupted"
                     break
                 token = (constrained.sample(self.ctx) if constrained is not None
+                         else argmax_token(llama, self.ctx, n_vocab) if greedy
                          else llama.llama_sampler_sample(sampler, self.ctx, -1))
                 if not result.token_ids:
                     first_token_at = time.perf_counter()

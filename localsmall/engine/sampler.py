@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from localsmall.engine.types import SamplingSettings
 
 _RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: a random seed each time
@@ -35,3 +37,19 @@ def sampler_chain(llama: Any, n_vocab: int, sampling: SamplingSettings) -> Any:
     seed = sampling.seed if sampling.seed is not None else _RANDOM_SEED
     add(chain, llama.llama_sampler_init_dist(seed))
     return chain
+
+
+def plain_greedy(sampling: SamplingSettings) -> bool:
+    """Whether `sampling` is the most likely token and nothing else (no penalty, bias or
+    grammar): then `argmax_token` gives what the sampler chain would."""
+    return (sampling.temperature <= 0 and not sampling.logit_bias
+            and sampling.repeat_penalty == 1.0 and not sampling.presence_penalty
+            and not sampling.frequency_penalty and sampling.constraint is None)
+
+
+def argmax_token(llama: Any, ctx: Any, n_vocab: int) -> int:
+    """The most likely next token (the first of equals, as llama.cpp's greedy sampler
+    picks). llama_sampler_sample copies all logits into a candidate array first:
+    ~0.12 ms per token for a 131k vocabulary, against ~0.01 ms here."""
+    logits = llama.llama_get_logits_ith(ctx, -1)
+    return int(np.ctypeslib.as_array(logits, shape=(n_vocab,)).argmax())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,10 +25,12 @@ def usage(stats: TurnStats, completion_tokens: int) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": stats.reused_tokens}}
 
 
-def timings(stats: TurnStats) -> dict[str, Any]:
+def timings(stats: TurnStats, trace: dict[str, float] | None = None) -> dict[str, Any]:
     """Where the time went (an extra field, as llama.cpp's server sends; OpenAI clients
-    ignore it): prompt positions evaluated and reused, and the speeds."""
-    return {"prompt_n": stats.evaluated_tokens, "cache_n": stats.reused_tokens,
+    ignore it): prompt positions evaluated and reused, and the speeds; with `trace`
+    (LOCALSMALL_SERVE_TRACE=1, see trace.py) the moment each stage of the request ended."""
+    extra = {"trace": dict(trace)} if trace is not None else {}
+    return extra | {"prompt_n": stats.evaluated_tokens, "cache_n": stats.reused_tokens,
             "prompt_ms": round(stats.prompt_eval_s * 1000, 3),
             "images_encoded": stats.images_encoded,
             "first_token_ms": round(stats.time_to_first_token_s * 1000, 3),
@@ -71,8 +72,10 @@ def usage_chunk(*, id: str, model: str, created: int, usage: dict[str, Any]) -> 
 
 def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {text}\n\n".encode()
+    import orjson
+
+    text = data.encode() if isinstance(data, str) else orjson.dumps(data)
+    return b"data: " + text + b"\n\n"
 
 
 def model_list(model_ids: tuple[str, ...], created: int) -> dict[str, Any]:

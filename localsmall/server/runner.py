@@ -105,8 +105,11 @@ def serve(*, config: ServerConfig, load: Load, host: str, port: int, system_prom
 
     sock = bind(host, port)
     state = ServerState(config)
-    uv_config = uvicorn.Config(create_app(state), log_level="error", access_log=False,
-                               lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    # httptools parses requests in C: a follow-up carrying a 600 KB image reaches the
+    # app ~0.4 ms sooner than with h11 (benchmarks/serve_followup.py).
+    uv_config = uvicorn.Config(create_app(state), http="httptools", log_level="error",
+                               access_log=False, lifespan="off",
+                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                                timeout_keep_alive=5)
     server = _Server(uv_config, state, stop)
     loader = _Loader(state, load, server, system_prompt=system_prompt, max_queue=max_queue,

@@ -25,6 +25,7 @@ from localsmall.errors import ContextFullError, EngineError
 from localsmall.server.errors import ApiError, busy, internal, invalid
 from localsmall.server.slots import SlotChoice, SlotPool
 from localsmall.server.stops import StopMatcher
+from localsmall.server.trace import Stamps, mark
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
@@ -90,6 +91,8 @@ class Job:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
+    trace: Stamps | None = None  # stage times (see trace.py)
+    start_logged: bool = False
 
     def post(self, event: Event) -> None:
         # RuntimeError: the event loop is already closed, nobody is listening.
@@ -189,8 +192,18 @@ class Scheduler:
             with contextlib.suppress(Exception):  # a display problem must not stop serving
                 self.on_log(entry)
 
+    def _log_start(self, job: Job, slot: SlotChoice) -> None:
+        """The request's "started" line, once: written with its second token (or as a slow
+        step is reported, or it ends), so that neither the line nor the terminal hold up
+        the first token on its way to the client."""
+        if not job.start_logged:
+            job.start_logged = True
+            self._log(RequestLog(job.id, "started", slot=slot.seq_id, waiting=self.waiting,
+                                 cached_tokens=slot.reused_positions))
+
     def _run(self, job: Job) -> None:
         engine = self.engine
+        mark(job.trace, "picked")
         try:
             items = engine.layout(job.prompt)
             reserve = min(job.sampling.max_tokens or 0, engine.n_ctx // 4)
@@ -198,12 +211,14 @@ class Scheduler:
         except EngineError as exc:
             job.post(Failed(invalid("messages", str(exc))))
             return
-        self._log(RequestLog(job.id, "started", slot=slot.seq_id, waiting=self.waiting,
-                             cached_tokens=slot.reused_positions))
+
+        def log_progress(line: str) -> None:
+            self._log_start(job, slot)
+            self._log(RequestLog(job.id, "progress", message=line))
+
         # Long steps (an image encoded, a long prompt read) show in the request log.
-        progress = ProgressLog(lambda line: self._log(RequestLog(job.id, "progress",
-                                                                 message=line)),
-                               every_s=5.0, after_s=self.progress_after_s)
+        progress = ProgressLog(log_progress, every_s=5.0, after_s=self.progress_after_s)
+        mark(job.trace, "slot")
         generation = engine.generate(job.prompt, job.sampling, progress)
         matcher = StopMatcher(job.stops)
         finish: FinishReason = "stop"
@@ -213,9 +228,13 @@ class Scheduler:
                 if job.cancelled.is_set() or self._stopping:
                     finish = "cancelled"
                     break
+                mark(job.trace, "first_token")
                 text = matcher.feed(event.piece if job.spell_control else event.text)
                 sent.append(text)
                 job.post(Delta(text, event.id))
+                mark(job.trace, "first_posted")
+                if len(sent) == 2:  # the first token is sent by now (see _log_start)
+                    self._log_start(job, slot)
                 if matcher.stopped:
                     break
             else:
@@ -225,16 +244,19 @@ class Scheduler:
             finish = "cancelled"
         except ContextFullError as exc:
             generation.close()
+            self._log_start(job, slot)
             job.post(Failed(invalid("messages", str(exc), code="context_length_exceeded")))
             self._log(RequestLog(job.id, "failed", message=str(exc)))
             return
         except EngineError as exc:
             generation.close()
+            self._log_start(job, slot)
             job.post(Failed(internal(str(exc))))
             self._log(RequestLog(job.id, "failed", message=str(exc)))
             return
         finally:
             generation.close()
+            self._log_start(job, slot)  # before the end line, whatever the end
         self._finish(job, generation.result, finish, matcher, sent, slot)
 
     def _finish(self, job: Job, result: object, finish: FinishReason, matcher: StopMatcher,
