@@ -153,6 +153,18 @@ def test_cli_refuses_a_port_in_use_and_bad_flags(tiny: TinyModels) -> None:
         assert result.exit_code == 2 and message in result.output
 
 
+async def _last_event(scheduler: object, job: object) -> object:
+    """Submit `job` to `scheduler` and return its first event that is not a token (its
+    end). Imports stay inside the tests, as the server's modules do for the engine."""
+    import asyncio
+
+    scheduler.submit(job)  # type: ignore[attr-defined]
+    while True:
+        event = await asyncio.wait_for(job.events.get(), 120)  # type: ignore[attr-defined]
+        if not hasattr(event, "token_id"):
+            return event
+
+
 def test_long_steps_reach_the_request_log(shared: Engine) -> None:
     """The scheduler hands the engine a progress callback whose lines reach the request
     log (every step counts as long here, so the test does not depend on speed)."""
@@ -170,11 +182,7 @@ def test_long_steps_reach_the_request_log(shared: Engine) -> None:
     async def one_request() -> object:
         job = Job("chatcmpl-progress", _prompt(shared, "word " * 100),
                   SamplingSettings(temperature=0, max_tokens=2), asyncio.get_running_loop())
-        scheduler.submit(job)
-        while True:
-            event = await asyncio.wait_for(job.events.get(), 120)
-            if not hasattr(event, "token_id"):
-                return event
+        return await _last_event(scheduler, job)
 
     scheduler.start()
     try:
@@ -419,11 +427,7 @@ def test_scheduler_stages_and_log_order(shared: Engine) -> None:
                   SamplingSettings(temperature=0, max_tokens=tokens),
                   asyncio.get_running_loop(), trace={})
         traces.append(job.trace)
-        scheduler.submit(job)
-        while True:
-            event = await asyncio.wait_for(job.events.get(), 120)
-            if not hasattr(event, "token_id"):
-                return event
+        return await _last_event(scheduler, job)
 
     scheduler.start()
     try:
