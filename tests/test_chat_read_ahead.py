@@ -33,6 +33,14 @@ def _spawn(tiny, *extra: str, env: dict[str, str] | None = None) -> pexpect.spaw
                          dimensions=(40, 220), timeout=120)
 
 
+def _transcript(child: pexpect.spawn, log: Path) -> str:
+    """The text of a chat that has ended: it left cleanly, without a traceback."""
+    child.close()
+    text = log.read_text()
+    assert child.exitstatus == 0 and "Traceback" not in text, text
+    return text
+
+
 def _chat_once(tiny, saved: Path, log: Path) -> str:
     """Start a chat, type at once, save the chat, leave; the transcript's text."""
     child = _spawn(tiny)
@@ -47,10 +55,7 @@ def _chat_once(tiny, saved: Path, log: Path) -> str:
         child.expect(PROMPT)
         child.sendcontrol("d")
         child.expect(pexpect.EOF)
-    child.close()
-    text = log.read_text()
-    assert child.exitstatus == 0 and "Traceback" not in text, text
-    return text
+    return _transcript(child, log)
 
 
 def _cached(transcript: str) -> int:
@@ -94,9 +99,7 @@ def test_ctrl_c_during_the_read_keeps_the_chat(tiny, tmp_path: Path) -> None:
         child.expect(PROMPT)
         child.sendcontrol("d")
         child.expect(pexpect.EOF)
-    child.close()
-    text = log.read_text()
-    assert child.exitstatus == 0 and "Traceback" not in text, text
+    _transcript(child, log)
 
 
 def test_leaving_during_the_read(tiny, tmp_path: Path) -> None:
@@ -107,6 +110,4 @@ def test_leaving_during_the_read(tiny, tmp_path: Path) -> None:
         child.expect(PROMPT)
         child.send("/exit\r")                # the read is cancelled, the engine closed
         child.expect(pexpect.EOF)
-    child.close()
-    text = log.read_text()
-    assert child.exitstatus == 0 and "Traceback" not in text, text
+    _transcript(child, log)

@@ -8,7 +8,6 @@ Skipped where this llama.cpp build or CPU has no CPU_REPACK buffer type."""
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 
 from localsmall.engine import devices, loading, native
 from localsmall.engine.devices import BackendDevice, list_devices
+from localsmall.engine.logits import output_rows
 from localsmall.engine.model import Engine
 from localsmall.engine.repack import repack_buffer_type, repack_overrides, repack_supports
 from localsmall.engine.types import EngineSettings, ImageSlot, SamplingSettings, TokenRun
@@ -121,9 +121,7 @@ def _decode(engine: Engine, runs: Sequence[tuple[int, Sequence[int]]], batch: in
             assert llama.llama_decode(ctx, handle) == 0
             n_out = sum(wanted[start:start + len(chunk)])
             if n_out:
-                logits = ctypes.cast(llama.llama_get_logits(ctx),
-                                     ctypes.POINTER(ctypes.c_float))
-                out[done:done + n_out] = np.ctypeslib.as_array(logits, shape=(n_out, n_vocab))
+                out[done:done + n_out] = output_rows(llama, ctx, n_out, n_vocab)
                 done += n_out
     finally:
         llama.llama_batch_free(handle)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -70,11 +70,17 @@ def chunk_logits(engine: Engine, tokens: Sequence[int], first: int) -> np.ndarra
                 raise EngineError(f"llama.cpp failed to evaluate the text (status {status})"
                                   f"{native.last_error_suffix()}")
             if n_out:
-                logits = ctypes.cast(llama.llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float))
-                out[done:done + n_out] = np.ctypeslib.as_array(logits, shape=(n_out, n_vocab))
+                out[done:done + n_out] = output_rows(llama, ctx, n_out, n_vocab)
                 done += n_out
     finally:
         llama.llama_batch_free(batch)
         llama.llama_memory_clear(llama.llama_get_memory(ctx), True)
         engine.reset()
     return out
+
+
+def output_rows(llama: Any, ctx: Any, n_out: int, n_vocab: int) -> np.ndarray:
+    """A view of the logits of the last llama_decode call's `n_out` output positions
+    (valid until the next call: copy what must outlive it)."""
+    logits = ctypes.cast(llama.llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(logits, shape=(n_out, n_vocab))

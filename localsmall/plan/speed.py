@@ -205,11 +205,19 @@ def kernel(calibration: Calibration, ggml_type: str) -> KernelTiming:
     return KernelTiming(kernels[nearest].gen_s * ratio, kernels[nearest].pp_s)
 
 
+def marginal_per_weight(timing: KernelTiming, n_calibrated: int) -> float:
+    """Seconds per weight of each prompt token in a batch beyond the one pass over the
+    weights every batch makes (`gen_s`), from a batch of `n_calibrated` tokens."""
+    if n_calibrated <= 1:
+        return timing.pp_s
+    return max((timing.pp_s * n_calibrated - timing.gen_s) / (n_calibrated - 1), 0.0)
+
+
 def prompt_per_weight(timing: KernelTiming, n_calibrated: int, n_batch: int) -> float:
     """Seconds per weight and prompt token in a batch of `n_batch` (module docstring)."""
     if n_calibrated <= 1:
         return timing.pp_s
-    marginal = max((timing.pp_s * n_calibrated - timing.gen_s) / (n_calibrated - 1), 0.0)
+    marginal = marginal_per_weight(timing, n_calibrated)
     n = max(n_batch, 1)
     return (timing.gen_s + marginal * (n - 1)) / n
 

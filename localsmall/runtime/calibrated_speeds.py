@@ -16,7 +16,7 @@ from pathlib import Path
 
 from localsmall.chat.speeds import CALIBRATED, Speeds
 from localsmall.plan.hardware import Hardware
-from localsmall.plan.speed import Calibration, kernel, weight_mix
+from localsmall.plan.speed import Calibration, kernel, marginal_per_weight, weight_mix
 
 
 def calibrated_speeds(calibration: Calibration, *, model_path: Path, planned: Speeds
@@ -37,7 +37,7 @@ def calibrated_speeds(calibration: Calibration, *, model_path: Path, planned: Sp
     for kind, params in layers.items():
         timing = kernel(calibration, kind)
         batch_s += params * timing.gen_s
-        token_s += params * max((timing.pp_s * n - timing.gen_s) / (n - 1), 0.0)
+        token_s += params * marginal_per_weight(timing, n)
     for kind, params in output.items():  # the output head: once per call (last position)
         batch_s += params * kernel(calibration, kind).gen_s
     if batch_s <= 0 or token_s <= 0:

@@ -84,9 +84,6 @@ def image_policy(engine: Engine, build: LocalBuild, *, max_tokens: int | None = 
         return shape
     hardware = hardware or detect()
     planned = planned_speeds(engine, build, hardware)
-    calibration = cached_calibration(hardware, engine.n_threads)
-    calibrated = (calibrated_speeds(calibration, model_path=Path(build.model_path),
-                                    planned=planned) if calibration is not None else None)
     remember = None
     try:
         where = speed_memory.memory_path(model=Path(build.model_path), mmproj=build.mmproj_path,
@@ -96,7 +93,12 @@ def image_policy(engine: Engine, build: LocalBuild, *, max_tokens: int | None = 
     else:
         stored = speed_memory.recall(where)
         remember = functools.partial(speed_memory.remember, where)
-    return replace(shape, auto=True, base=stored or calibrated or planned, remember=remember)
+    if stored is not None:  # a measurement beats the calibration: no need to read either
+        return replace(shape, auto=True, base=stored, remember=remember)
+    calibration = cached_calibration(hardware, engine.n_threads)
+    calibrated = (calibrated_speeds(calibration, model_path=Path(build.model_path),
+                                    planned=planned) if calibration is not None else None)
+    return replace(shape, auto=True, base=calibrated or planned, remember=remember)
 
 
 def planned_speeds(engine: Engine, build: LocalBuild, hardware: Hardware) -> Speeds:
