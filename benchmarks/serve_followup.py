@@ -173,9 +173,12 @@ def _stages(timings: dict[str, Any]) -> str:
     return "    stages (ms after the previous): " + ", ".join(out)
 
 
-def _conversation(servers: dict[str, tuple[str, str]]) -> None:
+def _conversation(servers: dict[str, tuple[str, str]], system: str = SYSTEM
+                  ) -> dict[str, list[float]]:
+    """One 6-turn conversation; returns localsmall's TTFT/evaluation ratios of turns 2-6,
+    timed from the call and from the first byte sent."""
     picture = _picture()
-    history: dict[str, list[Any]] = {name: [{"role": "system", "content": SYSTEM}]
+    history: dict[str, list[Any]] = {name: [{"role": "system", "content": system}]
                                      for name in servers}
     ttft: dict[str, list[float]] = {name: [] for name in servers}
     ratios: dict[str, list[float]] = {}  # localsmall's, timed from the call / the wire
@@ -214,7 +217,12 @@ def _conversation(servers: dict[str, tuple[str, str]]) -> None:
         print(f"ratio TTFT/evaluation, turns 2-{len(values)}, timed from "
               f"{'the call' if kind == 'call' else 'the first byte sent'}: "
               + " ".join(f"{v:.2f}" for v in follow)
-              + f" (median {sorted(follow)[len(follow) // 2]:.2f})", flush=True)
+              + f" (median {_median(follow):.2f})", flush=True)
+    return {kind: values[1:] for kind, values in ratios.items()}
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _speed(base: str, model: str, gguf: Path, threads: int) -> None:
@@ -239,6 +247,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--localsmall-only", action="store_true",
                         help="time localsmall's turns only (no llama_cpp.server, no speed)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="conversations to time (each with its own system prompt, so "
+                        "none finds another in the cache); the summary pools their turns")
     parser.add_argument("--llama-cpp-server-child", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.llama_cpp_server_child is not None:
@@ -270,7 +281,17 @@ def main() -> None:
             their_base = f"http://127.0.0.1:{theirs}/v1"
             servers["llama_cpp.server"] = (
                 their_base, httpx2.get(f"{their_base}/models").json()["data"][0]["id"])
-        _conversation(servers)
+        pooled: dict[str, list[float]] = {}
+        for number in range(args.rounds):
+            system = SYSTEM if number == 0 else f"{SYSTEM} (Conversation {number + 1}.)"
+            for kind, values in _conversation(servers, system).items():
+                pooled.setdefault(kind, []).extend(values)
+        if args.rounds > 1:
+            for kind, values in pooled.items():
+                print(f"all {args.rounds} conversations, turns 2-6, timed from "
+                      f"{'the call' if kind == 'call' else 'the first byte sent'}: median "
+                      f"{_median(values):.3f}, {len(values)} turns, load "
+                      f"{os.getloadavg()[0]:.2f}", flush=True)
         if not args.localsmall_only:
             _speed(base, servers["localsmall"][1], gguf, args.threads)
 

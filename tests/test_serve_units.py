@@ -153,12 +153,14 @@ def test_cli_refuses_a_port_in_use_and_bad_flags(tiny: TinyModels) -> None:
         assert result.exit_code == 2 and message in result.output
 
 
-async def _last_event(scheduler: object, job: object) -> object:
-    """Submit `job` to `scheduler` and return its first event that is not a token (its
-    end). Imports stay inside the tests, as the server's modules do for the engine."""
+async def _last_event(scheduler: object, job: object, *, submit: bool = True) -> object:
+    """Submit `job` to `scheduler` (unless already submitted) and return its first event
+    that is not a token (its end). Imports stay inside the tests, as the server's modules
+    do for the engine."""
     import asyncio
 
-    scheduler.submit(job)  # type: ignore[attr-defined]
+    if submit:
+        scheduler.submit(job)  # type: ignore[attr-defined]
     while True:
         event = await asyncio.wait_for(job.events.get(), 120)  # type: ignore[attr-defined]
         if not hasattr(event, "token_id"):
@@ -192,6 +194,39 @@ def test_long_steps_reach_the_request_log(shared: Engine) -> None:
     progress = [e.message for e in entries if e.phase == "progress"]
     assert progress and progress[-1].startswith("reading prompt")
     assert "(100%)" in progress[-1]
+
+
+def test_submit_says_whether_the_worker_starts_the_job_at_once(shared: Engine) -> None:
+    """The route waits (briefly) for an idle worker to take its job: submit says when
+    the worker is idle, and `picked` is set once the worker has taken the job."""
+    import asyncio
+
+    from localsmall.server.prompting import ReplyMemory
+    from localsmall.server.scheduler import Finished, Job, Scheduler
+
+    for kv in shared.sequences:
+        kv.truncate(0)
+    scheduler = Scheduler(shared, replies=ReplyMemory())
+
+    async def two_requests() -> list[object]:
+        loop = asyncio.get_running_loop()
+        first = Job("chatcmpl-a", _prompt(shared, "one"),
+                    SamplingSettings(temperature=0, max_tokens=2), loop)
+        second = Job("chatcmpl-b", _prompt(shared, "two"),
+                     SamplingSettings(temperature=0, max_tokens=2), loop)
+        # Not started yet: the first job waits in the queue, so the second is not next.
+        assert scheduler.submit(first) is True
+        assert scheduler.submit(second) is False
+        assert not first.picked.is_set() and not second.picked.is_set()
+        scheduler.start()
+        ends = [await _last_event(scheduler, job, submit=False) for job in (first, second)]
+        assert first.picked.is_set() and second.picked.is_set()
+        return ends
+
+    try:
+        assert all(isinstance(end, Finished) for end in asyncio.run(two_requests()))
+    finally:
+        scheduler.stop()
 
 
 def test_the_server_sizes_images_to_its_budget() -> None:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 MAX_BODY_BYTES = 32 * 1024 * 1024
 LOADING_RETRY_S = 5
 INLINE_PREPARE_CHARS = 16_000  # conversations laid out on the event loop (see below)
+PICK_WAIT_S = 0.002  # the event loop's longest wait for an idle worker to take a job
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,12 @@ class ChatCompletions:
         job = Job(id=r.completion_id(), prompt=prompt, loop=asyncio.get_running_loop(),
                   sampling=sampling, stops=chat.stop, spell_control=bool(chat.tools),
                   trace=trace)
-        state.scheduler.submit(job)
+        if state.scheduler.submit(job):
+            # The idle worker needs the GIL to take the job and start the evaluation,
+            # and this thread would keep it while it sends the response headers: wait
+            # (GIL released) until the worker has the job, so the evaluation starts
+            # ~0.3 ms sooner. Bounded, so a stalled worker never holds up the loop.
+            job.picked.wait(PICK_WAIT_S)
         mark(trace, "submitted")
         if chat.stream:
             return StreamingResponse(self._stream(job, chat), media_type="text/event-stream",

@@ -93,6 +93,8 @@ class Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     trace: Stamps | None = None  # stage times (see trace.py)
     start_logged: bool = False
+    # Set by the worker once it has taken the job and is about to evaluate it.
+    picked: threading.Event = field(default_factory=threading.Event)
 
     def post(self, event: Event) -> None:
         # RuntimeError: the event loop is already closed, nobody is listening.
@@ -123,16 +125,19 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job, or raise 429 (queue full) / 503 (shutting down)."""
+    def submit(self, job: Job) -> bool:
+        """Queue a job, or raise 429 (queue full) / 503 (shutting down). True when the
+        worker is idle, so the job starts at once."""
         with self._cond:
             if self._stopping:
                 raise busy(RETRY_AFTER_S, "the server is shutting down", status=503)
             if len(self._queue) >= self.max_queue:
                 raise busy(RETRY_AFTER_S, f"the server is busy ({len(self._queue)} requests "
                            "waiting); retry later")
+            idle = not self._queue and self._running is None
             self._queue.append(job)
             self._cond.notify()
+        return idle
 
     def cancel(self, job: Job) -> None:
         """The client went away: drop the job, or stop it within a token."""
@@ -219,6 +224,7 @@ class Scheduler:
         # Long steps (an image encoded, a long prompt read) show in the request log.
         progress = ProgressLog(log_progress, every_s=5.0, after_s=self.progress_after_s)
         mark(job.trace, "slot")
+        job.picked.set()
         generation = engine.generate(job.prompt, job.sampling, progress)
         matcher = StopMatcher(job.stops)
         finish: FinishReason = "stop"
