@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-import pytest
 
 from localsmall import interrupt, paths
 from localsmall.engine.model import Engine
