@@ -230,3 +230,22 @@ def test_the_command_reads_then_restores(tiny: TinyModels, tmp_path: Path) -> No
         assert "system prompt restored from cache" in " ".join(server.log().split())
     with running_server(home, [*args, "--no-system"]) as server:
         assert "system_prompt" not in health(server.root_url)
+
+
+def test_a_state_saved_by_chat_is_restored_by_the_server(tiny: TinyModels) -> None:
+    """`chat` and `serve` start with the same tokens for the same system prompt: the
+    state one saved (from a one-sequence context) is loaded by the other (into a slot
+    of a context with several)."""
+    from localsmall.chat import system_state
+    from localsmall.chat.session import ChatSession
+    from localsmall.engine.types import SamplingSettings
+
+    with Engine(EngineSettings(model_path=tiny.f16, n_ctx=1024, n_threads=1)) as engine:
+        session = ChatSession(engine, system_prompt=SYSTEM, sampling=SamplingSettings())
+        session.start_system_prompt(system_state.state_files(engine))
+        assert engine.wait_ahead() is not None
+        n = len(session.system_tokens())
+    server = Server(tiny)
+    with server as root:
+        assert server.warm == SystemPrompt("restored", n, server.warm.seconds)  # type: ignore[union-attr]
+        assert cached(ask(root, "Hello there")) >= n

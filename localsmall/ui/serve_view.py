@@ -35,7 +35,7 @@ def show_ready(ready: Ready) -> None:
     if warm is None:
         line = ""
     elif warm.state == "restored":
-        line = f" · system prompt restored from cache ({warm.seconds:.2f} s)"
+        line = f" · system prompt restored from cache ({warm.seconds:.3f} s)"
     elif warm.state == "reading":
         line = (f" · reading the system prompt ({warm.tokens} tokens) in the background; "
                 "requests wait for it")
