@@ -10,6 +10,8 @@ right after loading. Three cases on the 370M-parameter model, alternated round b
   read      this tree, nothing saved yet: the request, sent as soon as /health says ok,
             waits for the background read
   restored  this tree again on the home `read` left behind: the saved state is loaded
+  later     this tree, nothing saved, the request sent once /health says the read ended
+            (a client that comes a little after the start)
 
 For each: the load (process start to /health 200) and the time to the first token of a
 one-token, non-streaming request sent right then (client side), and their sum.
@@ -41,8 +43,8 @@ TREE = ROOT
 MESSAGE = [{"role": "user", "content": "Hello! What can you do for me today?"}]
 
 
-def _run(tree: Path, home: Path, threads: int) -> dict[str, Any]:
-    """One server start and its first request."""
+def _run(tree: Path, home: Path, threads: int, *, later: bool = False) -> dict[str, Any]:
+    """One server start and its first request (`later`: once the read ended)."""
     gguf, mmproj = medium_model("Q4_K_M")
     port = free_port()
     env = dict(os.environ, LOCALSMALL_HOME=str(home), PYTHONPATH=str(tree),
@@ -66,6 +68,8 @@ def _run(tree: Path, home: Path, threads: int) -> dict[str, Any]:
             time.sleep(0.01)
         load_s = time.perf_counter() - start
         state = httpx2.get(f"{root}/health").json().get("system_prompt", "-")
+        while later and httpx2.get(f"{root}/health").json().get("system_prompt") == "reading":
+            time.sleep(0.01)
         model = httpx2.get(f"{root}/v1/models").json()["data"][0]["id"]
         sent = time.perf_counter()
         reply = httpx2.post(f"{root}/v1/chat/completions", timeout=600, json={
@@ -94,12 +98,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    results: dict[str, list[dict[str, Any]]] = {"neither": [], "read": [], "restored": []}
+    results: dict[str, list[dict[str, Any]]] = {"neither": [], "read": [], "restored": [],
+                                                 "later": []}
     for i in range(args.rounds):
-        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b, \
+                tempfile.TemporaryDirectory() as c:
             results["neither"].append(_run(args.baseline, Path(a), args.threads))
             results["read"].append(_run(TREE, Path(b), args.threads))
             results["restored"].append(_run(TREE, Path(b), args.threads))
+            results["later"].append(_run(TREE, Path(c), args.threads, later=True))
         print(f"round {i + 1}: " + " | ".join(
             f"{name} load {r[-1]['load_s']:.2f} s first token {r[-1]['first_token_s']:.2f} s"
             f" ({r[-1]['state_at_ready']} {r[-1]['warm_s']:.2f} s, {r[-1]['cached']} cached)"
