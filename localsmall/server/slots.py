@@ -12,7 +12,8 @@ other conversations are dropped. As the server starts, the default system prompt
 warmed into one slot (`warm`, server.warmup), so the first conversation of every client
 borrows it rather than reading it.
 
-Everything here runs on the scheduler's single worker thread.
+Everything here runs on one thread at a time: the loader's (`warm`, before the
+scheduler's worker starts), then the scheduler's single worker thread.
 """
 
 from __future__ import annotations
