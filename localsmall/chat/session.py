@@ -27,7 +27,6 @@ from localsmall.chat.results import LoadedChat, Reply, SavedChat, SessionStats
 from localsmall.chat.slash import CommandResult, run_command
 from localsmall.chat.speeds import MEASURED, Speeds, measured_speeds
 from localsmall.chat.tools import ToolSpec
-from localsmall.engine.kvcache import common_prefix
 from localsmall.engine.model import Engine, Generation
 from localsmall.engine.state import StateMeta, state_path_for
 from localsmall.engine.types import ProgressCallback, PromptPiece, SamplingSettings, TurnStats
@@ -129,24 +128,12 @@ class ChatSession:
     # --- the system prompt's cache (chat.system_state) -----------------------------------
 
     def system_tokens(self) -> list[int]:
-        """The tokens every prompt of this chat starts with: the layouts of two
-        different first messages, up to where they part (the system prompt, tools and
-        the template's opening)."""
+        """The tokens every prompt of this chat starts with (the system prompt, tools and
+        the template's opening: see chat.system_state.shared_start)."""
         head = [Message.system(self.conversation.system)] if self.conversation.system else []
-
-        def layout(text: str) -> list[object]:
-            return list(self.engine.layout(build_prompt(
-                self.template, [*head, Message.user(text)], tokenize=self._tokenize,
-                bos=self.engine.bos_token, eos=self.engine.eos_token,
-                tools=self.tools or None)))
-
-        first, second = layout("a"), layout("b")
-        tokens: list[int] = []
-        for item in first[:common_prefix(first, second)]:  # type: ignore[arg-type]
-            if not isinstance(item, int):
-                break
-            tokens.append(item)
-        return tokens
+        return system_state.shared_start(self.engine, lambda text: build_prompt(
+            self.template, [*head, Message.user(text)], tokenize=self._tokenize,
+            bos=self.engine.bos_token, eos=self.engine.eos_token, tools=self.tools or None))
 
     def system_notice(self) -> str:
         """Why the system prompt's saved state was not used, when that is news ("")."""

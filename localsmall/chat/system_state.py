@@ -11,7 +11,9 @@ that change the cache's contents, in the cache directory: a `.kvstate` file sign
 a saved chat's (engine.state: a damaged, stale or foreign one is refused with a reason
 and the prompt is read again) and a JSON description beside it. A state is used only
 when it holds exactly the tokens the chat starts with; another system prompt reads its
-own and replaces the file.
+own and replaces the file. `localsmall serve` warms its default system prompt the same
+way, into one of its slots (server.slots), sharing the file with `chat` when both start
+with the same tokens.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from localsmall import paths
-from localsmall.engine.kvcache import items_from_json
+from localsmall.engine.kvcache import common_prefix, items_from_json
 from localsmall.engine.state import StateMeta
-from localsmall.engine.types import TurnStats
+from localsmall.engine.types import PromptPiece, TurnStats
 from localsmall.fileio import atomic_write_bytes, read_regular_file
 
 if TYPE_CHECKING:
@@ -54,6 +57,20 @@ def state_files(engine: Engine, *, root: Path | None = None) -> StateFiles:
     name = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
     folder = root or paths.cache_dir() / "system-prompts"
     return StateFiles(folder / f"{name}.kvstate", folder / f"{name}.json")
+
+
+def shared_start(engine: Engine, prompt_for: Callable[[str], Sequence[PromptPiece]]
+                 ) -> list[int]:
+    """The tokens every prompt starts with: the layouts of the prompts for two different
+    first messages (`prompt_for(text)`), up to where they part (the system prompt, tools
+    and the template's opening)."""
+    first, second = engine.layout(prompt_for("a")), engine.layout(prompt_for("b"))
+    tokens: list[int] = []
+    for item in first[:common_prefix(first, second)]:
+        if not isinstance(item, int):
+            break
+        tokens.append(item)
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -105,13 +122,13 @@ def notice(restored: Restored | None) -> str:
             "reading the system prompt again.")
 
 
-def start(session: ChatSession, files: StateFiles | None) -> Restored:
-    """A chat start: load the saved state of the tokens the session's prompts start
-    with, else read them in the background (Engine.read_ahead; the first turn waits for
-    it) and save them to `files` for the next start. The read also times this machine:
-    its stats join the session's history for the cost notes."""
-    engine = session.engine
-    tokens = session.system_tokens()
+def warm(engine: Engine, tokens: list[int], files: StateFiles | None, *,
+         on_done: Callable[[TurnStats], None] | None = None) -> Restored:
+    """Bring `tokens` into the engine's current sequence (empty so far): load the state
+    saved for them in `files`, else read them in the background (Engine.read_ahead: the
+    next turn waits for it) and save them there for the next start. `on_done` gets the
+    read's stats, in the read's thread, when it was not cancelled. Nothing happens for
+    fewer than MIN_POSITIONS tokens or a sequence that already holds some."""
     if len(tokens) < MIN_POSITIONS or engine.cached_positions:
         return Restored(0)
     restored = restore(engine, tokens, files) if files is not None else Restored(0)
@@ -124,9 +141,22 @@ def start(session: ChatSession, files: StateFiles | None) -> Restored:
             save_to = files.state
 
     def done(stats: TurnStats, meta: StateMeta | None) -> None:  # in the read's thread
-        session.history = [*session.history[-7:], stats]
+        if on_done is not None:
+            on_done(stats)
         if files is not None:
             keep(files, meta)
 
     engine.read_ahead(tokens, label=LABEL, save_to=save_to, on_done=done)
     return restored
+
+
+def start(session: ChatSession, files: StateFiles | None) -> Restored:
+    """A chat start: load the saved state of the tokens the session's prompts start
+    with, else read them in the background (the first turn waits for it) and save them
+    to `files` for the next start (see `warm`). The read also times this machine: its
+    stats join the session's history for the cost notes."""
+
+    def done(stats: TurnStats) -> None:  # in the read's thread
+        session.history = [*session.history[-7:], stats]
+
+    return warm(session.engine, session.system_tokens(), files, on_done=done)

@@ -572,6 +572,19 @@ class Engine:
         if ahead is not None:
             ahead.cancel()
 
+    def wait_ahead(self, on_progress: ProgressCallback | None = None) -> TurnStats | None:
+        """Wait for the background read to end (the server's start: requests wait for
+        it) and return its stats; None when no read was started. Ctrl-C (the interrupt
+        flag) cancels it and raises KeyboardInterrupt; the read's own failure is raised
+        here."""
+        ahead = self._ahead
+        if ahead is None:
+            return None
+        self._await_ahead(on_progress)
+        if ahead.failure is not None:
+            raise ahead.failure
+        return ahead.stats
+
     def _await_ahead(self, on_progress: ProgressCallback | None) -> float:
         """Wait for a background read before a turn (Ctrl-C cancels it and raises);
         returns the seconds waited."""

@@ -18,6 +18,7 @@ from localsmall.chat.tools import ToolCall, reply_constraint
 from localsmall.engine.types import Constraint, PromptPiece, SamplingSettings
 from localsmall.errors import ToolsError
 from localsmall.server import responses as r
+from localsmall.server import warmup
 from localsmall.server.errors import ApiError, busy, internal, invalid
 from localsmall.server.image_urls import ImageLimits, known_image, load_image
 from localsmall.server.requests import ChatRequest, ImageRef, parse_chat_request
@@ -292,7 +293,8 @@ def _health(state: ServerState) -> Callable[[Request], Awaitable[Response]]:
         assert state.scheduler is not None
         return JSONResponse({"status": "ok", "model": state.config.model_ids[0],
                              "waiting": state.scheduler.waiting,
-                             "slots": len(state.scheduler.pool)})
+                             "slots": len(state.scheduler.pool),
+                             **warmup.health(state.scheduler.pool.system_prompt)})
     return health
 
 

@@ -3,13 +3,16 @@
 The socket is bound before anything is announced, so a port in use is a clean error.
 The server listens at once and the model loads on another thread: meanwhile /health
 answers 503 {"status": "loading"} and chat requests 503 (as llama.cpp's server does),
-and a load that fails ends serving with its error. On a signal the scheduler stops
+and a load that fails ends serving with its error. Once loaded, the default system
+prompt is restored into a slot or read in the background (server.warmup): requests are
+accepted from then on and wait in the queue for that read. On a signal the scheduler stops
 first (queued and running requests end with an error event), then uvicorn closes the
 connections; nothing waits on a generation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable
@@ -18,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from localsmall import interrupt
 from localsmall.errors import UsageError
+from localsmall.server import warmup
 from localsmall.server.app import ServerConfig, ServerState, create_app
 from localsmall.server.prompting import PromptBuilder
 from localsmall.server.scheduler import RequestLog, Scheduler
+from localsmall.server.warmup import SystemPrompt
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
@@ -42,9 +47,11 @@ class Listening:
 
 @dataclass(frozen=True)
 class Ready:
-    """The model is loaded and requests are served."""
+    """The model is loaded and requests are served (those that come while the system
+    prompt is read wait for it)."""
 
     slots: int
+    system_prompt: SystemPrompt | None = None  # restored, or being read (server.warmup)
 
 
 def is_loopback(host: str) -> bool:
@@ -97,10 +104,11 @@ def serve(*, config: ServerConfig, load: Load, host: str, port: int, system_prom
           max_queue: int, on_listening: Callable[[Listening], None] | None = None,
           on_ready: Callable[[Ready], None] | None = None,
           on_log: Callable[[RequestLog], None] | None = None,
-          stop: threading.Event | None = None) -> None:
+          stop: threading.Event | None = None, warm_system: bool = True) -> None:
     """Listen, load the model with `load` on another thread, and serve the OpenAI API
     until interrupted (or until `stop` is set). The engine `load` returns is closed on
-    the way out; an exception from `load` ends serving and is raised here."""
+    the way out; an exception from `load` ends serving and is raised here.
+    `warm_system`: keep the default system prompt's KV state (server.warmup)."""
     import uvicorn
 
     sock = bind(host, port)
@@ -113,7 +121,7 @@ def serve(*, config: ServerConfig, load: Load, host: str, port: int, system_prom
                                timeout_keep_alive=5)
     server = _Server(uv_config, state, stop)
     loader = _Loader(state, load, server, system_prompt=system_prompt, max_queue=max_queue,
-                     on_ready=on_ready, on_log=on_log)
+                     on_ready=on_ready, on_log=on_log, warm_system=warm_system)
     try:
         if on_listening is not None:
             bound_host, bound_port = sock.getsockname()[:2]
@@ -134,11 +142,12 @@ class _Loader(threading.Thread):
 
     def __init__(self, state: ServerState, load: Load, server: Any, *, system_prompt: str,
                  max_queue: int, on_ready: Callable[[Ready], None] | None,
-                 on_log: Callable[[RequestLog], None] | None) -> None:
+                 on_log: Callable[[RequestLog], None] | None, warm_system: bool) -> None:
         super().__init__(name="localsmall-load", daemon=True)
         self.state, self.load, self.server = state, load, server
         self.system_prompt, self.max_queue = system_prompt, max_queue
         self.on_ready, self.on_log = on_ready, on_log
+        self.warm_system = warm_system
         self.engine: Engine | None = None
         self.error: BaseException | None = None
 
@@ -150,13 +159,27 @@ class _Loader(threading.Thread):
             builder = PromptBuilder(self.engine, system_prompt=self.system_prompt)
             scheduler = Scheduler(self.engine, replies=builder.replies,
                                   max_queue=self.max_queue, on_log=self.on_log)
-            scheduler.start()
-            state.builder, state.scheduler = builder, scheduler  # ready from here on
+            warm = (warmup.begin(self.engine, scheduler.pool, builder)
+                    if self.warm_system else None)
+            state.builder, state.scheduler = builder, scheduler  # ready: requests queue
             if self.on_ready is not None:
-                self.on_ready(Ready(len(scheduler.pool)))
+                self.on_ready(Ready(len(scheduler.pool), warm))
+            if warm is not None and warm.state == "reading":
+                # The worker starts once the read ended: one llama_decode at a time.
+                self._say(warmup.finish(self.engine, scheduler.pool, warm, self._say))
+            scheduler.start()
         except BaseException as exc:  # raised by serve() once the server has stopped
             self.error = exc
             self.server.should_exit = True
+
+    def _say(self, what: str | SystemPrompt) -> None:
+        """A line about the system prompt in the request log (its read's progress, its
+        end), as a "progress" entry with no request id."""
+        if isinstance(what, SystemPrompt):
+            what = warmup.describe(what)
+        if self.on_log is not None:
+            with contextlib.suppress(Exception):  # a display problem must not stop serving
+                self.on_log(RequestLog("", "progress", message=what))
 
     def finish(self) -> None:
         """Stop a load still running (as Ctrl-C does: at its next progress report),

@@ -8,9 +8,12 @@ that differs only in its last few tokens, as when a reply is regenerated); a new
 branched conversation takes a free (or the least recently used) sequence and first
 borrows the longest matching prefix of any other one (llama.cpp shares those cells
 rather than copying them). When the context runs out of cells, the least recently used
-other conversations are dropped.
+other conversations are dropped. As the server starts, the default system prompt is
+warmed into one slot (`warm`, server.warmup), so the first conversation of every client
+borrows it rather than reading it.
 
-Everything here runs on the scheduler's single worker thread.
+Everything here runs on one thread at a time: the loader's (`warm`, before the
+scheduler's worker starts), then the scheduler's single worker thread.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from localsmall.chat import system_state
 from localsmall.engine.kvcache import CacheItem, KvCache, common_prefix, positions
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
+    from localsmall.server.warmup import SystemPrompt
 
 TOKENS_PER_SLOT = 4096  # default: one warm conversation per this much planned context
 MAX_DEFAULT_SLOTS = 8
@@ -57,6 +62,7 @@ class SlotPool:
         self._clock = itertools.count(1)
         self._last_used = [0] * len(self.slots)
         self.evictions = 0
+        self.system_prompt: SystemPrompt | None = None  # what warming it did (/health)
         engine.on_cache_full = self._evict_for_current
 
     def __len__(self) -> int:
@@ -82,6 +88,17 @@ class SlotPool:
         self.engine.use_sequence(target)
         reused = positions(items[:self.slots[target].reusable(items)])
         return SlotChoice(target, reused, borrowed, evicted)
+
+    def warm(self, tokens: list[int], files: system_state.StateFiles | None
+             ) -> system_state.Restored:
+        """Start a free slot with `tokens` (the default system prompt): the state saved
+        for them in `files`, else a read in the background that saves it there
+        (chat.system_state.warm). Nothing else may touch the context until that read
+        ended (Engine.wait_ahead): `select` would cancel it."""
+        target = self._free_or_oldest()
+        self._touch(target)
+        self.engine.use_sequence(target)
+        return system_state.warm(self.engine, tokens, files)
 
     def _free_or_oldest(self) -> int:
         empty = [i for i, s in enumerate(self.slots) if not s.items]

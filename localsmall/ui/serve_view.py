@@ -26,14 +26,30 @@ def show_listening(listening: Listening, *, api_key: bool) -> None:
 
 
 def show_ready(ready: Ready) -> None:
-    """The model is loaded: requests are answered from now on."""
-    err().print(f"[muted]Ready · {ready.slots} warm slot{'s' if ready.slots != 1 else ''}[/]")
+    """The model is loaded: requests are answered from now on. Then what became of the
+    default system prompt: restored from the cache, or being read (requests wait)."""
+    slots = f"{ready.slots} warm slot{'s' if ready.slots != 1 else ''}"
+    warm = ready.system_prompt
+    if warm is not None and warm.notice:
+        warn(warm.notice)
+    if warm is None:
+        line = ""
+    elif warm.state == "restored":
+        line = f" · system prompt restored from cache ({warm.seconds:.3f} s)"
+    elif warm.state == "reading":
+        line = (f" · reading the system prompt ({warm.tokens} tokens) in the background; "
+                "requests wait for it")
+    else:
+        line = " · the system prompt is read with the first request"
+    err().print(f"[muted]Ready · {slots}{escape(line)}[/]")
 
 
 def show_request(entry: RequestLog) -> None:
     """One line as a request starts and ends."""
     short = entry.id.removeprefix("chatcmpl-")[:8]
-    if entry.phase == "started":
+    if not entry.id:  # the server's own work (reading the system prompt)
+        err().print(f"[muted]{escape(entry.message)}[/]")
+    elif entry.phase == "started":
         err().print(f"[muted]{short} started · slot {entry.slot} · "
                     f"{entry.cached_tokens} tokens cached · {entry.waiting} waiting[/]")
     elif entry.phase == "progress":

@@ -1,0 +1,113 @@
+"""The default system prompt, warmed into a slot as the server starts.
+
+Requests without a system message get the default one (PromptBuilder), so every new
+conversation starts with the same few hundred positions: with the 24B model on a CPU,
+reading them made the first request wait 35-40 s. As `chat` does (chat.system_state),
+the server loads the KV state saved for them by an earlier start (a fraction of a
+second), or reads them in the background and saves them for the next start. Requests
+wait for that read: the scheduler's worker starts only once it ended (one llama_decode
+at a time), and they then borrow the prompt from its slot (server.slots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from localsmall.chat import system_state
+from localsmall.engine.progress_log import ProgressLog
+from localsmall.server.requests import ApiMessage, ChatRequest
+
+if TYPE_CHECKING:
+    from localsmall.engine.model import Engine
+    from localsmall.server.prompting import PromptBuilder
+    from localsmall.server.slots import SlotPool
+
+PROGRESS_EVERY_S = 5.0   # a long read shows in the log this often
+PROGRESS_AFTER_S = 1.0   # a read shorter than this shows only its end
+
+State = Literal["restored", "reading", "read", "failed"]
+
+
+@dataclass(frozen=True)
+class SystemPrompt:
+    """What became of the default system prompt: `restored` from a saved state,
+    `reading` in the background, `read` (and saved), or `failed` (requests read it
+    themselves). `seconds`: restoring or reading it; `notice`: why a saved state could
+    not be used, or why the read failed ("" otherwise)."""
+
+    state: State
+    tokens: int
+    seconds: float = 0.0
+    notice: str = ""
+
+
+def system_tokens(engine: Engine, builder: PromptBuilder) -> list[int]:
+    """The tokens every request without a system message starts with."""
+    def prompt_for(text: str) -> Any:
+        request = ChatRequest(model="", messages=(ApiMessage("user", (text,)),))
+        return builder.build(request, {})
+    return system_state.shared_start(engine, prompt_for)
+
+
+def begin(engine: Engine, pool: SlotPool, builder: PromptBuilder) -> SystemPrompt | None:
+    """Restore the default system prompt into a slot, or start reading it in the
+    background; None when there is none worth keeping (`--no-system`, a short one)."""
+    if not builder.system_prompt:
+        return None
+    tokens = system_tokens(engine, builder)
+    if len(tokens) < system_state.MIN_POSITIONS:
+        return None
+    try:
+        files: system_state.StateFiles | None = system_state.state_files(engine)
+    except OSError:  # a model file that cannot be fingerprinted: read, keep nothing
+        files = None
+    start = time.perf_counter()
+    try:
+        restored = pool.warm(tokens, files)
+    except Exception as exc:  # a lost RPC worker, say: serving goes on without it
+        warm = SystemPrompt("failed", len(tokens), notice=str(exc) or repr(exc))
+        pool.system_prompt = warm
+        return warm
+    if restored.n_pos:
+        warm = SystemPrompt("restored", restored.n_pos, time.perf_counter() - start)
+    else:
+        warm = SystemPrompt("reading", len(tokens), notice=system_state.notice(restored))
+    pool.system_prompt = warm
+    return warm
+
+
+def finish(engine: Engine, pool: SlotPool, reading: SystemPrompt,
+           log: Callable[[str], None]) -> SystemPrompt:
+    """Wait for the read `begin` started, its progress written to `log` when it takes
+    long. Ctrl-C (the interrupt flag) cancels it and raises KeyboardInterrupt; another
+    failure is kept as the `failed` state, and requests then read the prompt themselves."""
+    progress = ProgressLog(log, every_s=PROGRESS_EVERY_S, after_s=PROGRESS_AFTER_S)
+    try:
+        stats = engine.wait_ahead(progress)
+    except Exception as exc:  # serving goes on without it
+        done = dataclasses.replace(reading, state="failed", notice=str(exc) or repr(exc))
+    else:
+        done = (dataclasses.replace(reading, state="read", seconds=stats.prompt_eval_s)
+                if stats is not None else dataclasses.replace(reading, state="failed"))
+    pool.system_prompt = done
+    return done
+
+
+def describe(warm: SystemPrompt) -> str:
+    """One line for the log once the read ended."""
+    if warm.state == "read":
+        return (f"system prompt read in {warm.seconds:.1f} s ({warm.tokens} tokens), "
+                "kept for the next start")
+    return (f"the system prompt could not be read ahead ({warm.notice or 'unknown reason'}); "
+            "requests read it themselves")
+
+
+def health(warm: SystemPrompt | None) -> dict[str, Any]:
+    """The /health fields: what happened to the default system prompt (none without)."""
+    if warm is None:
+        return {}
+    return {"system_prompt": warm.state, "system_prompt_tokens": warm.tokens}
