@@ -68,6 +68,7 @@ class Server:
         self.tiny, self.hold = tiny, hold
         self.stop = threading.Event()
         self.held, self.release = threading.Event(), threading.Event()
+        self.awaited = threading.Event()  # a request waits for the read (Engine.wait_ahead)
         self.listening: list[Listening] = []
         self.ready: list[Ready] = []
         self.log: list[str] = []
@@ -91,6 +92,12 @@ class Server:
                         time.sleep(0.01)
                 return evaluate(*args, **kwargs)
             engine._evaluate = held  # type: ignore[method-assign]
+            wait_ahead = engine.wait_ahead
+
+            def awaited(*args: Any, **kwargs: Any) -> Any:
+                self.awaited.set()
+                return wait_ahead(*args, **kwargs)
+            engine.wait_ahead = awaited  # type: ignore[method-assign]
         self.engine = engine
         return engine, CONFIG
 
@@ -162,8 +169,8 @@ def test_requests_during_the_read_wait_and_answer_as_without_it(tiny: TinyModels
         replies: list[dict[str, Any]] = []
         asking = threading.Thread(target=lambda: replies.append(ask(root, "Hello there")))
         asking.start()
-        wait_for(lambda: health(root)["waiting"] == 1, "the request queued")
-        assert not replies                      # it waits for the read
+        assert server.awaited.wait(WAIT_S)     # it waits for the read
+        assert not replies and health(root)["system_prompt"] == "reading"
         server.release.set()
         asking.join(WAIT_S)
         assert len(replies) == 1 and text_of(replies[0]) == text_of(plain)
@@ -172,6 +179,25 @@ def test_requests_during_the_read_wait_and_answer_as_without_it(tiny: TinyModels
         theirs = ask(root, "Hello there", system=own)
         assert text_of(theirs) == text_of(mine) and cached(theirs) < 8
         assert health(root)["system_prompt"] == "read"
+
+
+def test_a_request_with_its_own_system_prompt_does_not_wait_for_the_read(
+        tiny: TinyModels) -> None:
+    """The read is held (it would never end by itself): a request with a system prompt
+    of its own cancels it instead of waiting, and answers as without the warm-up; the
+    default prompt's requests then read it themselves, with the same reply."""
+    own = "You are terse."
+    with Server(tiny, warm=False) as root:
+        plain, mine = ask(root, "Hello there"), ask(root, "Hello there", system=own)
+    server = Server(tiny, hold=True)
+    with server as root:
+        assert server.held.wait(WAIT_S)
+        theirs = ask(root, "Hello there", system=own)   # returns though the read is held
+        assert not server.awaited.is_set() and not server.release.is_set()
+        assert text_of(theirs) == text_of(mine)
+        assert health(root)["system_prompt"] == "cancelled"
+        assert text_of(ask(root, "Hello there")) == text_of(plain)
+    assert not [p for p in states() if p.suffix == ".json"]  # nothing saved half-read
 
 
 def test_a_damaged_state_is_read_again_with_a_notice(tiny: TinyModels) -> None:
@@ -203,6 +229,28 @@ def test_stopping_during_the_read_leaves_no_state(tiny: TinyModels) -> None:
     assert not server.errors and not interrupt.requested()
     assert [p.suffix for p in states()] in ([], [".kvstate"])  # never a description
     assert not [p for p in states() if p.suffix == ".json"]
+
+
+def test_stopping_while_a_request_waits_for_the_read(tiny: TinyModels) -> None:
+    """A request waits for the held read; stopping the server ends it with an error
+    object (503), and serve() returns without the read being released."""
+    server = Server(tiny, hold=True)
+    replies: list[httpx2.Response] = []
+    with server as root:
+        assert server.held.wait(WAIT_S)
+        asking = threading.Thread(target=lambda: replies.append(httpx2.post(
+            f"{root}/v1/chat/completions", timeout=WAIT_S, json={
+                "model": "tiny", "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 4})))
+        asking.start()
+        assert server.awaited.wait(WAIT_S)
+        server.stop.set()
+        server.thread.join(WAIT_S)
+        assert not server.thread.is_alive() and not server.release.is_set()
+        asking.join(WAIT_S)
+    assert not server.errors
+    assert len(replies) == 1 and replies[0].status_code == 503
+    assert "shutting down" in replies[0].json()["error"]["message"]
 
 
 def test_the_command_reads_then_restores(tiny: TinyModels, tmp_path: Path) -> None:

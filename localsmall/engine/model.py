@@ -565,6 +565,13 @@ class Engine:
     def ahead_running(self) -> bool:
         return self._ahead is not None and self._ahead.running
 
+    def stop_ahead(self) -> None:
+        """Ask a background read to stop at its next graph node, without waiting (safe
+        from any thread: a server shutting down while a request waits for the read)."""
+        ahead = self._ahead
+        if ahead is not None:
+            ahead.stop.set()
+
     def settle(self) -> None:
         """Cancel a background read (if any) and wait for its thread: the context takes
         one llama.cpp call at a time."""

@@ -5,7 +5,7 @@ The server listens at once and the model loads on another thread: meanwhile /hea
 answers 503 {"status": "loading"} and chat requests 503 (as llama.cpp's server does),
 and a load that fails ends serving with its error. Once loaded, the default system
 prompt is restored into a slot or read in the background (server.warmup): requests are
-accepted from then on and wait in the queue for that read. On a signal the scheduler stops
+accepted from then on; those that start with it wait for that read. On a signal the scheduler stops
 first (queued and running requests end with an error event), then uvicorn closes the
 connections; nothing waits on a generation.
 """
@@ -159,24 +159,19 @@ class _Loader(threading.Thread):
             builder = PromptBuilder(self.engine, system_prompt=self.system_prompt)
             scheduler = Scheduler(self.engine, replies=builder.replies,
                                   max_queue=self.max_queue, on_log=self.on_log)
-            warm = (warmup.begin(self.engine, scheduler.pool, builder)
+            warm = (warmup.begin(self.engine, scheduler.pool, builder, self._say)
                     if self.warm_system else None)
-            state.builder, state.scheduler = builder, scheduler  # ready: requests queue
+            scheduler.start()  # its requests wait for the read, or cancel it (warmup)
+            state.builder, state.scheduler = builder, scheduler  # ready from here on
             if self.on_ready is not None:
                 self.on_ready(Ready(len(scheduler.pool), warm))
-            if warm is not None and warm.state == "reading":
-                # The worker starts once the read ended: one llama_decode at a time.
-                self._say(warmup.finish(self.engine, scheduler.pool, warm, self._say))
-            scheduler.start()
         except BaseException as exc:  # raised by serve() once the server has stopped
             self.error = exc
             self.server.should_exit = True
 
-    def _say(self, what: str | SystemPrompt) -> None:
-        """A line about the system prompt in the request log (its read's progress, its
-        end), as a "progress" entry with no request id."""
-        if isinstance(what, SystemPrompt):
-            what = warmup.describe(what)
+    def _say(self, what: str) -> None:
+        """A line about the system prompt in the request log (its read's end), as a
+        "progress" entry with no request id."""
         if self.on_log is not None:
             with contextlib.suppress(Exception):  # a display problem must not stop serving
                 self.on_log(RequestLog("", "progress", message=what))

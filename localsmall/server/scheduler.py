@@ -162,6 +162,7 @@ class Scheduler:
                 self._queue.popleft().post(Failed(error))
             if self._running is not None:
                 self.engine.interrupt()
+            self.engine.stop_ahead()  # a request may be waiting for the system prompt
             self._cond.notify_all()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -209,20 +210,28 @@ class Scheduler:
     def _run(self, job: Job) -> None:
         engine = self.engine
         mark(job.trace, "picked")
+        slot: SlotChoice | None = None
+
+        def log_progress(line: str) -> None:
+            if slot is not None:
+                self._log_start(job, slot)
+            self._log(RequestLog(job.id, "progress", message=line))
+
+        # Long steps (the system prompt's read waited for, an image encoded, a long
+        # prompt read) show in the request log.
+        progress = ProgressLog(log_progress, every_s=5.0, after_s=self.progress_after_s)
         try:
             items = engine.layout(job.prompt)
+            self.pool.settle_warmup(items, progress)
+            if self._stopping:  # stopped while it waited for the system prompt's read
+                job.post(Failed(busy(RETRY_AFTER_S, "the server is shutting down",
+                                     status=503)))
+                return
             reserve = min(job.sampling.max_tokens or 0, engine.n_ctx // 4)
             slot = self.pool.select(items, reserve=reserve)
         except EngineError as exc:
             job.post(Failed(invalid("messages", str(exc))))
             return
-
-        def log_progress(line: str) -> None:
-            self._log_start(job, slot)
-            self._log(RequestLog(job.id, "progress", message=line))
-
-        # Long steps (an image encoded, a long prompt read) show in the request log.
-        progress = ProgressLog(log_progress, every_s=5.0, after_s=self.progress_after_s)
         mark(job.trace, "slot")
         job.picked.set()
         generation = engine.generate(job.prompt, job.sampling, progress)

@@ -19,12 +19,13 @@ scheduler's worker starts), then the scheduler's single worker thread.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from localsmall.chat import system_state
 from localsmall.engine.kvcache import CacheItem, KvCache, common_prefix, positions
+from localsmall.engine.types import ProgressCallback, TurnStats
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
@@ -63,6 +64,7 @@ class SlotPool:
         self._last_used = [0] * len(self.slots)
         self.evictions = 0
         self.system_prompt: SystemPrompt | None = None  # what warming it did (/health)
+        self._warm_tokens: list[int] = []
         engine.on_cache_full = self._evict_for_current
 
     def __len__(self) -> int:
@@ -89,16 +91,41 @@ class SlotPool:
         reused = positions(items[:self.slots[target].reusable(items)])
         return SlotChoice(target, reused, borrowed, evicted)
 
-    def warm(self, tokens: list[int], files: system_state.StateFiles | None
-             ) -> system_state.Restored:
+    def warm(self, tokens: list[int], files: system_state.StateFiles | None, *,
+             on_done: Callable[[TurnStats], None] | None = None) -> system_state.Restored:
         """Start a free slot with `tokens` (the default system prompt): the state saved
         for them in `files`, else a read in the background that saves it there
-        (chat.system_state.warm). Nothing else may touch the context until that read
-        ended (Engine.wait_ahead): `select` would cancel it."""
+        (chat.system_state.warm; `on_done` gets its stats, in its thread, unless it was
+        cancelled). Until that read ends, requests go through `settle_warmup` first:
+        `select` would cancel it."""
         target = self._free_or_oldest()
         self._touch(target)
         self.engine.use_sequence(target)
-        return system_state.warm(self.engine, tokens, files)
+        self._warm_tokens = list(tokens)
+        return system_state.warm(self.engine, tokens, files, on_done=on_done)
+
+    def settle_warmup(self, items: Sequence[CacheItem],
+                      on_progress: ProgressCallback | None = None) -> None:
+        """Before a request while the default system prompt is still read in the
+        background: a prompt that starts with it waits for the read (and borrows it);
+        any other cancels the read at once (what was read stays in its slot) rather than
+        wait, on a laptop CPU, half a minute for a prompt it does not use."""
+        if not self.engine.ahead_running:
+            return
+        warm = self._warm_tokens
+        if list(items[:len(warm)]) != warm:
+            self.engine.settle()
+            if self.system_prompt is not None and self.system_prompt.state == "reading":
+                self.system_prompt = replace(self.system_prompt, state="cancelled")
+            return
+        try:
+            self.engine.wait_ahead(on_progress)
+        except (Exception, KeyboardInterrupt) as exc:
+            # The read failed, or was stopped (the server stopping: Engine.stop_ahead):
+            # this request reads the prompt itself, or is ended by the scheduler.
+            if self.system_prompt is not None:
+                self.system_prompt = replace(self.system_prompt, state="failed",
+                                             notice=str(exc) or repr(exc))
 
     def _free_or_oldest(self) -> int:
         empty = [i for i, s in enumerate(self.slots) if not s.items]

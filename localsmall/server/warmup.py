@@ -18,26 +18,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from localsmall.chat import system_state
-from localsmall.engine.progress_log import ProgressLog
 from localsmall.server.requests import ApiMessage, ChatRequest
 
 if TYPE_CHECKING:
     from localsmall.engine.model import Engine
+    from localsmall.engine.types import TurnStats
     from localsmall.server.prompting import PromptBuilder
     from localsmall.server.slots import SlotPool
 
-PROGRESS_EVERY_S = 5.0   # a long read shows in the log this often
-PROGRESS_AFTER_S = 1.0   # a read shorter than this shows only its end
-
-State = Literal["restored", "reading", "read", "failed"]
+State = Literal["restored", "reading", "read", "cancelled", "failed"]
 
 
 @dataclass(frozen=True)
 class SystemPrompt:
     """What became of the default system prompt: `restored` from a saved state,
-    `reading` in the background, `read` (and saved), or `failed` (requests read it
-    themselves). `seconds`: restoring or reading it; `notice`: why a saved state could
-    not be used, or why the read failed ("" otherwise)."""
+    `reading` in the background, `read` (and saved), `cancelled` (a request with
+    another system prompt came first) or `failed` (requests read it themselves).
+    `seconds`: restoring or reading it; `notice`: why a saved state could not be used,
+    or why the read failed ("" otherwise)."""
 
     state: State
     tokens: int
@@ -53,9 +51,11 @@ def system_tokens(engine: Engine, builder: PromptBuilder) -> list[int]:
     return system_state.shared_start(engine, prompt_for)
 
 
-def begin(engine: Engine, pool: SlotPool, builder: PromptBuilder) -> SystemPrompt | None:
+def begin(engine: Engine, pool: SlotPool, builder: PromptBuilder,
+          log: Callable[[str], None] | None = None) -> SystemPrompt | None:
     """Restore the default system prompt into a slot, or start reading it in the
-    background; None when there is none worth keeping (`--no-system`, a short one)."""
+    background (`log` gets a line when that read ends); None when there is none worth
+    keeping (`--no-system`, a short one)."""
     if not builder.system_prompt:
         return None
     tokens = system_tokens(engine, builder)
@@ -66,8 +66,17 @@ def begin(engine: Engine, pool: SlotPool, builder: PromptBuilder) -> SystemPromp
     except OSError:  # a model file that cannot be fingerprinted: read, keep nothing
         files = None
     start = time.perf_counter()
+
+    def read(stats: TurnStats) -> None:  # in the read's thread, when it was not cancelled
+        reading = pool.system_prompt
+        if reading is not None and reading.state == "reading":
+            pool.system_prompt = dataclasses.replace(reading, state="read",
+                                                     seconds=stats.prompt_eval_s)
+            if log is not None:
+                log(describe(pool.system_prompt))
+
     try:
-        restored = pool.warm(tokens, files)
+        restored = pool.warm(tokens, files, on_done=read)
     except Exception as exc:  # a lost RPC worker, say: serving goes on without it
         warm = SystemPrompt("failed", len(tokens), notice=str(exc) or repr(exc))
         pool.system_prompt = warm
@@ -78,23 +87,6 @@ def begin(engine: Engine, pool: SlotPool, builder: PromptBuilder) -> SystemPromp
         warm = SystemPrompt("reading", len(tokens), notice=system_state.notice(restored))
     pool.system_prompt = warm
     return warm
-
-
-def finish(engine: Engine, pool: SlotPool, reading: SystemPrompt,
-           log: Callable[[str], None]) -> SystemPrompt:
-    """Wait for the read `begin` started, its progress written to `log` when it takes
-    long. Ctrl-C (the interrupt flag) cancels it and raises KeyboardInterrupt; another
-    failure is kept as the `failed` state, and requests then read the prompt themselves."""
-    progress = ProgressLog(log, every_s=PROGRESS_EVERY_S, after_s=PROGRESS_AFTER_S)
-    try:
-        stats = engine.wait_ahead(progress)
-    except Exception as exc:  # serving goes on without it
-        done = dataclasses.replace(reading, state="failed", notice=str(exc) or repr(exc))
-    else:
-        done = (dataclasses.replace(reading, state="read", seconds=stats.prompt_eval_s)
-                if stats is not None else dataclasses.replace(reading, state="failed"))
-    pool.system_prompt = done
-    return done
 
 
 def describe(warm: SystemPrompt) -> str:

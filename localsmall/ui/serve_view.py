@@ -38,7 +38,7 @@ def show_ready(ready: Ready) -> None:
         line = f" · system prompt restored from cache ({warm.seconds:.3f} s)"
     elif warm.state == "reading":
         line = (f" · reading the system prompt ({warm.tokens} tokens) in the background; "
-                "requests wait for it")
+                "requests that use it wait for it")
     else:
         line = " · the system prompt is read with the first request"
     err().print(f"[muted]Ready · {slots}{escape(line)}[/]")
