@@ -9,7 +9,8 @@ Targets: from turn 2 on, localsmall's time to first token within 10% of its new 
 evaluation, and at least 5x faster than llama_cpp.server by turn 6; tokens/s within 3% of
 `localsmall run`.
 
-    .venv/bin/python benchmarks/serve_followup.py [--threads 2] [--localsmall-only]
+    .venv/bin/python benchmarks/serve_followup.py [--threads 2] [--localsmall-only] [--rounds 3]
+        [--speed-rounds 5]
 
 The time to first token is given from the call (the client encoding its JSON included)
 and from the first byte sent. localsmall runs with LOCALSMALL_SERVE_TRACE=1, so each turn
@@ -225,21 +226,28 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def _speed(base: str, model: str, gguf: Path, threads: int) -> None:
+def _speed(base: str, model: str, gguf: Path, threads: int, rounds: int) -> None:
+    """Generation speed of the server against `localsmall run` on the same prompt,
+    alternated `rounds` times (one 128-token sample of either varies by a few percent
+    on a busy 2-core machine): the ratio of the medians."""
     prompt = "Tell me a long story about a lighthouse keeper."
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
-    _, _, served = _turn(base, model, messages, SPEED_TOKENS, temperature=1.0, seed=7)
-    run = subprocess.run(
-        [sys.executable, "-m", "localsmall", "run", "--model", str(gguf), "--json",
-         "--threads", str(threads), "--max-tokens", str(SPEED_TOKENS), "--temperature", "1",
-         "--seed", "7", "--system", SYSTEM, "--ctx", "8192", "--gpu-layers", "0", prompt],
-        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        cwd=ROOT, check=True)
-    stats = json.loads(run.stdout)["stats"]
-    tps_served, tps_run = served["predicted_per_second"], stats["generation_tps"]
-    print(f"generation: serve {tps_served:.1f} tok/s ({served['predicted_n']} tokens), run "
-          f"{tps_run:.1f} tok/s ({stats['generated_tokens']} tokens) -> ratio "
-          f"{tps_served / tps_run:.3f}")
+    served, ran = [], []
+    for _ in range(rounds):
+        _, _, timings = _turn(base, model, messages, SPEED_TOKENS, temperature=1.0, seed=7)
+        served.append(timings["predicted_per_second"])
+        run = subprocess.run(
+            [sys.executable, "-m", "localsmall", "run", "--model", str(gguf), "--json",
+             "--threads", str(threads), "--max-tokens", str(SPEED_TOKENS), "--temperature",
+             "1", "--seed", "7", "--system", SYSTEM, "--ctx", "8192", "--gpu-layers", "0",
+             prompt],
+            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            cwd=ROOT, check=True)
+        ran.append(json.loads(run.stdout)["stats"]["generation_tps"])
+    print(f"generation, {SPEED_TOKENS} tokens x {rounds}: serve "
+          + " ".join(f"{v:.1f}" for v in served) + " tok/s, run "
+          + " ".join(f"{v:.1f}" for v in ran) + f" tok/s -> ratio of the medians "
+          f"{_median(served) / _median(ran):.3f} (load {os.getloadavg()[0]:.2f})")
 
 
 def main() -> None:
@@ -250,6 +258,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="conversations to time (each with its own system prompt, so "
                         "none finds another in the cache); the summary pools their turns")
+    parser.add_argument("--speed-rounds", type=int, default=5,
+                        help="serve/run generation samples, alternated")
     parser.add_argument("--llama-cpp-server-child", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.llama_cpp_server_child is not None:
@@ -293,7 +303,7 @@ def main() -> None:
                       f"{_median(values):.3f}, {len(values)} turns, load "
                       f"{os.getloadavg()[0]:.2f}", flush=True)
         if not args.localsmall_only:
-            _speed(base, servers["localsmall"][1], gguf, args.threads)
+            _speed(base, servers["localsmall"][1], gguf, args.threads, args.speed_rounds)
 
 
 if __name__ == "__main__":
