@@ -133,6 +133,16 @@ def states() -> list[Path]:
     return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
+OWN = "You are terse."  # a system prompt of the client's own
+
+
+def references(tiny: TinyModels) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Replies without any warm-up: to "Hello there" with the default system prompt,
+    and with OWN."""
+    with Server(tiny, warm=False) as root:
+        return ask(root, "Hello there"), ask(root, "Hello there", system=OWN)
+
+
 def test_read_then_saved_then_restored(tiny: TinyModels) -> None:
     with Server(tiny, warm=False) as root:  # the reference: no warm-up at all
         plain = ask(root, "Hello there")
@@ -159,9 +169,7 @@ def test_read_then_saved_then_restored(tiny: TinyModels) -> None:
 
 
 def test_requests_during_the_read_wait_and_answer_as_without_it(tiny: TinyModels) -> None:
-    own = "You are terse."
-    with Server(tiny, warm=False) as root:
-        plain, mine = ask(root, "Hello there"), ask(root, "Hello there", system=own)
+    plain, mine = references(tiny)
     server = Server(tiny, hold=True)
     with server as root:
         assert server.held.wait(WAIT_S)
@@ -176,7 +184,7 @@ def test_requests_during_the_read_wait_and_answer_as_without_it(tiny: TinyModels
         assert len(replies) == 1 and text_of(replies[0]) == text_of(plain)
         assert cached(replies[0]) >= server.warm.tokens  # type: ignore[union-attr]
         # A request with its own system prompt: unaffected by the warm slot.
-        theirs = ask(root, "Hello there", system=own)
+        theirs = ask(root, "Hello there", system=OWN)
         assert text_of(theirs) == text_of(mine) and cached(theirs) < 8
         assert health(root)["system_prompt"] == "read"
 
@@ -186,13 +194,11 @@ def test_a_request_with_its_own_system_prompt_does_not_wait_for_the_read(
     """The read is held (it would never end by itself): a request with a system prompt
     of its own cancels it instead of waiting, and answers as without the warm-up; the
     default prompt's requests then read it themselves, with the same reply."""
-    own = "You are terse."
-    with Server(tiny, warm=False) as root:
-        plain, mine = ask(root, "Hello there"), ask(root, "Hello there", system=own)
+    plain, mine = references(tiny)
     server = Server(tiny, hold=True)
     with server as root:
         assert server.held.wait(WAIT_S)
-        theirs = ask(root, "Hello there", system=own)   # returns though the read is held
+        theirs = ask(root, "Hello there", system=OWN)   # returns though the read is held
         assert not server.awaited.is_set() and not server.release.is_set()
         assert text_of(theirs) == text_of(mine)
         assert health(root)["system_prompt"] == "cancelled"
