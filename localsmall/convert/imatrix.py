@@ -131,7 +131,8 @@ def _read_legacy(path: Path, data: bytes) -> ImportanceMatrix:
             raise ConversionError(f"{path} is truncated")
         values = np.frombuffer(data, np.float32, nval, pos).copy()
         pos += 4 * nval
-        entries[name] = values / ncall if ncall > 0 else values
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite: refused by load()
+            entries[name] = values / ncall if ncall > 0 else values
     chunks = 0
     datasets: tuple[str, ...] = ()
     if pos + 4 <= len(data):
