@@ -5,14 +5,13 @@ The server listens at once and the model loads on another thread: meanwhile /hea
 answers 503 {"status": "loading"} and chat requests 503 (as llama.cpp's server does),
 and a load that fails ends serving with its error. Once loaded, the default system
 prompt is restored into a slot or read in the background (server.warmup): requests are
-accepted from then on; those that start with it wait for that read. On a signal the scheduler stops
-first (queued and running requests end with an error event), then uvicorn closes the
-connections; nothing waits on a generation.
+accepted from then on; those that start with it wait for that read, others cancel it. On
+a signal the scheduler stops first (queued and running requests end with an error
+event), then uvicorn closes the connections; nothing waits on a generation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 from collections.abc import Callable
@@ -47,8 +46,8 @@ class Listening:
 
 @dataclass(frozen=True)
 class Ready:
-    """The model is loaded and requests are served (those that come while the system
-    prompt is read wait for it)."""
+    """The model is loaded and requests are served (while the system prompt is read,
+    those that start with it wait for it; others cancel it)."""
 
     slots: int
     system_prompt: SystemPrompt | None = None  # restored, or being read (server.warmup)
@@ -159,7 +158,7 @@ class _Loader(threading.Thread):
             builder = PromptBuilder(self.engine, system_prompt=self.system_prompt)
             scheduler = Scheduler(self.engine, replies=builder.replies,
                                   max_queue=self.max_queue, on_log=self.on_log)
-            warm = (warmup.begin(self.engine, scheduler.pool, builder, self._say)
+            warm = (warmup.begin(self.engine, scheduler.pool, builder, scheduler.note)
                     if self.warm_system else None)
             scheduler.start()  # its requests wait for the read, or cancel it (warmup)
             state.builder, state.scheduler = builder, scheduler  # ready from here on
@@ -168,13 +167,6 @@ class _Loader(threading.Thread):
         except BaseException as exc:  # raised by serve() once the server has stopped
             self.error = exc
             self.server.should_exit = True
-
-    def _say(self, what: str) -> None:
-        """A line about the system prompt in the request log (its read's end), as a
-        "progress" entry with no request id."""
-        if self.on_log is not None:
-            with contextlib.suppress(Exception):  # a display problem must not stop serving
-                self.on_log(RequestLog("", "progress", message=what))
 
     def finish(self) -> None:
         """Stop a load still running (as Ctrl-C does: at its next progress report),

@@ -102,6 +102,11 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+def _shutting_down() -> ApiError:
+    """What a request gets once the server began to stop (503, retry later)."""
+    return busy(RETRY_AFTER_S, "the server is shutting down", status=503)
+
+
 class Scheduler:
     """Runs jobs one at a time on a worker thread. `start()` it, `stop()` it."""
 
@@ -130,7 +135,7 @@ class Scheduler:
         worker is idle, so the job starts at once."""
         with self._cond:
             if self._stopping:
-                raise busy(RETRY_AFTER_S, "the server is shutting down", status=503)
+                raise _shutting_down()
             if len(self._queue) >= self.max_queue:
                 raise busy(RETRY_AFTER_S, f"the server is busy ({len(self._queue)} requests "
                            "waiting); retry later")
@@ -155,7 +160,7 @@ class Scheduler:
     def begin_stop(self) -> None:
         """Refuse new jobs and end queued and running ones with an error (returns at
         once: safe in a signal handler)."""
-        error = busy(RETRY_AFTER_S, "the server is shutting down", status=503)
+        error = _shutting_down()
         with self._cond:
             self._stopping = True
             while self._queue:
@@ -193,6 +198,11 @@ class Scheduler:
                 with self._cond:
                     self._running = None
 
+    def note(self, line: str) -> None:
+        """A line about the server's own work (the system prompt's read) in the request
+        log: a "progress" entry with no request id."""
+        self._log(RequestLog("", "progress", message=line))
+
     def _log(self, entry: RequestLog) -> None:
         if self.on_log is not None:
             with contextlib.suppress(Exception):  # a display problem must not stop serving
@@ -224,8 +234,7 @@ class Scheduler:
             items = engine.layout(job.prompt)
             self.pool.settle_warmup(items, progress)
             if self._stopping:  # stopped while it waited for the system prompt's read
-                job.post(Failed(busy(RETRY_AFTER_S, "the server is shutting down",
-                                     status=503)))
+                job.post(Failed(_shutting_down()))
                 return
             reserve = min(job.sampling.max_tokens or 0, engine.n_ctx // 4)
             slot = self.pool.select(items, reserve=reserve)
@@ -286,9 +295,8 @@ class Scheduler:
         text = "".join(sent)
         stats = result.stats
         if finish == "cancelled":
-            error = busy(RETRY_AFTER_S, "the server is shutting down", status=503) \
-                if self._stopping else ApiError(499, "the request was cancelled",
-                                                code="cancelled")
+            error = _shutting_down() if self._stopping else ApiError(
+                499, "the request was cancelled", code="cancelled")
             job.post(Failed(error))
         else:
             if job.remember_reply and not matcher.stopped:

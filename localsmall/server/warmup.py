@@ -4,9 +4,10 @@ Requests without a system message get the default one (PromptBuilder), so every 
 conversation starts with the same few hundred positions: with the 24B model on a CPU,
 reading them made the first request wait 35-40 s. As `chat` does (chat.system_state),
 the server loads the KV state saved for them by an earlier start (a fraction of a
-second), or reads them in the background and saves them for the next start. Requests
-wait for that read: the scheduler's worker starts only once it ended (one llama_decode
-at a time), and they then borrow the prompt from its slot (server.slots).
+second), or reads them in the background and saves them for the next start. A request
+that starts with the default prompt waits for that read and then borrows the prompt from
+its slot; one with a system prompt of its own cancels the read rather than wait for it
+(SlotPool.settle_warmup, on the scheduler's worker: one llama_decode at a time).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def begin(engine: Engine, pool: SlotPool, builder: PromptBuilder,
             pool.system_prompt = dataclasses.replace(reading, state="read",
                                                      seconds=stats.prompt_eval_s)
             if log is not None:
-                log(describe(pool.system_prompt))
+                log(f"system prompt read in {stats.prompt_eval_s:.1f} s ({reading.tokens} "
+                    "tokens), kept for the next start")
 
     try:
         restored = pool.warm(tokens, files, on_done=read)
@@ -87,15 +89,6 @@ def begin(engine: Engine, pool: SlotPool, builder: PromptBuilder,
         warm = SystemPrompt("reading", len(tokens), notice=system_state.notice(restored))
     pool.system_prompt = warm
     return warm
-
-
-def describe(warm: SystemPrompt) -> str:
-    """One line for the log once the read ended."""
-    if warm.state == "read":
-        return (f"system prompt read in {warm.seconds:.1f} s ({warm.tokens} tokens), "
-                "kept for the next start")
-    return (f"the system prompt could not be read ahead ({warm.notice or 'unknown reason'}); "
-            "requests read it themselves")
 
 
 def health(warm: SystemPrompt | None) -> dict[str, Any]:
